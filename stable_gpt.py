@@ -1,0 +1,480 @@
+"""
+stable-gpt: a nanoGPT-style GPT in one file, where every normalization placement and every recent
+training stabilizer is one config flag away.
+
+With every GPTConfig field at its default this *is* nanoGPT's GPT (same module and parameter names,
+same init, same forward), so nanoGPT checkpoints load with strict=True. The flags:
+
+  norm            "layernorm" | "rmsnorm"
+  norm_position   "pre" (GPT-2) | "post" (Vaswani et al. 2017) | "mix" (Mix-LN, arXiv 2412.13795)
+                  | "deepnorm" (DeepNet, arXiv 2203.00555)
+  sdd             Scale-Distribution Decoupling, arXiv 2502.15499        -> SDDNorm, CausalSelfAttention, MLP
+  lns             LayerNorm Scaling ("The Curse of Depth"), arXiv 2502.05795 -> Block.lns_scale
+  wesar           Weight Scaling as Reparameterization, arXiv 2410.05052 -> WeSaRLinear, WeSaREmbedding
+  lir             Layer Index Rescaling init, arXiv 2503.17500           -> GPT._init_stds
+  tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale()
+
+References:
+1) nanoGPT model.py: https://github.com/karpathy/nanoGPT/blob/master/model.py
+2) GPT-2: https://d4mucfpksywv.cloudfront.net/better-language-models/language_models_are_unsupervised_multitask_learners.pdf
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post", "mix", "deepnorm")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50304  # GPT-2 vocab_size of 50257, padded up to nearest multiple of 64 for efficiency
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True  # True: bias in Linears and norms, like GPT-2. False: a bit better and faster
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
+    norm_position: str = "pre"  # "pre" | "post" | "mix" | "deepnorm"
+    mix_fraction: float = 0.25  # Mix-LN: the first floor(mix_fraction * n_layer) blocks are Post-LN
+    init_std: float = 0.02  # base std of every weight matrix (GPT-2); with lir, block l gets init_std/sqrt(l)
+    scaled_init: Optional[bool] = None  # GPT-2's c_proj std init_std/sqrt(2*n_layer); None = auto (see below)
+    sdd: bool = False  # Scale-Distribution Decoupling
+    lns: bool = False  # LayerNorm Scaling
+    wesar: bool = False  # Weight Scaling as Reparameterization
+    wesar_sigma: float = math.sqrt(4e-5)  # WeSaR's common std of every raw matrix (sigma^2 = 4e-5)
+    lir: bool = False  # Layer Index Rescaling init
+    tvr: bool = False  # Target Variance Rescaling (applied by the training loop, see target_variance_rescale)
+    tvr_target: float = 0.04  # target std of every block matrix
+    tvr_interval: int = 50  # rescale after every tvr_interval optimizer steps
+    tvr_threshold: float = 1.0  # rescale a matrix only when std > tvr_threshold * tvr_target
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"GPTConfig: {msg}")
+
+        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tvr_interval"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_embd % self.n_head != 0:
+            bad(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                f"e.g. n_head in {[h for h in range(1, 17) if self.n_embd % h == 0]}")
+        if self.norm not in NORMS:
+            bad(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
+        if self.norm_position not in NORM_POSITIONS:
+            bad(f"unknown norm_position {self.norm_position!r}; valid: {', '.join(NORM_POSITIONS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            bad(f"dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.mix_fraction <= 1.0:
+            bad(f"mix_fraction must be in [0, 1], got {self.mix_fraction}")
+        for name in ("init_std", "wesar_sigma", "tvr_target", "tvr_threshold"):
+            if not getattr(self, name) > 0:
+                bad(f"{name} must be > 0, got {getattr(self, name)}")
+        # Combinations that make no sense are refused here, with the reason.
+        if self.lns and self.norm_position in ("post", "deepnorm"):
+            bad(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {self.norm_position!r} has "
+                "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or 'mix'")
+        if self.lir and self.norm_position == "deepnorm":
+            bad("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
+        if self.scaled_init:
+            for flag, why in (("sdd", "SDD moves the 1/sqrt(2L) residual scaling into its output gains"),
+                              ("lir", "LIR replaces it (applying both gives neither scheme)")):
+                if getattr(self, flag):
+                    bad(f"scaled_init=True with {flag}: {why}")
+            if self.norm_position == "deepnorm":
+                bad("scaled_init=True with deepnorm: DeepNet has its own init gain")
+
+    def depth_scaled_init(self) -> bool:
+        """GPT-2's residual-projection init 0.02/sqrt(2*n_layer): on by default only for the nanoGPT block
+        (Pre-LN with no technique that replaces it). Post-LN and Mix-LN use the plain N(0, 0.02) of the
+        original Transformer and of the Mix-LN/LNS baselines; the norm after every residual add already
+        bounds the stream, and a depth-scaled Post-LN is DeepNorm's job (norm_position="deepnorm")."""
+        if self.scaled_init is not None:
+            return self.scaled_init
+        return self.norm_position == "pre" and not (self.lns or self.sdd or self.lir)
+
+    def is_post_norm(self, layer_idx: int) -> bool:
+        """Whether block layer_idx (0-based) is Post-LN."""
+        if self.norm_position == "mix":  # Mix-LN (arXiv 2412.13795): first floor(alpha * L) blocks Post-LN
+            return layer_idx < int(self.mix_fraction * self.n_layer)
+        return self.norm_position in ("post", "deepnorm")
+
+    def techniques(self) -> str:
+        """One line that says what is on, e.g. 'pre-layernorm + sdd + lns'."""
+        on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr") if getattr(self, name)]
+        place = f"mix({self.mix_fraction:g})" if self.norm_position == "mix" else self.norm_position
+        return " + ".join([f"{place}-{self.norm}"] + on + (["scaled_init"] if self.depth_scaled_init() else []))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Norms
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with an optional bias. PyTorch's LayerNorm used to not support simply bias=False."""
+
+    def __init__(self, ndim, bias):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(ndim))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class _RMSNormCPU(torch.autograd.Function):
+    """RMSNorm with a hand-written backward. On CPU, F.rms_norm runs as a chain of small ops and its
+    forward+backward costs ~2x this one (measured: 13.5 ms vs 6.8 ms at 32x128x512); on GPU and under
+    torch.compile F.rms_norm is fused and used instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x, weight, rstd)
+        return x * rstd * weight
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, rstd = ctx.saved_tensors
+        y = x * rstd  # the normalized input
+        g = grad_out * weight
+        grad_x = rstd * (g - y * (g * y).mean(-1, keepdim=True))
+        grad_w = (grad_out * y).reshape(-1, weight.numel()).sum(0)
+        return grad_x, grad_w, None
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467): x / sqrt(mean(x^2) + eps) * gain (+ bias)."""
+
+    def __init__(self, ndim, bias=False, gain=1.0, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.full((ndim,), float(gain)))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+            y = _RMSNormCPU.apply(x, self.weight, self.eps)
+        else:
+            y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return y if self.bias is None else y + self.bias
+
+
+class SDDNorm(RMSNorm):
+    """Scale-Distribution Decoupling (arXiv 2502.15499, Eq. 1): y = alpha * norm(V x), an RMSNorm with a
+    learnable gain alpha (no bias, eps 1e-5, as the official dense code) on the *output* of a linear.
+    The norm fixes the distribution of y; alpha alone sets its scale, so V's scale no longer matters."""
+
+    def __init__(self, ndim, gain=1.0):
+        super().__init__(ndim, bias=False, gain=gain)
+
+
+def make_norm(config, ndim):
+    return RMSNorm(ndim, config.bias) if config.norm == "rmsnorm" else LayerNorm(ndim, config.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# WeSaR: weight scaling as reparameterization (arXiv 2410.05052)
+
+
+class WeSaRLinear(nn.Linear):
+    """A Linear whose weight is gate * W (WeSaR, arXiv 2410.05052, Sec. 3): every raw W is drawn with one
+    common std, and one learnable scalar gate per matrix carries the scale the init scheme asks for, so
+    Adam's relative updates |dW|/|W| are the same for every matrix. A fused q/k/v matrix has one gate per
+    row block (n_gates=3), as the paper gates W_q, W_k and W_v separately."""
+
+    def __init__(self, in_features, out_features, bias=True, n_gates=1):
+        super().__init__(in_features, out_features, bias)
+        self.gate = nn.Parameter(torch.ones(n_gates))
+
+    def effective_weight(self):
+        w = self.weight.view(len(self.gate), -1, self.in_features)  # (n_gates, out/n_gates, in)
+        return (w * self.gate.view(-1, 1, 1)).view_as(self.weight)  # (out, in)
+
+    def forward(self, x):
+        return F.linear(x, self.effective_weight(), self.bias)
+
+
+class WeSaREmbedding(nn.Embedding):
+    """An Embedding whose table is gate * W (WeSaR). Row lookup is linear, so the gate scales the output."""
+
+    def __init__(self, num_embeddings, embedding_dim):
+        super().__init__(num_embeddings, embedding_dim)
+        self.gate = nn.Parameter(torch.ones(1))
+
+    def effective_weight(self):
+        return self.weight * self.gate
+
+    def forward(self, idx):
+        return super().forward(idx) * self.gate
+
+
+def make_linear(config, in_features, out_features, n_gates=1, in_block=True):
+    # Under SDD every block linear is followed by an output norm, which makes it invariant to the scale of
+    # its weight: a WeSaR gate there would get zero gradient. SDD already decouples scale (its gains play
+    # the gate's role), so WeSaR then gates only the embeddings and the head.
+    if config.wesar and not (config.sdd and in_block):
+        return WeSaRLinear(in_features, out_features, config.bias if in_block else False, n_gates)
+    return nn.Linear(in_features, out_features, bias=config.bias if in_block else False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Transformer
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        head_size = config.n_embd // config.n_head
+        # key, query, value projections for all heads, but in a batch
+        self.c_attn = make_linear(config, config.n_embd, 3 * config.n_embd, n_gates=3)
+        # output projection
+        self.c_proj = make_linear(config, config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        # SDD, placed as the official dense code does (kaihemo/SDD@79cf800, dense/olmo/model.py): q and k
+        # normalized per head (one gain of size head_size shared by all heads); v not normalized before
+        # attention, but the attention output (the mixed values) normalized before c_proj; c_proj's output
+        # normalized with a gain starting at 1/sqrt(2*n_layer) (official code; the paper text says 1/sqrt(L)),
+        # which replaces GPT-2's depth-scaled c_proj init.
+        sdd, Id = config.sdd, nn.Identity
+        self.q_norm = SDDNorm(head_size) if sdd else Id()
+        self.k_norm = SDDNorm(head_size) if sdd else Id()
+        self.ctx_norm = SDDNorm(config.n_embd) if sdd else Id()
+        self.out_norm = SDDNorm(config.n_embd, gain=1 / math.sqrt(2 * config.n_layer)) if sdd else Id()
+
+    def forward(self, x):
+        B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        hs = C // self.n_head
+        q = self.q_norm(q.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_norm(k.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        # causal self-attention, fused (flash) kernels where available: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
+        return self.resid_dropout(self.out_norm(self.c_proj(self.ctx_norm(y))))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = make_linear(config, config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU()
+        self.c_proj = make_linear(config, 4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+        # SDD (arXiv 2502.15499; official dense code): norm on the up-projection output before the
+        # activation, and on the down-projection output with a gain starting at 1/sqrt(2*n_layer).
+        sdd, Id = config.sdd, nn.Identity
+        self.fc_norm = SDDNorm(4 * config.n_embd) if sdd else Id()
+        self.out_norm = SDDNorm(config.n_embd, gain=1 / math.sqrt(2 * config.n_layer)) if sdd else Id()
+
+    def forward(self, x):
+        x = self.gelu(self.fc_norm(self.c_fc(x)))  # (B, T, 4C)
+        return self.dropout(self.out_norm(self.c_proj(x)))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+        self.post_norm = config.is_post_norm(layer_idx)
+        # DeepNorm (arXiv 2203.00555, Sec. 2.3, decoder-only): x_{l+1} = LN(alpha * x_l + G(x_l)), alpha = (2N)^(1/4)
+        self.residual_scale = (2 * config.n_layer) ** 0.25 if config.norm_position == "deepnorm" else None
+        # LNS (arXiv 2502.05795, Eq. 12): the output of both pre-norms of layer l (1-based) times 1/sqrt(l).
+        # A constant, not a parameter: folding it into the gain's init would change Adam's step on the gain.
+        self.lns_scale = 1 / math.sqrt(layer_idx + 1) if config.lns else None
+
+    def forward(self, x):  # x: (B, T, C)
+        if self.post_norm:  # Post-LN (Vaswani et al. 2017): x = norm(x + sublayer(x))
+            x = self.ln_1(self._skip(x) + self.attn(x))
+            x = self.ln_2(self._skip(x) + self.mlp(x))
+        else:  # Pre-LN (GPT-2): x = x + sublayer(norm(x))
+            x = x + self.attn(self._pre_norm(self.ln_1, x))
+            x = x + self.mlp(self._pre_norm(self.ln_2, x))
+        return x
+
+    def _pre_norm(self, norm, x):
+        return norm(x) if self.lns_scale is None else norm(x) * self.lns_scale
+
+    def _skip(self, x):
+        return x if self.residual_scale is None else x * self.residual_scale
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        Embedding = WeSaREmbedding if config.wesar else nn.Embedding
+        last_is_pre = not config.is_post_norm(config.n_layer - 1)
+        self.transformer = nn.ModuleDict(dict(
+            wte=Embedding(config.vocab_size, C),
+            wpe=Embedding(config.block_size, C),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            # Pre-LN needs a final norm before the head. A Post-LN stack already ends in a norm (the last
+            # block's ln_2), so, as in the original Transformer, it gets none.
+            ln_f=make_norm(config, C) if last_is_pre else nn.Identity(),
+        ))
+        self.lm_head = make_linear(config, C, config.vocab_size, in_block=False)
+        # weight tying (https://paperswithcode.com/method/weight-tying). Under WeSaR the raw tensor is
+        # shared but the embedding and the head keep separate gates (wesar.md, pitfall 2).
+        self.transformer.wte.weight = self.lm_head.weight
+        self._init_weights()
+
+    # --- init ---------------------------------------------------------------------------------------
+    def _init_stds(self, name, module):
+        """The init std of each row block of one weight matrix (q, k, v blocks for c_attn), i.e. what the
+        plain (non-WeSaR) model draws; under WeSaR it is the target std gate * sigma."""
+        c = self.config
+        n_blocks = 3 if name.endswith("c_attn") else 1
+        if not name.startswith("transformer.h."):  # wte, wpe (and the tied lm_head)
+            return [c.init_std]
+        layer = int(name.split(".")[2]) + 1  # 1-based layer index
+        if c.norm_position == "deepnorm":
+            # DeepNet (arXiv 2203.00555, Fig. 2 pseudo-code): xavier_normal, gain beta = (8N)^(-1/4) on v,
+            # the attention output and the FFN; gain 1 on q and k. (The LNS repo's 'deeppost' uses
+            # alpha = 2.83 for all depths and gain (8N)^(+1/4); we follow the paper, as lns.md recommends.)
+            beta = (8 * c.n_layer) ** -0.25
+            fan_out, fan_in = module.weight.shape
+            xavier = math.sqrt(2.0 / (fan_in + fan_out // n_blocks))
+            return [xavier, xavier, beta * xavier] if n_blocks == 3 else [beta * xavier]
+        if c.lir:
+            # LIR (arXiv 2503.17500, Sec. 3.1): every matrix of block l drawn from N(0, (sigma/sqrt(l))^2),
+            # l 1-based, plain (not truncated) normal; no extra shrink of the residual projections.
+            return [c.init_std / math.sqrt(layer)] * n_blocks
+        if name.endswith("c_proj") and c.depth_scaled_init():
+            # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = 2 * n_layer residual branches
+            return [c.init_std / math.sqrt(2 * c.n_layer)]
+        return [c.init_std] * n_blocks
+
+    @torch.no_grad()
+    def _init_weights(self):
+        c = self.config
+        for name, module in self.named_modules():
+            if not isinstance(module, (nn.Linear, nn.Embedding)) or module is self.lm_head:
+                continue  # norms init themselves; lm_head is wte
+            stds = torch.tensor(self._init_stds(name, module))
+            if hasattr(module, "gate"):
+                # WeSaR (arXiv 2410.05052, Sec. 3.2): raw W ~ N(0, sigma^2) with one common sigma, and
+                # gate = sigma_i / sigma so gate * W has the std sigma_i the plain init would give it.
+                nn.init.normal_(module.weight, 0.0, c.wesar_sigma)
+                module.gate.copy_(stds / c.wesar_sigma)
+            else:
+                for rows, std in zip(module.weight.view(len(stds), -1, module.weight.shape[-1]), stds):
+                    nn.init.normal_(rows, 0.0, std.item())
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(self.lm_head, WeSaRLinear):
+            self.lm_head.gate.copy_(self.transformer.wte.gate)
+
+    # --- forward ------------------------------------------------------------------------------------
+    def get_num_params(self, non_embedding=True):
+        """Number of parameters. The position embeddings are subtracted by default (as nanoGPT); the token
+        embeddings would be too, except that they are shared with the head."""
+        n_params = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n_params -= self.transformer.wpe.weight.numel()
+        return n_params
+
+    def forward(self, idx, targets=None):
+        b, t = idx.size()
+        if t > self.config.block_size:
+            raise ValueError(f"sequence of length {t} is longer than block_size {self.config.block_size}")
+        # Validating ids costs a device sync, so it is done on CPU only (the training script checks its
+        # data once at load time); on GPU an out-of-range id would be a device-side assert.
+        if idx.device.type == "cpu" and not torch.compiler.is_compiling() and t > 0:
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(f"token ids must be in [0, {self.config.vocab_size}), got min {lo}, max {hi}")
+        pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
+        tok_emb = self.transformer.wte(idx)  # token embeddings (b, t, n_embd)
+        pos_emb = self.transformer.wpe(pos)  # position embeddings (t, n_embd)
+        x = self.transformer.drop(tok_emb + pos_emb)
+        for block in self.transformer.h:
+            x = block(x)
+        x = self.transformer.ln_f(x)
+        if targets is not None:
+            logits = self.lm_head(x)  # (b, t, vocab_size)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        else:  # inference-time mini-optimization: only forward the lm_head on the very last position
+            logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
+            loss = None
+        return logits, loss
+
+    # --- training -----------------------------------------------------------------------------------
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, sdd_gain_decay=True):
+        """AdamW with two groups. Decayed: every >= 2-D tensor (matmuls, embeddings). Not decayed: biases,
+        norm gains and WeSaR gates (wesar.md: decaying a gate would shrink a whole matrix's scale).
+        SDD gains are decayed like the official SDD configs do (decay_norm_and_bias: true, wd 0.1);
+        pass sdd_gain_decay=False to treat them like the other norm gains."""
+        sdd_gains = {id(m.weight) for m in self.modules() if isinstance(m, SDDNorm)} if sdd_gain_decay else set()
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2 or id(p) in sdd_gains]
+        no_decay = [p for p in params if not (p.dim() >= 2 or id(p) in sdd_gains)]
+        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        # the fused AdamW kernel is much faster on CUDA
+        use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+        """Take a conditioning sequence of indices idx (LongTensor of shape (b, t)) and complete it
+        max_new_tokens times, feeding each prediction back in. Call model.eval() first."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        for _ in range(max_new_tokens):
+            # crop the context to block_size if it is too long
+            idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
+            logits, _ = self(idx_cond)
+            logits = logits[:, -1, :] / temperature  # (b, vocab_size)
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("Inf")
+            probs = F.softmax(logits, dim=-1)
+            idx_next = torch.multinomial(probs, num_samples=1)  # (b, 1)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functions a training loop calls
+
+
+@torch.no_grad()
+def target_variance_rescale(model, target, threshold=1.0):
+    """TVR (arXiv 2503.17500, Sec. 3.2): w <- (w - mean(w)) / std(w) * target + mean(w) for every weight
+    matrix inside the blocks whose std exceeds threshold * target (down only, as the paper's runs behave;
+    the official code's default threshold is 1.2). Call it after optimizer.step(), every N steps.
+
+    Per matrix, with q, k and v (row blocks of the fused c_attn) each rescaled on their own, as the
+    paper's separate projections. The std is the unbiased fp32 std of the *effective* weight (gate * W
+    under WeSaR). Untouched: embeddings, lm_head, norms, biases (the official code zeroes biases; their
+    runs had none, so we leave them), AdamW state. Returns the number of matrices rescaled."""
+    n_rescaled = 0
+    for block in model.transformer.h:
+        for module, n_rows in ((block.attn.c_attn, 3), (block.attn.c_proj, 1), (block.mlp.c_fc, 1),
+                               (block.mlp.c_proj, 1)):
+            gates = module.gate.abs() if isinstance(module, WeSaRLinear) else torch.ones(n_rows)
+            for rows, gate in zip(module.weight.view(n_rows, -1, module.weight.shape[-1]), gates):
+                w = rows.float()
+                mean, std = w.mean(), w.std() * gate
+                if std > threshold * target:
+                    rows.copy_((w - mean) * (target / std) + mean)
+                    n_rescaled += 1
+    return n_rescaled
