@@ -1,0 +1,575 @@
+"""
+Train a stable-gpt model on tiny Shakespeare (or any text), then sample from it.
+
+    python train_shakespeare.py                        # CPU quick preset: a Shakespeare model in ~3 minutes
+    python train_shakespeare.py --sdd --lns            # the same with SDD and LayerNorm Scaling
+    python train_shakespeare.py --norm-position post --lr 5e-3   # stress a Post-LN model
+    python train_shakespeare.py --preset shakespeare-char        # nanoGPT's GPU config
+    python train_shakespeare.py --resume               # continue the run in --out-dir
+    python train_shakespeare.py --sample --prompt "ROMEO:"       # sample from the run in --out-dir
+    torchrun --standalone --nproc_per_node=8 train_shakespeare.py --preset gpt2-124m --data DIR
+
+Every hyperparameter is a flag that overrides the preset (--help lists them). Writes to --out-dir:
+ckpt.pt (latest, for --resume), best.pt (best val loss), log.jsonl (one line per logged step and eval)
+and summary.json.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import prepare_data
+from prepare_data import Codec, DataError
+from stable_gpt import GPT, NORM_POSITIONS, NORMS, GPTConfig, target_variance_rescale
+
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
+TECHNIQUES = ("sdd", "lns", "wesar", "lir", "tvr")
+
+# Training defaults under every preset (nanoGPT's train.py values unless said otherwise).
+DEFAULTS = dict(
+    {f.name: f.default for f in fields(GPTConfig) if f.name != "vocab_size"},
+    bias=False, tokenizer="char", data=None, batch_size=12, grad_accum=1, max_iters=5000, lr=6e-4,
+    min_lr=None, warmup_iters=100, lr_decay_iters=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
+    grad_clip=1.0, sdd_gain_decay=True, eval_interval=250, eval_iters=200, log_interval=10, seed=1337,
+    device="auto", dtype="auto", compile=None, out_dir=None,
+)
+PRESETS = {
+    # CPU quick preset: nanoGPT's README CPU model (4/4/128, block 64), fed 2.7x the tokens per step (batch 32)
+    # at a 3x higher learning rate for 1300 steps: val 1.73 in ~165 s on 2 cores (nanoGPT's recipe: 1.886)
+    "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, max_iters=1300, lr=3e-3,
+                min_lr=3e-4, warmup_iters=100, beta2=0.99, dropout=0.0, eval_interval=250, eval_iters=20),
+    # nanoGPT's config/train_shakespeare_char.py: val ~1.47 on one A100 in ~3 minutes
+    "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000,
+                             lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, dropout=0.2,
+                             eval_interval=250, eval_iters=200),
+    # GPT-2 small (124M) with BPE, nanoGPT's config/train_gpt2.py (~0.5M tokens per step on 8 GPUs)
+    "gpt2-124m": dict(tokenizer="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12,
+                      grad_accum=40, max_iters=600000, lr=6e-4, min_lr=6e-5, warmup_iters=2000, beta2=0.95,
+                      dropout=0.0, eval_interval=1000, eval_iters=200),
+}
+
+
+class TrainError(Exception):
+    """A problem with the user's input, reported as one line (exit code 2)."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                argument_default=None)
+    bool_flag = argparse.BooleanOptionalAction
+    g = p.add_argument_group("run")
+    g.add_argument("--preset", choices=sorted(PRESETS), help="base config (default: cpu, or shakespeare-char "
+                   "with CUDA); every flag below overrides it")
+    g.add_argument("--data", help="a text file (tokenized on first use and cached under data/cache) or a folder "
+                   "with train.bin/val.bin (prepare_data.py or nanoGPT format); default: tiny Shakespeare")
+    g.add_argument("--tokenizer", choices=prepare_data.TOKENIZERS, help="char level or GPT-2 BPE, for text input")
+    g.add_argument("--out-dir", help="where checkpoints and logs go (default: out/<preset>[-<flags>])")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
+    g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="autocast dtype; auto: bfloat16 on CUDA if supported, else float16 with a GradScaler; "
+                   "float32 elsewhere")
+    g.add_argument("--compile", action=bool_flag, help="torch.compile the model (default: on with CUDA)")
+    g.add_argument("--seed", type=int, help="seed for init, data order and dropout (default 1337)")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=int, help="number of blocks")
+    g.add_argument("--n-head", type=int, help="attention heads (must divide --n-embd)")
+    g.add_argument("--n-embd", type=int, help="width of the residual stream")
+    g.add_argument("--block-size", type=int, help="context length in tokens")
+    g.add_argument("--dropout", type=float, help="dropout probability (0 for short runs)")
+    g.add_argument("--bias", action=bool_flag, help="biases in Linears and norms (default off, as nanoGPT's configs)")
+    g.add_argument("--norm", choices=NORMS, help="normalization layer")
+    g.add_argument("--norm-position", choices=NORM_POSITIONS,
+                   help="pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (Vaswani); mix: first --mix-fraction "
+                   "of blocks post, rest pre (Mix-LN); deepnorm: norm(alpha x + f(x)) with DeepNet's init")
+    g.add_argument("--mix-fraction", type=float, help="Mix-LN: fraction of Post-LN blocks at the bottom (0.25)")
+    g.add_argument("--init-std", "--lir-sigma", dest="init_std", type=float,
+                   help="base init std sigma of every matrix (0.02, GPT-2); with --lir block l gets sigma/sqrt(l) "
+                   "(the LIR paper's preset is 0.006 at width 2048)")
+    g.add_argument("--scaled-init", action=bool_flag, help="GPT-2's c_proj init std/sqrt(2 n_layer) "
+                   "(default: on only for plain Pre-LN; off with --sdd, --lns, --lir)")
+
+    g = p.add_argument_group("stabilizers (each off by default: then the model is nanoGPT's)")
+    g.add_argument("--sdd", action="store_true", help="Scale-Distribution Decoupling (arXiv 2502.15499): "
+                   "RMSNorm + learnable gain on the output of every block linear")
+    g.add_argument("--sdd-gain-decay", action=bool_flag,
+                   help="weight-decay SDD's gains as the official configs do (default on)")
+    g.add_argument("--lns", action="store_true", help="LayerNorm Scaling (arXiv 2502.05795): pre-norm output "
+                   "of layer l times 1/sqrt(l)")
+    g.add_argument("--wesar", action="store_true", help="WeSaR (arXiv 2410.05052): raw matrices of one common "
+                   "std, one learnable gate per matrix")
+    g.add_argument("--wesar-sigma", type=float, help="WeSaR's common raw std (sqrt(4e-5) = 0.0063)")
+    g.add_argument("--lir", action="store_true", help="Layer Index Rescaling init (arXiv 2503.17500): "
+                   "block l matrices ~ N(0, (sigma/sqrt(l))^2)")
+    g.add_argument("--tvr", action="store_true", help="Target Variance Rescaling (arXiv 2503.17500): every "
+                   "--tvr-interval steps, rescale each block matrix whose std exceeds the target back to it")
+    g.add_argument("--tvr-target", type=float, help="TVR target std (0.04; see README)")
+    g.add_argument("--tvr-interval", type=int, help="TVR interval in optimizer steps (50)")
+    g.add_argument("--tvr-threshold", type=float, help="rescale only when std > threshold * target (1.0)")
+
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (split across DDP ranks)")
+    g.add_argument("--max-iters", type=int, help="optimizer steps")
+    g.add_argument("--lr", type=float, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr/10)")
+    g.add_argument("--warmup-iters", type=int, help="linear warmup steps")
+    g.add_argument("--lr-decay-iters", type=int, help="steps of the cosine decay (default --max-iters)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices and embeddings (0.1)")
+    g.add_argument("--beta1", type=float, help="AdamW beta1 (0.9)")
+    g.add_argument("--beta2", type=float, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off)")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps")
+    g.add_argument("--eval-iters", type=int, help="batches per split per evaluation")
+    g.add_argument("--log-interval", type=int, help="print and log every this many steps")
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sample", action="store_true", help="only sample from --out-dir/ckpt.pt")
+    g.add_argument("--prompt", default="\n", help="start of the sample (default: a newline)")
+    g.add_argument("--num-samples", type=int, default=1, help="number of samples")
+    g.add_argument("--max-new-tokens", type=int, default=500, help="tokens per sample")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (> 0)")
+    g.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens (0: all)")
+    return p
+
+
+CLI_ONLY = {"preset", "resume", "sample", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k"}
+
+
+def resolve_config(args, base=None):
+    """The run's config: DEFAULTS < preset (or, on --resume, the checkpoint's config) < flags given."""
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in CLI_ONLY}
+    explicit = {k: v for k, v in explicit.items() if not (k in TECHNIQUES and v is False)}  # store_true unset
+    if base is None:
+        preset = args.preset or ("shakespeare-char" if torch.cuda.is_available() else "cpu")
+        base = dict(DEFAULTS, **PRESETS[preset], preset=preset)
+    cfg = dict(base, **explicit)
+    if cfg["out_dir"] is None:
+        flags = [t for t in TECHNIQUES if cfg[t]] + [p for p in (cfg["norm_position"],) if p != "pre"]
+        cfg["out_dir"] = str(Path("out") / "-".join([cfg["preset"]] + flags))
+    for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+        if not isinstance(cfg[key], int) or cfg[key] <= 0:
+            raise TrainError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]}")
+    for key in ("lr",):
+        if not cfg[key] > 0:
+            raise TrainError(f"--lr must be > 0, got {cfg[key]}")
+    for key in ("warmup_iters",):
+        if cfg[key] < 0:
+            raise TrainError(f"--warmup-iters must be >= 0, got {cfg[key]}")
+    return cfg, explicit
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data
+
+
+class Batches:
+    """Random (x, y) windows from a uint16 token file, drawn with the run's own generator, so that the data
+    order is reproducible and its state can be saved for an exact resume."""
+
+    def __init__(self, path, block_size, batch_size, device, seed):
+        self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
+        self.n = len(np.memmap(path, dtype=np.uint16, mode="r"))
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        # re-open the memmap on every batch: a long-lived memmap grows RSS (nanoGPT #287)
+        data = np.memmap(self.path, dtype=np.uint16, mode="r")
+        ix = torch.randint(self.n - self.block_size, (self.batch_size,), generator=self.gen).tolist()
+        x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in ix]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in ix]).astype(np.int64))
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+def load_data(cfg):
+    """(data_dir, meta) for the run, preparing the text if needed, with the sizes checked."""
+    data_dir = prepare_data.ensure_prepared(cfg["data"], cfg["tokenizer"])
+    meta = prepare_data.load_meta(data_dir)
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise DataError(f"{path} is missing")
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(data) <= cfg["block_size"] + 1:
+            raise DataError(f"the {split} split has {len(data)} tokens, fewer than one block of "
+                            f"{cfg['block_size']} + 1; use a longer text or a smaller --block-size")
+        if len(data) < 200_000_000 and int(data.max()) >= meta["vocab_size"]:  # a full scan, small data only
+            raise DataError(f"{path} holds token id {int(data.max())}, outside the vocabulary of {meta['vocab_size']}")
+    return data_dir, meta
+
+
+def model_vocab_size(meta):
+    # GPT-2's 50257 padded to a multiple of 64 (50304) is faster on GPUs (nanoGPT); char vocabularies as-is
+    return 50304 if meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 else meta["vocab_size"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, state):
+    """Atomic: written to a temporary file in the same folder, then renamed over the old one, so a crash
+    while writing leaves the previous checkpoint intact."""
+    tmp = Path(f"{path}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"no checkpoint at {path}; train first (python train_shakespeare.py --out-dir "
+                         f"{path.parent}), or point --out-dir at a finished run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupted file: torch raises a variety of errors
+        raise TrainError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is truncated or not a "
+                         "stable-gpt checkpoint") from None
+    missing = {"model", "model_args", "config", "meta"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    if missing:
+        raise TrainError(f"{path} is not a stable-gpt checkpoint (missing {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # saved from a compiled model
+    model.load_state_dict(state)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+
+
+def get_lr(it, cfg):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters, then constant (nanoGPT)."""
+    lr, min_lr, warmup, decay_iters = cfg["lr"], cfg["min_lr"], cfg["warmup_iters"], cfg["lr_decay_iters"]
+    if it < warmup:
+        return lr * (it + 1) / (warmup + 1)
+    if it > decay_iters:
+        return min_lr
+    ratio = (it - warmup) / max(1, decay_iters - warmup)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+
+
+def pick_device(name):
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda, but CUDA is not available here; use --device cpu (or auto)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainError("--device mps, but MPS is not available here; use --device cpu (or auto)")
+    return device
+
+
+def pick_dtype(name, device):
+    if name in (None, "auto"):
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name != "float32" and device.type != "cuda":
+        raise TrainError(f"--dtype {name} needs CUDA; on {device.type} use float32")
+    return getattr(torch, name)
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+class JsonlLog:
+    """log.jsonl: one JSON object per line; a step line's iter counts the steps done, an eval line's the steps
+    before it. On resume, what the resumed run will write again (later steps, the eval at resume_iter) is dropped."""
+
+    def __init__(self, path, resume_iter=None):
+        self.path = Path(path)
+        lines = []
+        if resume_iter is not None and self.path.is_file():
+            keep = lambda r: r["iter"] < resume_iter or (r["iter"] == resume_iter and r.get("type") != "eval")
+            lines = [ln for ln in self.path.read_text().splitlines() if ln and keep(json.loads(ln))]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def write(self, **record):
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+@torch.no_grad()
+def estimate_loss(model, cfg, data_dir, device, autocast):
+    """Mean loss over eval_iters batches per split. The batches are the same at every evaluation (a fixed
+    generator), so evaluations are comparable and consume none of the training randomness."""
+    out = {}
+    model.eval()
+    for i, split in enumerate(("train", "val")):
+        batches = Batches(data_dir / f"{split}.bin", cfg["block_size"], cfg["batch_size"], device, cfg["seed"] + i)
+        losses = torch.zeros(cfg["eval_iters"])
+        for k in range(cfg["eval_iters"]):
+            x, y = batches.next()
+            with autocast:
+                _, loss = model(x, y)
+            losses[k] = loss.item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
+
+
+def generate_text(model, codec, prompt, num_samples, max_new_tokens, temperature, top_k, device):
+    ids = codec.encode(prompt)
+    if not ids:
+        raise TrainError("the prompt is empty after tokenization; give at least one character")
+    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
+    model.eval()
+    texts = []
+    for _ in range(num_samples):
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
+        texts.append(codec.decode(y[0].tolist()))
+    return texts
+
+
+def train(cfg, resume_ckpt=None):
+    # --- distributed set-up (torchrun sets RANK) ------------------------------------------------------
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    if ddp:
+        from torch.distributed import destroy_process_group, init_process_group
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if cfg["device"] in (None, "auto"):
+            cfg["device"] = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        device = pick_device(cfg["device"])
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if cfg["grad_accum"] % world:
+            raise TrainError(f"--grad-accum {cfg['grad_accum']} must be divisible by the {world} processes")
+    else:
+        rank, world = 0, 1
+        device = pick_device(cfg["device"])
+    master = rank == 0
+    grad_accum = cfg["grad_accum"] // world
+    dtype = pick_dtype(cfg["dtype"], device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    compile_model = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # --- data and model ------------------------------------------------------------------------------
+    data_dir, meta = load_data(cfg)
+    codec = Codec(meta)
+    cfg["min_lr"] = cfg["min_lr"] if cfg["min_lr"] is not None else cfg["lr"] / 10
+    cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
+    model_args = dict({k: cfg[k] for k in MODEL_KEYS}, vocab_size=model_vocab_size(meta))
+    try:
+        config = GPTConfig(**model_args)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    torch.manual_seed(cfg["seed"] + rank)
+    model = GPT(config).to(device)
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["lr"], (cfg["beta1"], cfg["beta2"]),
+                                           device.type, sdd_gain_decay=cfg["sdd_gain_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device,
+                      cfg["seed"] + 1000 + rank)
+    iter_num, best_val = 0, float("inf")
+    if resume_ckpt is not None:
+        if resume_ckpt["meta"].get("tokenizer") != meta["tokenizer"] or \
+                resume_ckpt["meta"].get("vocab_size") != meta["vocab_size"] or \
+                resume_ckpt["meta"].get("chars") != meta.get("chars"):
+            raise TrainError("the checkpoint was trained on another tokenizer or vocabulary "
+                             f"({resume_ckpt['meta'].get('tokenizer')}, {resume_ckpt['meta'].get('vocab_size')} "
+                             f"tokens) than --data ({meta['tokenizer']}, {meta['vocab_size']} tokens)")
+        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in resume_ckpt["model"].items()})
+        optimizer.load_state_dict(resume_ckpt["optimizer"])
+        if "scaler" in resume_ckpt:
+            scaler.load_state_dict(resume_ckpt["scaler"])
+        iter_num, best_val = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
+        rng = resume_ckpt["rng"]
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda" and rng.get("cuda") is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+        batches.gen.set_state(rng["data"][rank] if rank < len(rng["data"]) else rng["data"][0])
+    raw_model = model
+    if compile_model:
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    out_dir = Path(cfg["out_dir"])
+    tokens_per_iter = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
+    if master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print(f"model: {config.techniques()} | {raw_model.get_num_params() / 1e6:.2f}M params | "
+              f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, "
+              f"vocab {config.vocab_size}")
+        print(f"training: {cfg['max_iters']} iters x {tokens_per_iter:,} tokens on {device} ({str(dtype)[6:]}"
+              f"{', compiled' if compile_model else ''}{f', {world} processes' if ddp else ''}), "
+              f"data {data_dir}, out {out_dir}" + (f", resuming at iter {iter_num}" if resume_ckpt else ""))
+        log = JsonlLog(out_dir / "log.jsonl", resume_iter=iter_num if resume_ckpt else None)
+
+    def checkpoint_state(data_state):
+        states = [data_state]
+        if ddp:  # every rank's data generator, so each rank resumes its own stream
+            import torch.distributed as dist
+            states = [None] * world
+            dist.all_gather_object(states, data_state)
+        return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    model_args=asdict(config), config=cfg, meta=meta, iter_num=iter_num, best_val_loss=best_val,
+                    rng=dict(torch=torch.get_rng_state(), data=states,
+                             cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None))
+
+    # --- the loop ------------------------------------------------------------------------------------
+    t_start = time.time()
+    data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
+    x, y = batches.next()
+    diverged, last_eval, step_losses = None, None, []
+    t_log, iters_since_log, tokens_trained = time.time(), 0, 0
+    while True:
+        lr = get_lr(iter_num, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
+            losses = estimate_loss(raw_model, cfg, data_dir, device, autocast)
+            last_eval = losses
+            improved = losses["val"] < best_val
+            best_val = min(best_val, losses["val"])
+            state = checkpoint_state(data_state)  # every rank joins the gather
+            if master:
+                print(f"eval  {iter_num:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+                      + (" (best)" if improved else ""))
+                log.write(iter=iter_num, type="eval", train_loss=losses["train"], val_loss=losses["val"])
+                save_checkpoint(out_dir / "ckpt.pt", state)
+                if improved:
+                    save_checkpoint(out_dir / "best.pt", state)
+            t_log = time.time()  # evaluation time is not step time
+        if iter_num >= cfg["max_iters"]:
+            break
+
+        loss_sum = 0.0
+        for micro_step in range(grad_accum):
+            if ddp:  # all-reduce the gradients only on the last micro-step
+                model.require_backward_grad_sync = micro_step == grad_accum - 1
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / grad_accum
+            if micro_step == grad_accum - 1:
+                data_state = batches.gen.get_state()
+            x, y = batches.next()  # prefetch the next batch while the backward runs
+            scaler.scale(loss).backward()
+            loss_sum = loss_sum + loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                   cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        if config.tvr and (iter_num + 1) % config.tvr_interval == 0:
+            # TVR (arXiv 2503.17500): after the optimizer step, every tvr_interval steps; deterministic, so
+            # every DDP rank makes the same edit
+            target_variance_rescale(raw_model, config.tvr_target, config.tvr_threshold)
+        iter_num += 1
+        iters_since_log += 1
+        tokens_trained += tokens_per_iter
+
+        if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
+            lossf, normf = float(loss_sum), float(grad_norm)
+            if not (math.isfinite(lossf) and math.isfinite(normf)):
+                diverged = iter_num
+                if master:
+                    print(f"iter {iter_num}: non-finite {'loss' if not math.isfinite(lossf) else 'gradient norm'} "
+                          f"({lossf}, {normf}); stopping. The last good checkpoint is {out_dir / 'ckpt.pt'}")
+                break
+            dt = (time.time() - t_log) / iters_since_log
+            t_log, iters_since_log = time.time(), 0
+            if master:
+                eta = dt * (cfg["max_iters"] - iter_num)
+                print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | "
+                      f"{dt * 1000:.1f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_time(eta)}")
+                log.write(iter=iter_num, loss=lossf, lr=lr, grad_norm=normf, ms=dt * 1000)
+                step_losses.append(lossf)
+
+    wall = time.time() - t_start
+    summary = None
+    if master:
+        summary = dict(config=cfg, model_args=asdict(config), techniques=config.techniques(),
+                       best_val_loss=best_val, final_val_loss=last_eval["val"] if last_eval else None,
+                       iters=iter_num, wall_s=round(wall, 2), tokens_per_s=round(tokens_trained / wall),
+                       diverged=diverged is not None, diverged_at=diverged)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"done: best val {best_val:.4f}, {iter_num} iters in {wall:.1f} s "
+              f"({summary['tokens_per_s']:,} tok/s); wrote {out_dir}/summary.json")
+    if ddp:
+        destroy_process_group()
+    return raw_model, codec, summary
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.sample:
+            cfg, _ = resolve_config(args)
+            ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
+            device = pick_device(cfg["device"] if "device" in vars(args) and args.device else "auto")
+            model = model_from_checkpoint(ckpt).to(device)
+            torch.manual_seed(cfg["seed"])
+            for text in generate_text(model, Codec(ckpt["meta"]), args.prompt, args.num_samples,
+                                      args.max_new_tokens, args.temperature, args.top_k, device):
+                print(text)
+                print("-" * 60)
+            return 0
+        resume_ckpt = None
+        if args.resume:
+            cfg0, _ = resolve_config(args)
+            resume_ckpt = load_checkpoint(Path(cfg0["out_dir"]) / "ckpt.pt")
+            cfg, explicit = resolve_config(args, base=dict(resume_ckpt["config"]))
+            changed = {k: (resume_ckpt["config"][k], v) for k, v in explicit.items()
+                       if k in MODEL_KEYS and resume_ckpt["config"].get(k) != v}
+            if changed:
+                raise TrainError("cannot resume with a different model: " + ", ".join(
+                    f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+        else:
+            cfg, _ = resolve_config(args)
+        model, codec, summary = train(cfg, resume_ckpt)
+        if summary is not None:
+            if summary["diverged"]:
+                return 1
+            torch.manual_seed(cfg["seed"])
+            device = next(model.parameters()).device
+            print("\n--- sample ---")
+            print(generate_text(model, codec, args.prompt, 1, args.max_new_tokens, args.temperature, args.top_k,
+                                device)[0])
+        return 0
+    except (TrainError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
