@@ -457,6 +457,29 @@ class GPT(nn.Module):
 
 
 @torch.no_grad()
+def fold_wesar(model):
+    """A plain GPT (wesar=False) that computes the same function as a WeSaR model: W <- gate * W everywhere
+    (wesar.md, pitfall 9), e.g. to export to nanoGPT. The tied embedding and head share one raw tensor but
+    have two gates; the folded tensor takes the embedding's gate, and the head's extra factor
+    gate_head / gate_emb goes into the gain and bias of the last norm before the head (the logits are
+    linear in them, and nothing else reads that norm's output)."""
+    plain = GPT(GPTConfig(**dict(vars(model.config), wesar=False))).to(model.lm_head.weight.device)
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith(".gate")}
+    for name, module in model.named_modules():
+        if isinstance(module, (WeSaRLinear, WeSaREmbedding)) and module is not model.lm_head:
+            state[f"{name}.weight"] = module.effective_weight()
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # still tied
+    plain.load_state_dict(state)
+    ratio = model.lm_head.gate / model.transformer.wte.gate
+    ln_f = plain.transformer.ln_f
+    last_norm = plain.transformer.h[-1].ln_2 if isinstance(ln_f, nn.Identity) else ln_f
+    for p in (last_norm.weight, last_norm.bias):
+        if p is not None:
+            p.mul_(ratio)
+    return plain
+
+
+@torch.no_grad()
 def target_variance_rescale(model, target, threshold=1.0):
     """TVR (arXiv 2503.17500, Sec. 3.2): w <- (w - mean(w)) / std(w) * target + mean(w) for every weight
     matrix inside the blocks whose std exceeds threshold * target (down only, as the paper's runs behave;

@@ -363,3 +363,391 @@ def test_training_script_bad_input(tmp_path, data_dir, capsys, extra, message):
     args = train_args(data_dir, tmp_path / "run", *extra)
     assert train_shakespeare.main(args) == 2
     assert message in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stabilizers: each technique's defining property
+
+from stable_gpt import SDDNorm, WeSaRLinear, fold_wesar, target_variance_rescale  # noqa: E402
+
+ALL_FLAGS = dict(sdd=True, lns=True, wesar=True, lir=True, tvr=True)
+BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def block_linears(model):
+    return [(i, name, block.get_submodule(name)) for i, block in enumerate(model.transformer.h) for name in BLOCK_LINEARS]
+
+
+@pytest.mark.parametrize("position", ["pre", "post", "mix"])
+def test_sdd_linear_is_invariant_to_weight_scale(position):
+    """SDD: multiplying the weight of any block linear by 7 leaves the model output unchanged (exactly, up to
+    the eps inside the RMS, which the test sets to 0 and checks in float64)."""
+    torch.manual_seed(0)
+    model = GPT(tiny(sdd=True, norm_position=position, n_layer=3)).double().eval()
+    for m in model.modules():
+        if isinstance(m, SDDNorm):
+            m.eps = 0.0
+    idx = torch.randint(0, 40, (2, 16))
+    base, _ = model(idx, idx)
+    for _, _, linear in block_linears(model):
+        with torch.no_grad():
+            linear.weight.mul_(7.0)
+        scaled, _ = model(idx, idx)
+        torch.testing.assert_close(scaled, base, atol=1e-10, rtol=1e-10)
+    # and it is the SDD norms that do it: without them, the same scaling changes the output
+    plain = GPT(tiny(norm_position=position, n_layer=3)).double().eval()
+    before, _ = plain(idx, idx)
+    with torch.no_grad():
+        plain.transformer.h[1].mlp.c_fc.weight.mul_(7.0)
+    assert not torch.allclose(plain(idx, idx)[0], before, atol=1e-3)
+
+
+def test_sdd_placement_and_gains():
+    """SDD norms sit where the official dense code puts them; each output has RMS equal to its gain; the
+    residual-output gains start at 1/sqrt(2L); c_proj keeps the plain init std (no depth scaling)."""
+    torch.manual_seed(0)
+    L = 3
+    model = GPT(tiny(sdd=True, n_layer=L))
+    hs = 32 // 4
+    names = {n: tuple(p.shape) for n, p in model.named_parameters() if "_norm" in n}
+    assert names == {f"transformer.h.{i}.{k}": s for i in range(L) for k, s in
+                     [("attn.q_norm.weight", (hs,)), ("attn.k_norm.weight", (hs,)), ("attn.ctx_norm.weight", (32,)),
+                      ("attn.out_norm.weight", (32,)), ("mlp.fc_norm.weight", (128,)), ("mlp.out_norm.weight", (32,))]}
+    rms_out = []
+    for m in model.modules():
+        if isinstance(m, SDDNorm):
+            m.eps = 0.0  # else the RMS is gain * sqrt(ms / (ms + eps)), a hair below the gain
+            m.register_forward_hook(lambda m, i, o: rms_out.append((o.pow(2).mean(-1).sqrt(), m.weight[0].item())))
+    model(torch.randint(0, 40, (2, 16)))
+    assert len(rms_out) == 6 * L
+    for rms, gain in rms_out:
+        torch.testing.assert_close(rms, torch.full_like(rms, gain), rtol=1e-5, atol=0)
+    for block in model.transformer.h:
+        for norm in (block.attn.out_norm, block.mlp.out_norm):
+            assert torch.allclose(norm.weight, torch.full((32,), 1 / math.sqrt(2 * L)))
+        for norm in (block.attn.q_norm, block.attn.k_norm, block.attn.ctx_norm, block.mlp.fc_norm):
+            assert torch.all(norm.weight == 1)
+    big = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=4, n_head=4, n_embd=256, sdd=True))
+    assert big.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02, rel=0.04)
+    assert not any(isinstance(m, SDDNorm) for n, m in big.named_modules() if not n.startswith("transformer.h."))
+
+
+def test_sdd_gains_weight_decay_is_a_choice():
+    model = GPT(tiny(sdd=True))
+    gains = {id(m.weight) for m in model.modules() if isinstance(m, SDDNorm)}
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    assert gains <= {id(p) for p in decay["params"]}  # official SDD configs decay them
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", sdd_gain_decay=False).param_groups
+    assert gains <= {id(p) for p in no_decay["params"]}
+
+
+def test_lns_scales_pre_norm_output_by_one_over_sqrt_layer():
+    """LNS: the tensor fed to attention and to the MLP of block l is exactly norm(x) / sqrt(l); ln_f untouched."""
+    torch.manual_seed(0)
+    model = GPT(tiny(lns=True, n_layer=4)).eval()
+    seen = {}
+
+    def save(key):
+        return lambda m, args, out=None: seen.__setitem__(key, (out if out is not None else args[0]).detach())
+
+    for i, block in enumerate(model.transformer.h):
+        block.ln_1.register_forward_hook(save((i, "ln_1")))
+        block.attn.register_forward_pre_hook(save((i, "attn_in")))
+        block.ln_2.register_forward_hook(save((i, "ln_2")))
+        block.mlp.register_forward_pre_hook(save((i, "mlp_in")))
+    model.transformer.ln_f.register_forward_pre_hook(save("ln_f_in"))
+    model.transformer.ln_f.register_forward_hook(save("ln_f_out"))
+    model(torch.randint(0, 40, (2, 16)))
+    for i in range(4):
+        scale = 1 / math.sqrt(i + 1)
+        torch.testing.assert_close(seen[(i, "attn_in")], seen[(i, "ln_1")] * scale, rtol=0, atol=0)
+        torch.testing.assert_close(seen[(i, "mlp_in")], seen[(i, "ln_2")] * scale, rtol=0, atol=0)
+    torch.testing.assert_close(seen["ln_f_out"], model.transformer.ln_f(seen["ln_f_in"]), rtol=0, atol=0)
+
+
+def test_lns_equals_pre_ln_with_gains_scaled():
+    """LNS is the plain Pre-LN model whose block-l LayerNorm gain and bias are multiplied by 1/sqrt(l)."""
+    torch.manual_seed(0)
+    lns = GPT(tiny(lns=True, bias=True, n_layer=3)).eval()
+    plain = GPT(tiny(bias=True, n_layer=3)).eval()
+    assert set(lns.state_dict()) == set(plain.state_dict())  # no new parameters
+    plain.load_state_dict(lns.state_dict())
+    with torch.no_grad():
+        for i, block in enumerate(plain.transformer.h):
+            for ln in (block.ln_1, block.ln_2):
+                ln.weight.div_(math.sqrt(i + 1))
+                ln.bias.div_(math.sqrt(i + 1))
+    idx = torch.randint(0, 40, (2, 16))
+    torch.testing.assert_close(lns(idx, idx)[0], plain(idx, idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def residual_variance_by_layer(model, idx):
+    """Per-element variance of the residual stream after each block (over features, averaged over tokens)."""
+    out = []
+    for block in model.transformer.h:
+        block.register_forward_hook(lambda m, i, o: out.append(o.var(-1).mean().item()))
+    with torch.no_grad():
+        model(idx)
+    return out
+
+
+def test_lns_slows_variance_growth_with_depth():
+    """At init, in a 24-layer Pre-LN model, variance(block 24) / variance(block 1) grows far less with LNS
+    (the Curse of Depth, arXiv 2502.05795, Sec. 4; measured ~32 without and ~4 with)."""
+    idx = torch.randint(0, 64, (4, 64), generator=torch.Generator().manual_seed(0))
+    ratios = {}
+    for lns in (False, True):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=64, vocab_size=64, n_layer=24, n_head=4, n_embd=128, lns=lns,
+                              scaled_init=False)).eval()
+        var = residual_variance_by_layer(model, idx)
+        ratios[lns] = var[-1] / var[0]
+    assert ratios[True] < 0.5 * ratios[False], ratios
+
+
+def test_lns_turns_off_depth_scaled_init_unless_asked():
+    assert not GPTConfig(lns=True).depth_scaled_init() and GPTConfig().depth_scaled_init()
+    assert GPTConfig(lns=True, scaled_init=True).depth_scaled_init()  # the paper's LNS + Scaled Init ablation
+
+
+def test_lns_on_mix_scales_only_the_pre_ln_blocks():
+    model = GPT(tiny(lns=True, norm_position="mix", mix_fraction=0.5, n_layer=4))
+    assert [b.post_norm for b in model.transformer.h] == [True, True, False, False]
+    assert [b.lns_scale for b in model.transformer.h][2:] == [1 / math.sqrt(3), 1 / math.sqrt(4)]
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(lns=True, norm_position="post"), "lns scales the output of a \\*pre\\*-norm"),
+    (dict(lns=True, norm_position="deepnorm"), "lns scales"),
+    (dict(lir=True, norm_position="deepnorm"), "lir and deepnorm"),
+    (dict(sdd=True, scaled_init=True), "SDD moves the 1/sqrt\\(2L\\)"),
+    (dict(lir=True, scaled_init=True), "LIR replaces it"),
+    (dict(wesar_sigma=0.0), "wesar_sigma must be > 0"),
+])
+def test_conflicting_flags_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        tiny(**kw)
+
+
+def wesar_pair(**kw):
+    torch.manual_seed(0)
+    cfg = GPTConfig(block_size=64, vocab_size=256, n_layer=4, n_head=4, n_embd=128, bias=False, **kw)
+    return GPT(cfg), GPT(replace(cfg, wesar=True))
+
+
+def test_wesar_gates_and_stds():
+    """One scalar gate per matrix (q, k, v separately): 6L + 3 extra parameters; every raw matrix has the
+    common std; gate * raw has the std the plain init gives; gate = target / sigma exactly."""
+    base, wesar = wesar_pair()
+    L, sigma = 4, wesar.config.wesar_sigma
+    assert wesar.get_num_params() - base.get_num_params() == 6 * L + 3
+    gates = [n for n, p in wesar.named_parameters() if n.endswith("gate")]
+    assert len(gates) == 4 * L + 3 and all(p.requires_grad for n, p in wesar.named_parameters() if n in gates)
+    base_w = dict(base.named_parameters())
+    for name, module in wesar.named_modules():
+        if hasattr(module, "gate") and module is not wesar.lm_head:
+            rows = module.weight.view(len(module.gate), -1, module.weight.shape[-1])
+            target = base_w[f"{name}.weight"].view_as(rows)
+            for raw, gate, t in zip(rows, module.gate, target):
+                assert raw.std().item() == pytest.approx(sigma, rel=0.05), name
+                expected = 0.02 / math.sqrt(2 * L) if name.endswith("c_proj") else 0.02
+                assert gate.item() == pytest.approx(expected / sigma, rel=1e-6), name
+                assert (gate * raw).std().item() == pytest.approx(t.std().item(), rel=0.05), name
+    assert wesar.lm_head.weight is wesar.transformer.wte.weight
+    assert wesar.lm_head.gate is not wesar.transformer.wte.gate
+
+
+def test_wesar_folds_into_a_plain_gpt():
+    """Folding the gates into the weights gives a plain (nanoGPT) model with the same logits, also after
+    the gates have moved apart (the tied head's gate included)."""
+    _, wesar = wesar_pair(norm_position="pre")
+    with torch.no_grad():
+        for p in wesar.parameters():
+            if p.dim() == 1 and p.numel() <= 3:
+                p.mul_(1 + 0.3 * torch.rand_like(p))
+    idx = torch.randint(0, 256, (2, 64))
+    plain = fold_wesar(wesar.eval()).eval()
+    assert not any(n.endswith("gate") for n in plain.state_dict())
+    torch.testing.assert_close(plain(idx, idx)[0], wesar(idx, idx)[0], atol=1e-5, rtol=1e-4)
+    _, post = wesar_pair(norm_position="post")
+    with torch.no_grad():
+        post.lm_head.gate.mul_(1.7)
+    torch.testing.assert_close(fold_wesar(post.eval()).eval()(idx, idx)[0], post(idx, idx)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_wesar_equalizes_adam_update_ratios():
+    """The mechanism (wesar.md Sec. 2): after one Adam step the relative update |dW|/|W| of the effective
+    weight is the same for every block matrix under WeSaR, while the plain model's small c_proj matrices
+    move sqrt(2L) times more."""
+    idx = torch.randint(0, 256, (8, 64), generator=torch.Generator().manual_seed(1))
+    ratios = {}
+    for model in wesar_pair():
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3, eps=1e-12)
+        eff = lambda m: m.effective_weight() if isinstance(m, WeSaRLinear) else m.weight
+        before = {n: eff(m).detach().clone() for _, n, m in block_linears(model)[4:8]}
+        model(idx, idx)[1].backward()
+        opt.step()
+        ratios[model.config.wesar] = {n: ((eff(m).detach() - before[n]).norm() / before[n].norm()).item()
+                                      for _, n, m in block_linears(model)[4:8]}
+    w = list(ratios[True].values())
+    assert max(w) / min(w) < 1.05, ratios[True]
+    b = ratios[False]
+    assert b["mlp.c_proj"] / b["mlp.c_fc"] == pytest.approx(math.sqrt(8), rel=0.1), b
+
+
+def test_wesar_gates_are_not_decayed():
+    _, wesar = wesar_pair()
+    decay, no_decay = wesar.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    gates = {id(p) for n, p in wesar.named_parameters() if n.endswith("gate")}
+    assert gates <= {id(p) for p in no_decay["params"]} and not gates & {id(p) for p in decay["params"]}
+    assert all(p.dim() == 2 for p in decay["params"])
+
+
+def test_wesar_with_sdd_gates_only_embeddings_and_head():
+    model = GPT(tiny(wesar=True, sdd=True))
+    gated = sorted(n for n, _ in model.named_parameters() if n.endswith("gate"))
+    assert gated == ["lm_head.gate", "transformer.wpe.gate", "transformer.wte.gate"]
+
+
+def test_lir_init_std_by_layer():
+    """LIR: every matrix of block l (1-based) ~ N(0, (sigma/sqrt(l))^2), a plain (untruncated) normal;
+    embeddings keep sigma; no extra c_proj scaling."""
+    torch.manual_seed(0)
+    sigma = 0.02
+    model = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=6, n_head=4, n_embd=256, lir=True, init_std=sigma))
+    for i, name, m in block_linears(model):
+        w = m.weight
+        assert w.std().item() == pytest.approx(sigma / math.sqrt(i + 1), rel=0.03), (i, name)
+        assert abs(w.mean().item()) < 0.02 * sigma
+        assert (w.abs() > 3.5 * w.std()).any()  # Gaussian tails: not truncated at 2 or 3 std
+    for emb in (model.transformer.wte, model.transformer.wpe):
+        assert emb.weight.std().item() == pytest.approx(sigma, rel=0.03)
+    assert not model.config.depth_scaled_init()
+
+
+def test_tvr_rescales_to_exactly_the_target_and_nothing_else():
+    torch.manual_seed(0)
+    model = GPT(tiny(bias=True, n_layer=3, init_std=0.05))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    model(torch.randint(0, 40, (2, 16)), torch.randint(0, 40, (2, 16)))[1].backward()
+    opt.step()
+    with torch.no_grad():  # make the blocks differ: some above the target, some below
+        model.transformer.h[2].mlp.c_proj.weight.mul_(0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adam_before = {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
+    target = 0.03
+    n = target_variance_rescale(model, target)
+    rescaled, untouched = 0, 0
+    for i, name, m in block_linears(model):
+        n_rows = 3 if name == "attn.c_attn" else 1
+        prefix = f"transformer.h.{i}.{name}"
+        for old, new in zip(before[prefix + ".weight"].view(n_rows, -1, 32), m.weight.view(n_rows, -1, 32)):
+            if old.std() > target:
+                assert new.std().item() == pytest.approx(target, abs=1e-6)
+                assert new.mean().item() == pytest.approx(old.mean().item(), abs=1e-7)
+                assert torch.corrcoef(torch.stack([old.flatten(), new.flatten()]))[0, 1] > 1 - 1e-6
+                rescaled += 1
+            else:
+                assert torch.equal(old, new)
+                untouched += 1
+    assert n == rescaled > 0 and untouched > 0
+    for name, p in model.named_parameters():
+        if not (name.endswith("weight") and any(k in name for k in BLOCK_LINEARS)):
+            assert torch.equal(p, before[name]), name  # embeddings, head, norms, biases
+    adam_after = {k: v for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
+    assert all(torch.equal(adam_before[k], adam_after[k]) for k in adam_before)
+
+
+def test_tvr_targets_the_effective_weight_under_wesar():
+    torch.manual_seed(0)
+    model = GPT(tiny(wesar=True, init_std=0.1))
+    target_variance_rescale(model, 0.05)
+    for _, _, m in block_linears(model):
+        for rows, gate in zip(m.weight.view(len(m.gate), -1, 32), m.gate):
+            assert (rows * gate).std().item() <= 0.05 * (1 + 1e-5)
+
+
+def test_tvr_runs_every_interval_steps(tmp_path, data_dir, monkeypatch):
+    calls = []
+    real = train_shakespeare.target_variance_rescale
+    monkeypatch.setattr(train_shakespeare, "target_variance_rescale",
+                        lambda model, *a: calls.append(len(calls)) or real(model, *a))
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "run", "--tvr", "--tvr-interval", "25",
+                                             "--grad-accum", "2")) == 0
+    assert len(calls) == 2  # after optimizer steps 25 and 50 of 60, not at step 0, not per micro-batch
+
+
+def test_mix_ln_blocks():
+    post = lambda **kw: [b.post_norm for b in GPT(tiny(norm_position="mix", n_layer=12, **kw)).transformer.h]
+    assert post() == [True] * 3 + [False] * 9
+    assert post(mix_fraction=0.0) == [False] * 12 and post(mix_fraction=1.0) == [True] * 12
+    # mix_fraction 0 is exactly Pre-LN and 1 exactly Post-LN (same weights, same logits)
+    idx = torch.randint(0, 40, (2, 16))
+    for fraction, position in ((0.0, "pre"), (1.0, "post")):
+        mix = GPT(tiny(norm_position="mix", mix_fraction=fraction)).eval()
+        ref = GPT(tiny(norm_position=position)).eval()
+        ref.load_state_dict(mix.state_dict())
+        torch.testing.assert_close(mix(idx, idx)[0], ref(idx, idx)[0], rtol=0, atol=0)
+
+
+def test_deepnorm_constants():
+    """DeepNet (arXiv 2203.00555), decoder-only, N layers: residual alpha = (2N)^(1/4); xavier-normal init
+    with gain beta = (8N)^(-1/4) on v, the attention output and the FFN, gain 1 on q and k."""
+    torch.manual_seed(0)
+    N, C = 6, 256
+    model = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=N, n_head=4, n_embd=C, norm_position="deepnorm"))
+    alpha, beta = (2 * N) ** 0.25, (8 * N) ** -0.25
+    assert all(b.residual_scale == pytest.approx(alpha) and b.post_norm for b in model.transformer.h)
+    assert isinstance(model.transformer.ln_f, torch.nn.Identity)
+    block = model.transformer.h[3]
+    q, k, v = block.attn.c_attn.weight.view(3, C, C)
+    xavier = lambda fan_in, fan_out: math.sqrt(2 / (fan_in + fan_out))
+    for w, std in ((q, xavier(C, C)), (k, xavier(C, C)), (v, beta * xavier(C, C)),
+                   (block.attn.c_proj.weight, beta * xavier(C, C)), (block.mlp.c_fc.weight, beta * xavier(C, 4 * C)),
+                   (block.mlp.c_proj.weight, beta * xavier(4 * C, C))):
+        assert w.std().item() == pytest.approx(std, rel=0.03)
+    # the block computes LN(alpha * x + f(x))
+    x = torch.randn(2, 16, C)
+    with torch.no_grad():
+        h = block.ln_1(alpha * x + block.attn(x))
+        torch.testing.assert_close(block(x), block.ln_2(alpha * h + block.mlp(h)))
+
+
+FLAG_SETS = [dict(sdd=True), dict(lns=True), dict(wesar=True), dict(lir=True), dict(tvr=True),
+             dict(norm_position="post", sdd=True), dict(norm_position="mix"), dict(norm_position="deepnorm"),
+             dict(norm="rmsnorm"), ALL_FLAGS, dict(ALL_FLAGS, norm="rmsnorm", norm_position="mix")]
+
+
+@pytest.mark.parametrize("kw", FLAG_SETS, ids=lambda kw: "+".join(f"{k}={v}" for k, v in kw.items()))
+def test_every_flag_keeps_causality_and_round_trips_checkpoints(kw):
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=3, **kw)).eval()
+    idx = torch.randint(0, 40, (2, 16))
+    base, _ = model(idx, idx)
+    idx2 = idx.clone()
+    idx2[:, 7] = (idx2[:, 7] + 1) % 40
+    assert torch.equal(model(idx2, idx2)[0][:, :7], base[:, :7])
+    again = GPT(tiny(n_layer=3, **kw)).eval()
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again(idx, idx)[0], base)
+
+
+FLAG_ARGS = [["--sdd"], ["--lns"], ["--wesar"], ["--lir"], ["--tvr", "--tvr-interval", "10", "--tvr-target", "0.03"],
+             ["--norm-position", "post", "--sdd"], ["--norm-position", "mix"], ["--norm-position", "deepnorm"],
+             ["--sdd", "--lns", "--wesar", "--lir", "--tvr", "--tvr-interval", "10"]]
+
+
+@pytest.mark.parametrize("flags", FLAG_ARGS, ids=" ".join)
+def test_training_with_each_flag_lowers_the_loss(tmp_path, data_dir, flags, capsys):
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "100", "--eval-interval", "100",
+                                             *flags)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    assert summary["final_val_loss"] < 0.65 * math.log(vocab), summary["final_val_loss"]
+    names = [f.lstrip("-") for f in flags if f.lstrip("-") in ("sdd", "lns", "wesar", "lir", "tvr")]
+    printed = capsys.readouterr().out
+    assert all(n in summary["techniques"] and n in printed for n in names)
+    # the checkpoint holds the technique's parameters and rebuilds the same model
+    model = train_shakespeare.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
+    assert model.config.techniques() == summary["techniques"]
