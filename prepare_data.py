@@ -165,10 +165,16 @@ def ensure_prepared(data=None, tokenizer="char"):
     tokenizing on first use and reusing the cache while the text is unchanged."""
     if data is not None and Path(data).is_dir():
         return Path(data)
-    text_path = find_shakespeare(data)
     if data is None:
         out_dir = ROOT / "data" / f"shakespeare_{tokenizer}"
+        try:
+            text_path = find_shakespeare(None)
+        except DataError:
+            if (out_dir / "meta.json").is_file():  # prepared earlier, and the text has gone since
+                return out_dir
+            raise
     else:
+        text_path = find_shakespeare(data)
         key = hashlib.sha1(str(text_path.resolve()).encode()).hexdigest()[:8]
         out_dir = ROOT / "data" / "cache" / f"{text_path.stem}-{key}-{tokenizer}"
     meta_path = out_dir / "meta.json"

@@ -483,6 +483,23 @@ def fold_wesar(model):
     return plain
 
 
+# The weight matrices inside a block, by module path, with the names of their row blocks: the fused c_attn
+# holds q, k and v, which the papers treat as three matrices.
+BLOCK_MATRICES = (("attn.c_attn", ("q", "k", "v")), ("attn.c_proj", ("attn_out",)), ("mlp.c_fc", ("fc",)),
+                  ("mlp.c_proj", ("mlp_out",)))
+
+
+def block_matrices(model):
+    """Yield (layer, kind, rows, gate) for every weight matrix inside the blocks: rows is a view of the raw
+    weight (q, k, v each their own), gate its WeSaR gate or None, so gate * rows is the matrix in use."""
+    for layer, block in enumerate(model.transformer.h):
+        for path, kinds in BLOCK_MATRICES:
+            module = block.get_submodule(path)
+            rows = module.weight.view(len(kinds), -1, module.weight.shape[-1])
+            gates = module.gate if isinstance(module, WeSaRLinear) else [None] * len(kinds)
+            yield from ((layer, kind, w, gate) for kind, w, gate in zip(kinds, rows, gates))
+
+
 @torch.no_grad()
 def target_variance_rescale(model, target, threshold=1.0):
     """TVR (arXiv 2503.17500, Sec. 3.2): w <- (w - mean(w)) / std(w) * target + mean(w) for every weight
@@ -494,14 +511,120 @@ def target_variance_rescale(model, target, threshold=1.0):
     under WeSaR). Untouched: embeddings, lm_head, norms, biases (the official code zeroes biases; their
     runs had none, so we leave them), AdamW state. Returns the number of matrices rescaled."""
     n_rescaled = 0
-    for block in model.transformer.h:
-        for module, n_rows in ((block.attn.c_attn, 3), (block.attn.c_proj, 1), (block.mlp.c_fc, 1),
-                               (block.mlp.c_proj, 1)):
-            gates = module.gate.abs() if isinstance(module, WeSaRLinear) else torch.ones(n_rows)
-            for rows, gate in zip(module.weight.view(n_rows, -1, module.weight.shape[-1]), gates):
-                w = rows.float()
-                mean, std = w.mean(), w.std() * gate
-                if std > threshold * target:
-                    rows.copy_((w - mean) * (target / std) + mean)
-                    n_rescaled += 1
+    for _, _, rows, gate in block_matrices(model):
+        w = rows.float()
+        mean, std = w.mean(), w.std() * (1.0 if gate is None else gate.abs())
+        if std > threshold * target:
+            rows.copy_((w - mean) * (target / std) + mean)
+            n_rescaled += 1
     return n_rescaled
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diagnostics: what happens inside, per layer and per matrix. Nothing here runs unless called.
+
+
+def angular_distance(a, b):
+    """Curse of Depth (arXiv 2502.05795, Eq. 1): arccos(cos(a_t, b_t)) / pi for each token t, averaged.
+    0: same direction (a block that leaves the stream's direction alone); 0.5: orthogonal; 1: opposite."""
+    cos = F.cosine_similarity(a.float(), b.float(), dim=-1).clamp(-1.0, 1.0)
+    return (torch.arccos(cos) / math.pi).mean().item()
+
+
+def kurtosis(x):
+    """E[(x - mean)^4] / var^2 over all elements: 3 for a Gaussian, large when a few activations are huge
+    (the massive activations that TVR targets, arXiv 2503.17500 / 2503.22329)."""
+    d = x.float().flatten()
+    d = d - d.mean()
+    return (d.pow(4).mean() / d.pow(2).mean().pow(2)).item()
+
+
+@torch.no_grad()
+def activation_stats(model, idx):
+    """Per-block statistics of one forward pass over idx (B, T), in eval mode, for block l = 0..L-1:
+    variance: the residual stream's variance after block l, over features, averaged over tokens (Curse
+      of Depth Fig. 4; before ln_f); rms: its root mean square;
+    angular_distance: between the stream entering and leaving block l (0 = the block does nothing);
+    max_abs, kurtosis: of the stream after block l; mlp_in_max_abs, mlp_in_kurtosis: of the MLP's input."""
+    stats = {k: [] for k in ("variance", "rms", "angular_distance", "max_abs", "kurtosis", "mlp_in_max_abs",
+                             "mlp_in_kurtosis")}
+
+    def after_block(module, args, out):
+        stats["variance"].append(out.float().var(-1).mean().item())
+        stats["rms"].append(out.float().pow(2).mean().sqrt().item())
+        stats["angular_distance"].append(angular_distance(args[0], out))
+        stats["max_abs"].append(out.abs().max().item())
+        stats["kurtosis"].append(kurtosis(out))
+
+    def before_mlp(module, args):
+        stats["mlp_in_max_abs"].append(args[0].abs().max().item())
+        stats["mlp_in_kurtosis"].append(kurtosis(args[0]))
+
+    hooks = [h for b in model.transformer.h for h in (b.register_forward_hook(after_block),
+                                                      b.mlp.register_forward_pre_hook(before_mlp))]
+    was_training = model.training
+    model.eval()
+    try:
+        model(idx)
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return stats
+
+
+@torch.no_grad()
+def loss_without_blocks(model, idx, targets, skip=()):
+    """The loss of the model with the blocks in `skip` removed (no fine-tuning), in eval mode."""
+    blocks, was_training = model.transformer.h, model.training
+    model.transformer.h = nn.ModuleList([b for i, b in enumerate(blocks) if i not in set(skip)])
+    model.eval()
+    try:
+        return model(idx, targets)[1].item()
+    finally:
+        model.transformer.h = blocks
+        model.train(was_training)
+
+
+def layer_importance(model, idx, targets):
+    """Curse of Depth (arXiv 2502.05795, Sec. 2, "performance drop"): for each block l, the loss increase
+    when block l alone is removed. Near 0 for a block that does nothing."""
+    full = loss_without_blocks(model, idx, targets)
+    return [loss_without_blocks(model, idx, targets, skip=(l,)) - full for l in range(len(model.transformer.h))]
+
+
+def _effective(rows, gate):
+    return rows if gate is None else rows * gate
+
+
+@torch.no_grad()
+def weight_stds(model):
+    """{"<layer>.<kind>": std} of every block matrix in use (gate * W under WeSaR): what TVR controls."""
+    return {f"{l}.{k}": _effective(w, g).float().std().item() for l, k, w, g in block_matrices(model)}
+
+
+@torch.no_grad()
+def grad_norms(model):
+    """{"<layer>.<kind>": norm of the gradient of the raw matrix}, after backward (SDD Fig. 7's metric)."""
+    out = {}
+    for layer, block in enumerate(model.transformer.h):
+        for path, kinds in BLOCK_MATRICES:
+            grad = block.get_submodule(path).weight.grad
+            if grad is not None:
+                for kind, g in zip(kinds, grad.view(len(kinds), -1, grad.shape[-1])):
+                    out[f"{layer}.{kind}"] = g.float().norm().item()
+    return out
+
+
+@torch.no_grad()
+def matrix_snapshot(model):
+    """A copy of every block matrix in use, for update_ratios."""
+    return {f"{l}.{k}": _effective(w, g).detach().float().clone() for l, k, w, g in block_matrices(model)}
+
+
+@torch.no_grad()
+def update_ratios(before, model):
+    """WeSaR's metric (arXiv 2410.05052, Fig. 1): |W_after - W_before| / |W_before| for every block matrix
+    in use, given matrix_snapshot(model) taken before the optimizer step."""
+    after = matrix_snapshot(model)
+    return {k: ((after[k] - w).norm() / w.norm()).item() for k, w in before.items()}

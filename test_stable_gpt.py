@@ -751,3 +751,117 @@ def test_training_with_each_flag_lowers_the_loss(tmp_path, data_dir, flags, caps
     # the checkpoint holds the technique's parameters and rebuilds the same model
     model = train_shakespeare.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
     assert model.config.techniques() == summary["techniques"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Diagnostics, spikes, plots, compare runner
+
+import stable_gpt  # noqa: E402
+
+
+def test_angular_distance_known_values():
+    a = torch.randn(3, 5, 16)
+    b = torch.randn(3, 5, 16)
+    b = b - (b * a).sum(-1, keepdim=True) / (a * a).sum(-1, keepdim=True) * a  # orthogonal to a, token by token
+    assert stable_gpt.angular_distance(a, 2.5 * a) == pytest.approx(0.0, abs=1e-3)  # arccos near 1 is steep
+    assert stable_gpt.angular_distance(a, b) == pytest.approx(0.5, abs=1e-5)
+    assert stable_gpt.angular_distance(a, -a) == pytest.approx(1.0, abs=1e-3)
+    assert 0.0 <= stable_gpt.angular_distance(a, torch.randn(3, 5, 16)) <= 1.0
+
+
+def test_kurtosis_known_values():
+    g = torch.Generator().manual_seed(0)
+    assert stable_gpt.kurtosis(torch.randn(400_000, generator=g)) == pytest.approx(3.0, abs=0.05)
+    assert stable_gpt.kurtosis(torch.rand(400_000, generator=g)) == pytest.approx(1.8, abs=0.02)  # uniform: 9/5
+
+
+def test_layer_importance():
+    """No removal gives exactly the full loss; a block that computes the identity has importance 0."""
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=3)).eval()
+    idx, targets = torch.randint(0, 40, (2, 16)), torch.randint(0, 40, (2, 16))
+    assert stable_gpt.loss_without_blocks(model, idx, targets) == model(idx, targets)[1].item()
+    with torch.no_grad():  # Pre-LN block 1 without bias: zero output projections make it the identity
+        model.transformer.h[1].attn.c_proj.weight.zero_()
+        model.transformer.h[1].mlp.c_proj.weight.zero_()
+    importance = stable_gpt.layer_importance(model, idx, targets)
+    assert importance[1] == pytest.approx(0.0, abs=1e-6) and abs(importance[0]) > 1e-4
+    assert len(model.transformer.h) == 3  # restored
+
+
+def test_update_ratio_of_a_known_step():
+    model = GPT(tiny(n_layer=2))
+    before = stable_gpt.matrix_snapshot(model)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.weight.mul_(1.1)
+        model.transformer.h[0].attn.c_attn.weight[32:64].mul_(0.7)  # the k rows only
+    ratios = stable_gpt.update_ratios(before, model)
+    assert ratios["1.fc"] == pytest.approx(0.1, rel=1e-5) and ratios["0.k"] == pytest.approx(0.3, rel=1e-5)
+    assert all(v == 0 for k, v in ratios.items() if k not in ("1.fc", "0.k"))
+    assert len(ratios) == 2 * 6
+
+
+def test_activation_stats_and_weight_stds():
+    torch.manual_seed(0)
+    model = GPT(tiny(n_layer=3)).train()
+    stats = stable_gpt.activation_stats(model, torch.randint(0, 40, (2, 16)))
+    assert all(len(v) == 3 for v in stats.values()) and model.training  # training mode restored
+    assert all(v > 0 for v in stats["variance"]) and all(0 < d < 1 for d in stats["angular_distance"])
+    stds = stable_gpt.weight_stds(model)
+    assert stds["0.q"] == pytest.approx(model.transformer.h[0].attn.c_attn.weight[:32].std().item())
+
+
+def test_spike_detector_on_a_synthetic_curve():
+    g = torch.Generator().manual_seed(0)
+    curve = (2.0 * torch.exp(-torch.arange(600) / 150) + 1.5 + 0.03 * torch.randn(600, generator=g)).tolist()
+    for step in (200, 350, 351, 500):
+        curve[step] *= 1.6
+    detector = train_shakespeare.SpikeDetector(factor=1.2, window=50)
+    found = [i for i, loss in enumerate(curve) if detector.update(loss) is not None]
+    assert found == [200, 350, 351, 500]
+    assert train_shakespeare.SpikeDetector(1.2, 50).update(100.0) is None  # no verdict on an empty window
+
+
+def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--diag-interval", "20", "--plot")) == 0
+    diag = read_log_file(out / "diag.jsonl")
+    assert [r["iter"] for r in diag] == [20, 40, 60]
+    for key in ("variance", "angular_distance", "layer_importance", "max_abs", "kurtosis", "mlp_in_kurtosis"):
+        assert len(diag[-1][key]) == 2, key
+    assert set(diag[-1]["update_ratio"]) == set(diag[-1]["grad_norm"]) == set(diag[-1]["weight_std"])
+    for name in ("loss.png", "depth.png", "updates.png", "activations.png", "weight_std.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    summary = json.loads((out / "summary.json").read_text())
+    assert "spikes" in summary and summary["diag_s"] > 0
+
+
+def test_diagnostics_do_not_change_training(tmp_path, data_dir):
+    for interval in ("0", "7"):
+        assert train_shakespeare.main(train_args(data_dir, tmp_path / interval, "--diag-interval", interval,
+                                                 "--dropout", "0.1", "--max-iters", "30")) == 0
+    losses = lambda out: [r.get("loss") for r in read_log(out) if r.get("type") != "spike"]
+    assert losses(tmp_path / "0") == losses(tmp_path / "7")
+
+
+def read_log_file(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):
+    out = tmp_path / "cmp"
+    argv = train_args(data_dir, out, "--max-iters", "30", "--eval-interval", "15", "--diag-interval", "15") + \
+        ["--compare", "baseline", "--lns --n-layer 3", "--seeds", "2"]
+    assert train_shakespeare.main(argv) == 0
+    table = (out / "compare.md").read_text().splitlines()
+    assert table[0].startswith("| config | seeds | best val | final val | diverged | spikes | tokens/s")
+    assert table[2].startswith("| baseline | 2 | ") and table[3].startswith("| --lns --n-layer 3 | 2 | ")
+    assert "+-" in table[2] and table[2].endswith("| 1.00 |")
+    for seed in (1337, 1338):
+        run = json.loads((out / "lns-n-layer-3" / f"seed{seed}" / "summary.json").read_text())
+        assert run["config"]["seed"] == seed and run["model_args"]["n_layer"] == 3 and run["model_args"]["lns"]
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert train_shakespeare.main(argv) == 0  # again: nothing is redone
+    assert capsys.readouterr().out.count("done already") == 4

@@ -18,8 +18,12 @@ import argparse
 import json
 import math
 import os
+import re
+import shlex
+import statistics
 import sys
 import time
+from collections import deque
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 from pathlib import Path
@@ -29,6 +33,7 @@ import torch
 
 import prepare_data
 from prepare_data import Codec, DataError
+import stable_gpt
 from stable_gpt import GPT, NORM_POSITIONS, NORMS, GPTConfig, target_variance_rescale
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
@@ -40,7 +45,8 @@ DEFAULTS = dict(
     bias=False, tokenizer="char", data=None, batch_size=12, grad_accum=1, max_iters=5000, lr=6e-4,
     min_lr=None, warmup_iters=100, lr_decay_iters=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0, sdd_gain_decay=True, eval_interval=250, eval_iters=200, log_interval=10, seed=1337,
-    device="auto", dtype="auto", compile=None, out_dir=None,
+    device="auto", dtype="auto", compile=None, out_dir=None, diag_interval=100, spike_factor=1.2, spike_window=50,
+    plot=False,
 )
 PRESETS = {
     # CPU quick preset: nanoGPT's README CPU model (4/4/128, block 64), fed 2.7x the tokens per step (batch 32)
@@ -138,6 +144,19 @@ def build_parser():
     g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps")
     g.add_argument("--eval-iters", type=int, help="batches per split per evaluation")
     g.add_argument("--log-interval", type=int, help="print and log every this many steps")
+    g.add_argument("--diag-interval", type=int, help="record per-layer diagnostics to diag.jsonl every this many "
+                   "steps (default 100; 0: off)")
+    g.add_argument("--spike-factor", type=float, help="a loss spike is a step loss above this times the median "
+                   "of the previous --spike-window steps (1.2)")
+    g.add_argument("--spike-window", type=int, help="steps in the spike detector's running median (50)")
+    g.add_argument("--plot", action="store_true", default=None, help="write PNG plots into --out-dir at the end")
+
+    g = p.add_argument_group("compare runner")
+    g.add_argument("--compare", nargs="+", metavar="CONFIG", help="run several configurations (each a quoted string "
+                   "of flags, or 'baseline') on the same data, seeds and budget; every other flag is common to all. "
+                   "Writes compare.md and compare.png into --out-dir (default out/compare). Finished runs are "
+                   "not redone. Put --compare after the common flags; its configurations run up to --seeds or the end")
+    g.add_argument("--seeds", type=int, default=1, help="with --compare: seeds per configuration (seed, seed+1, ...)")
 
     g = p.add_argument_group("sampling")
     g.add_argument("--sample", action="store_true", help="only sample from --out-dir/ckpt.pt")
@@ -149,7 +168,8 @@ def build_parser():
     return p
 
 
-CLI_ONLY = {"preset", "resume", "sample", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k"}
+CLI_ONLY = {"preset", "resume", "sample", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k",
+            "compare", "seeds"}
 
 
 def resolve_config(args, base=None):
@@ -163,15 +183,15 @@ def resolve_config(args, base=None):
     if cfg["out_dir"] is None:
         flags = [t for t in TECHNIQUES if cfg[t]] + [p for p in (cfg["norm_position"],) if p != "pre"]
         cfg["out_dir"] = str(Path("out") / "-".join([cfg["preset"]] + flags))
-    for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+    for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval", "spike_window"):
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
             raise TrainError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]}")
     for key in ("lr",):
         if not cfg[key] > 0:
             raise TrainError(f"--lr must be > 0, got {cfg[key]}")
-    for key in ("warmup_iters",):
+    for key in ("warmup_iters", "diag_interval"):
         if cfg[key] < 0:
-            raise TrainError(f"--warmup-iters must be >= 0, got {cfg[key]}")
+            raise TrainError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     return cfg, explicit
 
 
@@ -303,6 +323,22 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+class SpikeDetector:
+    """A loss spike is a step whose loss exceeds `factor` x the median loss of the previous `window` steps
+    (no verdict before `window` steps have been seen). A median, unlike a mean, is not dragged up by the
+    spike itself or by the falling loss of early training."""
+
+    def __init__(self, factor, window, recent=()):
+        self.factor = factor
+        self.recent = deque(recent, maxlen=window)
+
+    def update(self, loss):
+        """Feed one step's loss; returns the median it was compared with if it is a spike, else None."""
+        median = statistics.median(self.recent) if len(self.recent) == self.recent.maxlen else None
+        self.recent.append(loss)
+        return median if median is not None and loss > self.factor * median else None
+
+
 class JsonlLog:
     """log.jsonl: one JSON object per line; a step line's iter counts the steps done, an eval line's the steps
     before it. On resume, what the resumed run will write again (later steps, the eval at resume_iter) is dropped."""
@@ -432,6 +468,7 @@ def train(cfg, resume_ckpt=None):
               f"{', compiled' if compile_model else ''}{f', {world} processes' if ddp else ''}), "
               f"data {data_dir}, out {out_dir}" + (f", resuming at iter {iter_num}" if resume_ckpt else ""))
         log = JsonlLog(out_dir / "log.jsonl", resume_iter=iter_num if resume_ckpt else None)
+        diag_log = JsonlLog(out_dir / "diag.jsonl", resume_iter=iter_num if resume_ckpt else None)
 
     def checkpoint_state(data_state):
         states = [data_state]
@@ -441,15 +478,21 @@ def train(cfg, resume_ckpt=None):
             dist.all_gather_object(states, data_state)
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     model_args=asdict(config), config=cfg, meta=meta, iter_num=iter_num, best_val_loss=best_val,
-                    rng=dict(torch=torch.get_rng_state(), data=states,
+                    spikes=list(spikes), recent_losses=list(detector.recent), rng=dict(torch=torch.get_rng_state(), data=states,
                              cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None))
 
     # --- the loop ------------------------------------------------------------------------------------
     t_start = time.time()
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
     x, y = batches.next()
-    diverged, last_eval, step_losses = None, None, []
-    t_log, iters_since_log, tokens_trained = time.time(), 0, 0
+    diverged, last_eval = None, None
+    spikes = list(resume_ckpt.get("spikes", [])) if resume_ckpt else []  # the spike detector goes on where it was
+    detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], resume_ckpt.get("recent_losses", [])
+                             if resume_ckpt else [])
+    t_log, iters_since_log, tokens_trained, diag_s = time.time(), 0, 0, 0.0
+    # diagnostics read one fixed validation batch (up to 8 sequences), the same at every record
+    diag_x, diag_y = Batches(data_dir / "val.bin", cfg["block_size"], min(8, cfg["batch_size"]), device,
+                             cfg["seed"] + 7).next()
     while True:
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
@@ -472,6 +515,11 @@ def train(cfg, resume_ckpt=None):
         if iter_num >= cfg["max_iters"]:
             break
 
+        diag_now = master and cfg["diag_interval"] > 0 and (iter_num + 1) % cfg["diag_interval"] == 0
+        if diag_now:
+            t_diag = time.time()
+            diag = {"iter": iter_num + 1, "before": stable_gpt.matrix_snapshot(raw_model)}
+            diag_s += time.time() - t_diag
         loss_sum = 0.0
         for micro_step in range(grad_accum):
             if ddp:  # all-reduce the gradients only on the last micro-step
@@ -487,9 +535,25 @@ def train(cfg, resume_ckpt=None):
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                    cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+        if diag_now:
+            t_diag = time.time()
+            diag["grad_norm"] = stable_gpt.grad_norms(raw_model)
+            diag_s += time.time() - t_diag
+        # checked every step: a spike or a non-finite value is a single-step event (one device sync per step)
+        lossf, normf = float(loss_sum), float(grad_norm)
+        if not (math.isfinite(lossf) and math.isfinite(normf)):
+            diverged = iter_num + 1
+            if master:
+                print(f"iter {iter_num + 1}: non-finite {'loss' if not math.isfinite(lossf) else 'gradient norm'} "
+                      f"({lossf}, {normf}); stopping. The last good checkpoint is {out_dir / 'ckpt.pt'}")
+            break
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        if diag_now:
+            t_diag = time.time()
+            diag["update_ratio"] = stable_gpt.update_ratios(diag.pop("before"), raw_model)
+            diag_s += time.time() - t_diag
         if config.tvr and (iter_num + 1) % config.tvr_interval == 0:
             # TVR (arXiv 2503.17500): after the optimizer step, every tvr_interval steps; deterministic, so
             # every DDP rank makes the same edit
@@ -497,15 +561,21 @@ def train(cfg, resume_ckpt=None):
         iter_num += 1
         iters_since_log += 1
         tokens_trained += tokens_per_iter
+        median = detector.update(lossf)
+        if median is not None:
+            spikes.append(iter_num)
+            if master:
+                print(f"spike at iter {iter_num}: loss {lossf:.4f} > {cfg['spike_factor']} x median {median:.4f}")
+                log.write(iter=iter_num, type="spike", loss=lossf, median=median)
+        if diag_now:
+            t_diag = time.time()
+            diag.update(stable_gpt.activation_stats(raw_model, diag_x),
+                        layer_importance=stable_gpt.layer_importance(raw_model, diag_x, diag_y),
+                        weight_std=stable_gpt.weight_stds(raw_model))
+            diag_s += time.time() - t_diag
+            diag_log.write(**diag)
 
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-            lossf, normf = float(loss_sum), float(grad_norm)
-            if not (math.isfinite(lossf) and math.isfinite(normf)):
-                diverged = iter_num
-                if master:
-                    print(f"iter {iter_num}: non-finite {'loss' if not math.isfinite(lossf) else 'gradient norm'} "
-                          f"({lossf}, {normf}); stopping. The last good checkpoint is {out_dir / 'ckpt.pt'}")
-                break
             dt = (time.time() - t_log) / iters_since_log
             t_log, iters_since_log = time.time(), 0
             if master:
@@ -513,7 +583,6 @@ def train(cfg, resume_ckpt=None):
                 print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | "
                       f"{dt * 1000:.1f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_time(eta)}")
                 log.write(iter=iter_num, loss=lossf, lr=lr, grad_norm=normf, ms=dt * 1000)
-                step_losses.append(lossf)
 
     wall = time.time() - t_start
     summary = None
@@ -521,16 +590,111 @@ def train(cfg, resume_ckpt=None):
         summary = dict(config=cfg, model_args=asdict(config), techniques=config.techniques(),
                        best_val_loss=best_val, final_val_loss=last_eval["val"] if last_eval else None,
                        iters=iter_num, wall_s=round(wall, 2), tokens_per_s=round(tokens_trained / wall),
-                       diverged=diverged is not None, diverged_at=diverged)
+                       diverged=diverged is not None, diverged_at=diverged, spikes=len(spikes),
+                       spike_iters=spikes[:100], diag_s=round(diag_s, 2))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: best val {best_val:.4f}, {iter_num} iters in {wall:.1f} s "
-              f"({summary['tokens_per_s']:,} tok/s); wrote {out_dir}/summary.json")
+              f"({summary['tokens_per_s']:,} tok/s), {len(spikes)} loss spikes; wrote {out_dir}/summary.json")
+        if cfg["plot"]:
+            import plots
+
+            print("plots: " + ", ".join(str(p) for p in plots.plot_run(out_dir)))
     if ddp:
         destroy_process_group()
     return raw_model, codec, summary
 
 
+# ----------------------------------------------------------------------------------------------------
+# Compare runner
+
+
+def split_compare(argv):
+    """(common flags, configurations, seeds) from a command line with --compare. The configurations are the
+    words after --compare up to --seeds or the end; each is 'baseline' or a string of flags ("--lns")."""
+    i = argv.index("--compare")
+    j = argv.index("--seeds", i) if "--seeds" in argv[i:] else len(argv)
+    configs = argv[i + 1:j]
+    if not configs:
+        raise TrainError("--compare needs at least one configuration, e.g. --compare baseline \"--lns\"")
+    seeds, rest = 1, argv[j:]
+    if rest:
+        if len(rest) < 2 or not rest[1].isdigit() or int(rest[1]) < 1:
+            raise TrainError("--seeds needs a positive whole number")
+        seeds, rest = int(rest[1]), rest[2:]
+    return argv[:i] + rest, configs, seeds
+
+
+def config_slug(config):
+    return "baseline" if config.strip() in ("", "baseline") else re.sub(r"[^A-Za-z0-9.]+", "-", config).strip("-")
+
+
+def compare(argv):
+    """Run every configuration x seed (in this process, one after another), skip the finished ones, then
+    write the table (compare.md) and overlaid plots (compare.png)."""
+    common, configs, n_seeds = split_compare(argv)
+    parser = build_parser()
+    base_args = parser.parse_args(common)
+    seed0 = base_args.seed if base_args.seed is not None else DEFAULTS["seed"]
+    root = Path(base_args.out_dir or Path("out") / "compare")
+    runs = {config: [] for config in configs}
+    total, k = len(configs) * n_seeds, 0
+    for config in configs:
+        extra = [] if config_slug(config) == "baseline" else shlex.split(config)
+        for seed in range(seed0, seed0 + n_seeds):
+            k += 1
+            run_dir = root / config_slug(config) / f"seed{seed}"
+            runs[config].append(run_dir)
+            summary_path = run_dir / "summary.json"
+            if summary_path.is_file():
+                print(f"[{k}/{total}] {config} seed {seed}: done already ({summary_path})")
+                continue
+            print(f"\n[{k}/{total}] {config} seed {seed} -> {run_dir}")
+            run_argv = common + extra + ["--seed", str(seed), "--out-dir", str(run_dir)]
+            if (run_dir / "ckpt.pt").is_file():  # interrupted earlier: continue it
+                run_argv.append("--resume")
+            run_args = parser.parse_args(run_argv)
+            resume_ckpt = load_checkpoint(run_dir / "ckpt.pt") if run_args.resume else None
+            cfg, _ = resolve_config(run_args, base=dict(resume_ckpt["config"]) if resume_ckpt else None)
+            train(cfg, resume_ckpt)
+    table = compare_table(runs)
+    (root / "compare.md").write_text(table)
+    print("\n" + table)
+    import plots
+
+    print("plots: " + ", ".join(str(p) for p in plots.plot_compare(runs, root)))
+    return 0
+
+
+def compare_table(runs):
+    """Markdown table: best and final val loss (mean +- std over seeds), diverged runs, spikes, tokens/s and
+    the step-time ratio to the first configuration."""
+    def mean_std(values):
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            return "-"
+        return f"{statistics.mean(values):.4f}" + (f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+
+    rows = ["| config | seeds | best val | final val | diverged | spikes | tokens/s | step time vs first |",
+            "|---|---|---|---|---|---|---|---|"]
+    first_tps = None
+    for config, dirs in runs.items():
+        sums = [json.loads((d / "summary.json").read_text()) for d in dirs]
+        tps = statistics.mean(s["tokens_per_s"] for s in sums)
+        first_tps = first_tps or tps
+        rows.append(f"| {config} | {len(sums)} | {mean_std([s['best_val_loss'] for s in sums])} | "
+                    f"{mean_std([s['final_val_loss'] for s in sums])} | {sum(s['diverged'] for s in sums)} | "
+                    f"{sum(s.get('spikes', 0) for s in sums)} | {tps:,.0f} | {first_tps / tps:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--compare" in argv:
+        try:
+            return compare(argv)
+        except (TrainError, DataError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     try:
         if args.sample:

@@ -1,0 +1,171 @@
+"""
+Plots of a training run (log.jsonl, diag.jsonl) and of a comparison of runs, as PNG files.
+
+    python plots.py out/cpu                       # the plots of one run, into out/cpu/
+    python train_shakespeare.py --plot ...        # the same at the end of training
+    python train_shakespeare.py --compare ...     # compare.png: the configurations overlaid
+
+Layer-indexed panels put the block index (1 = first block) on the x axis.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+KINDS = ("q", "k", "v", "attn_out", "fc", "mlp_out")  # the block matrices, as stable_gpt.BLOCK_MATRICES names them
+
+
+def read_jsonl(path):
+    path = Path(path)
+    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+
+
+def by_layer(record, key):
+    """{kind: [value of layer 1, layer 2, ...]} from a diag record's {"<layer>.<kind>": value} dict."""
+    out = {}
+    for name, value in record[key].items():
+        layer, kind = name.split(".")
+        out.setdefault(kind, []).append((int(layer), value))
+    return {kind: [v for _, v in sorted(values)] for kind, values in out.items()}
+
+
+def snapshots(diag, n=5):
+    """Up to n diag records spread evenly over training, the last one included."""
+    if len(diag) <= n:
+        return diag
+    return [diag[round(i * (len(diag) - 1) / (n - 1))] for i in range(n)]
+
+
+def layers(values):
+    return list(range(1, len(values) + 1))
+
+
+def save(fig, path):
+    for ax in fig.axes:  # blocks and iterations are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_run(out_dir):
+    """Write loss.png and, when diag.jsonl exists, depth.png, updates.png, activations.png, weight_std.png.
+    Returns the paths written."""
+    out_dir = Path(out_dir)
+    log, diag = read_jsonl(out_dir / "log.jsonl"), read_jsonl(out_dir / "diag.jsonl")
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = [r for r in log if "loss" in r]
+    evals = [r for r in log if r.get("type") == "eval"]
+    spikes = [r for r in log if r.get("type") == "spike"]
+    ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.5, label="train (step)")
+    ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train (eval)")
+    ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "s-", label="val (eval)")
+    if spikes:
+        ax.plot([r["iter"] for r in spikes], [r["loss"] for r in spikes], "rx", ms=8, label="loss spike")
+    ax.set(title=f"Loss: {out_dir.name}", xlabel="iteration", ylabel="cross-entropy (nats/token)")
+    ax.legend()
+    written.append(save(fig, out_dir / "loss.png"))
+    if not diag:
+        return written
+
+    snaps = snapshots(diag)
+    colors = plt.cm.viridis([i / max(1, len(snaps) - 1) for i in range(len(snaps))])
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for r, c in zip(snaps, colors):
+        axes[0].plot(layers(r["variance"]), r["variance"], "o-", color=c, label=f"iter {r['iter']}")
+        axes[1].plot(layers(r["angular_distance"]), r["angular_distance"], "o-", color=c)
+        axes[2].plot(layers(r["layer_importance"]), r["layer_importance"], "o-", color=c)
+    axes[0].set(title="Residual-stream variance after block", xlabel="block", ylabel="variance (per feature)",
+                yscale="log")
+    axes[1].set(title="Angular distance, block input to output", xlabel="block", ylabel="arccos(cos sim) / pi")
+    axes[2].set(title="Layer importance: loss increase if removed", xlabel="block", ylabel="delta loss (nats)")
+    axes[0].legend(fontsize=8)
+    written.append(save(fig, out_dir / "depth.png"))
+
+    last = diag[-1]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for key, ax, title, unit in (("update_ratio", axes[0], "Update ratio |dW|/|W| of one step", "ratio"),
+                                 ("grad_norm", axes[1], "Gradient norm of each matrix", "L2 norm")):
+        for kind, values in by_layer(last, key).items():
+            ax.plot(layers(values), values, "o-", label=kind)
+        ax.set(title=f"{title} (iter {last['iter']})", xlabel="block", ylabel=unit, yscale="log")
+        ax.legend(fontsize=8)
+    written.append(save(fig, out_dir / "updates.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for r, c in zip(snaps, colors):
+        axes[0].plot(layers(r["max_abs"]), r["max_abs"], "o-", color=c, label=f"stream, iter {r['iter']}")
+        axes[0].plot(layers(r["mlp_in_max_abs"]), r["mlp_in_max_abs"], "x--", color=c)
+        axes[1].plot(layers(r["kurtosis"]), r["kurtosis"], "o-", color=c)
+        axes[1].plot(layers(r["mlp_in_kurtosis"]), r["mlp_in_kurtosis"], "x--", color=c)
+    axes[0].set(title="Max |activation| (o stream, x MLP input)", xlabel="block", ylabel="max |x|")
+    axes[1].set(title="Kurtosis (o stream, x MLP input; Gaussian = 3)", xlabel="block", ylabel="kurtosis")
+    axes[0].legend(fontsize=8)
+    written.append(save(fig, out_dir / "activations.png"))
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    iters = [r["iter"] for r in diag]
+    for kind in KINDS:
+        if kind in by_layer(diag[0], "weight_std"):
+            axes[0].plot(iters, [max(by_layer(r, "weight_std")[kind]) for r in diag], label=kind)
+    for kind, values in by_layer(last, "weight_std").items():
+        axes[1].plot(layers(values), values, "o-", label=kind)
+    axes[0].set(title="Weight std over training (max over blocks)", xlabel="iteration", ylabel="std")
+    axes[1].set(title=f"Weight std by block (iter {last['iter']})", xlabel="block", ylabel="std")
+    axes[0].legend(fontsize=8)
+    written.append(save(fig, out_dir / "weight_std.png"))
+    return written
+
+
+def mean_over(runs, fn):
+    """Element-wise mean of fn(run) over runs (lists of equal length; shorter ones, e.g. diverged runs, are cut)."""
+    values = [fn(r) for r in runs]
+    values = [v for v in values if v]
+    if not values:
+        return []
+    n = min(len(v) for v in values)
+    return [sum(v[i] for v in values) / len(values) for i in range(n)]
+
+
+def plot_compare(runs, out_dir):
+    """compare.png: val loss over training and, at the last diag record, per-layer variance, angular
+    distance, importance, update ratio (mean over matrices) and max |activation|, one line per configuration
+    (mean over seeds). runs: {label: [run folder, ...]}."""
+    out_dir = Path(out_dir)
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    for label, dirs in runs.items():
+        logs = [read_jsonl(Path(d) / "log.jsonl") for d in dirs]
+        evals = [[r for r in log if r.get("type") == "eval"] for log in logs]
+        iters = [r["iter"] for r in max(evals, key=len)] if evals else []
+        val = mean_over(evals, lambda e: [r["val_loss"] for r in e])
+        axes[0, 0].plot(iters[:len(val)], val, "o-", label=label)
+        last = [d[-1] for d in (read_jsonl(Path(d) / "diag.jsonl") for d in dirs) if d]
+        for ax, key in ((axes[0, 1], "variance"), (axes[0, 2], "angular_distance"),
+                        (axes[1, 0], "layer_importance"), (axes[1, 2], "max_abs")):
+            values = mean_over(last, lambda r: r[key])
+            ax.plot(layers(values), values, "o-", label=label)
+        ratio = mean_over(last, lambda r: [sum(v) / len(v) for v in zip(*by_layer(r, "update_ratio").values())])
+        axes[1, 1].plot(layers(ratio), ratio, "o-", label=label)
+    axes[0, 0].set(title="Validation loss", xlabel="iteration", ylabel="nats/token")
+    axes[0, 1].set(title="Residual variance after block", xlabel="block", ylabel="variance", yscale="log")
+    axes[0, 2].set(title="Angular distance, block in to out", xlabel="block", ylabel="arccos(cos sim) / pi")
+    axes[1, 0].set(title="Layer importance (loss increase if removed)", xlabel="block", ylabel="delta loss (nats)")
+    axes[1, 1].set(title="Update ratio |dW|/|W| (mean over matrices)", xlabel="block", ylabel="ratio", yscale="log")
+    axes[1, 2].set(title="Max |activation| of the stream", xlabel="block", ylabel="max |x|")
+    axes[0, 0].legend(fontsize=8)
+    return [save(fig, out_dir / "compare.png")]
+
+
+if __name__ == "__main__":
+    for folder in sys.argv[1:] or ["out/cpu"]:
+        print("\n".join(str(p) for p in plot_run(folder)))
