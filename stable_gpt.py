@@ -26,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from torch.nn import functional as F
 
 NORMS = ("layernorm", "rmsnorm")
@@ -340,6 +341,9 @@ class GPT(nn.Module):
         # shared but the embedding and the head keep separate gates (wesar.md, pitfall 2).
         self.transformer.wte.weight = self.lm_head.weight
         self._init_weights()
+        # activation checkpointing: recompute each block in the backward instead of storing its activations
+        # (~1/3 more compute, for the largest configs); a training setting, not part of the model
+        self.grad_checkpointing = False
 
     # --- init ---------------------------------------------------------------------------------------
     def _init_stds(self, name, module):
@@ -411,7 +415,10 @@ class GPT(nn.Module):
         pos_emb = self.transformer.wpe(pos)  # position embeddings (t, n_embd)
         x = self.transformer.drop(tok_emb + pos_emb)
         for block in self.transformer.h:
-            x = block(x)
+            if self.grad_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
         x = self.transformer.ln_f(x)
         if targets is not None:
             logits = self.lm_head(x)  # (b, t, vocab_size)
@@ -435,6 +442,14 @@ class GPT(nn.Module):
         # the fused AdamW kernel is much faster on CUDA
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+
+    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
+        """Model FLOPs utilization: achieved FLOP/s over the device's peak. FLOPs per token from the PaLM
+        paper's Appendix B (arXiv 2204.02311): 6N + 12 * L * H * Q * T (matmuls, forward and backward, plus
+        attention); SDD's norms and other elementwise work are not counted, as they use no tensor cores."""
+        c = self.config
+        flops_per_token = 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
+        return flops_per_token * tokens_per_iter / dt / peak_flops
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

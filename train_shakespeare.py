@@ -46,8 +46,13 @@ DEFAULTS = dict(
     min_lr=None, warmup_iters=100, lr_decay_iters=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0, sdd_gain_decay=True, eval_interval=250, eval_iters=200, log_interval=10, seed=1337,
     device="auto", dtype="auto", compile=None, out_dir=None, diag_interval=100, spike_factor=1.2, spike_window=50,
-    plot=False,
+    plot=False, grad_checkpoint=False,
 )
+# bf16 dense tensor-core peak FLOP/s by GPU name, for MFU (NVIDIA data sheets); an unknown GPU gets no MFU
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
+                  "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+GPT2_COMMON = dict(tokenizer="gpt2", block_size=1024, max_iters=600000, warmup_iters=2000, beta2=0.95, dropout=0.0,
+                   eval_interval=1000, eval_iters=200, log_interval=10, diag_interval=1000)
 PRESETS = {
     # CPU quick preset: nanoGPT's README CPU model (4/4/128, block 64), fed 2.7x the tokens per step (batch 32)
     # at a 3x higher learning rate for 1300 steps: val 1.73 in ~165 s on 2 cores (nanoGPT's recipe: 1.886)
@@ -57,10 +62,17 @@ PRESETS = {
     "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, batch_size=64, max_iters=5000,
                              lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99, dropout=0.2,
                              eval_interval=250, eval_iters=200),
-    # GPT-2 small (124M) with BPE, nanoGPT's config/train_gpt2.py (~0.5M tokens per step on 8 GPUs)
-    "gpt2-124m": dict(tokenizer="gpt2", n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=12,
-                      grad_accum=40, max_iters=600000, lr=6e-4, min_lr=6e-5, warmup_iters=2000, beta2=0.95,
-                      dropout=0.0, eval_interval=1000, eval_iters=200),
+    # GPT-2 sizes with BPE and block 1024, ~0.5M tokens (2^19) per optimizer step as GPT-2/GPT-3 used, with the
+    # micro-batch sized for one 80 GB GPU in bf16 and the rest as accumulation (split across torchrun ranks).
+    # Learning rates from the GPT-3 paper's table (arXiv 2005.14165, Table 2.1) for the nearest size.
+    "gpt2-124m": dict(GPT2_COMMON, n_layer=12, n_head=12, n_embd=768, batch_size=32, grad_accum=16, lr=6e-4,
+                      min_lr=6e-5),
+    "gpt2-350m": dict(GPT2_COMMON, n_layer=24, n_head=16, n_embd=1024, batch_size=16, grad_accum=32, lr=3e-4,
+                      min_lr=3e-5),
+    "gpt2-774m": dict(GPT2_COMMON, n_layer=36, n_head=20, n_embd=1280, batch_size=8, grad_accum=64, lr=2.5e-4,
+                      min_lr=2.5e-5),
+    "gpt2-1.5b": dict(GPT2_COMMON, n_layer=48, n_head=25, n_embd=1600, batch_size=8, grad_accum=64, lr=2e-4,
+                      min_lr=2e-5, grad_checkpoint=True),
 }
 
 
@@ -139,6 +151,8 @@ def build_parser():
     g.add_argument("--beta1", type=float, help="AdamW beta1 (0.9)")
     g.add_argument("--beta2", type=float, help="AdamW beta2")
     g.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off)")
+    g.add_argument("--grad-checkpoint", action=bool_flag, help="activation checkpointing: recompute each block in "
+                   "the backward (less memory, ~1/3 more compute; on by default for gpt2-1.5b)")
 
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps")
@@ -181,7 +195,8 @@ def resolve_config(args, base=None):
         base = dict(DEFAULTS, **PRESETS[preset], preset=preset)
     cfg = dict(base, **explicit)
     if cfg["out_dir"] is None:
-        flags = [t for t in TECHNIQUES if cfg[t]] + [p for p in (cfg["norm_position"],) if p != "pre"]
+        flags = [t for t in TECHNIQUES if cfg[t]] + [cfg["norm_position"]] * (cfg["norm_position"] != "pre") \
+            + [cfg["norm"]] * (cfg["norm"] != "layernorm")
         cfg["out_dir"] = str(Path("out") / "-".join([cfg["preset"]] + flags))
     for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval", "spike_window"):
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
@@ -319,6 +334,13 @@ def pick_dtype(name, device):
     return getattr(torch, name)
 
 
+def gpu_peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
+
+
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
@@ -428,6 +450,8 @@ def train(cfg, resume_ckpt=None):
         raise TrainError(str(e)) from None
     torch.manual_seed(cfg["seed"] + rank)
     model = GPT(config).to(device)
+    model.grad_checkpointing = cfg["grad_checkpoint"]
+    peak_flops = gpu_peak_flops(device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["lr"], (cfg["beta1"], cfg["beta2"]),
                                            device.type, sdd_gain_decay=cfg["sdd_gain_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -580,18 +604,32 @@ def train(cfg, resume_ckpt=None):
             t_log, iters_since_log = time.time(), 0
             if master:
                 eta = dt * (cfg["max_iters"] - iter_num)
+                # MFU against the detected GPU's bf16 peak (per GPU: each rank does 1/world of the tokens)
+                mfu = raw_model.estimate_mfu(tokens_per_iter / world, dt, peak_flops) if peak_flops else None
                 print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | "
-                      f"{dt * 1000:.1f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s | ETA {fmt_time(eta)}")
-                log.write(iter=iter_num, loss=lossf, lr=lr, grad_norm=normf, ms=dt * 1000)
+                      f"{dt * 1000:.1f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s"
+                      + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "") + f" | ETA {fmt_time(eta)}")
+                log.write(iter=iter_num, loss=lossf, lr=lr, grad_norm=normf, ms=dt * 1000,
+                          **({"mfu": mfu} if mfu is not None else {}))
 
     wall = time.time() - t_start
+    replica_diff = None
+    if ddp:  # self-check: DDP (and TVR, a deterministic in-place edit) must keep every rank's weights identical
+        import torch.distributed as dist
+
+        flat = torch.cat([p.detach().float().flatten() for p in raw_model.parameters()])
+        high, low = flat.clone(), flat.clone()
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        replica_diff = (high - low).max().item()
     summary = None
     if master:
         summary = dict(config=cfg, model_args=asdict(config), techniques=config.techniques(),
                        best_val_loss=best_val, final_val_loss=last_eval["val"] if last_eval else None,
                        iters=iter_num, wall_s=round(wall, 2), tokens_per_s=round(tokens_trained / wall),
                        diverged=diverged is not None, diverged_at=diverged, spikes=len(spikes),
-                       spike_iters=spikes[:100], diag_s=round(diag_s, 2))
+                       spike_iters=spikes[:100], diag_s=round(diag_s, 2), world_size=world,
+                       replica_max_diff=replica_diff)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: best val {best_val:.4f}, {iter_num} iters in {wall:.1f} s "
               f"({summary['tokens_per_s']:,} tok/s), {len(spikes)} loss spikes; wrote {out_dir}/summary.json")
@@ -700,7 +738,7 @@ def main(argv=None):
         if args.sample:
             cfg, _ = resolve_config(args)
             ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
-            device = pick_device(cfg["device"] if "device" in vars(args) and args.device else "auto")
+            device = pick_device(cfg["device"])
             model = model_from_checkpoint(ckpt).to(device)
             torch.manual_seed(cfg["seed"])
             for text in generate_text(model, Codec(ckpt["meta"]), args.prompt, args.num_samples,
