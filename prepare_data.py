@@ -32,13 +32,14 @@ class DataError(ValueError):
     """A problem with the user's data, reported as one clear line."""
 
 
-def find_shakespeare(input_path=None, download=True):
+def find_shakespeare(input_path=None, download=True, flag="--input"):
     """Path of the tiny Shakespeare text (or of --input): the first of --input, data/shakespeare/input.txt,
-    ../shared/data/tinyshakespeare/input.txt; else download it to data/shakespeare/input.txt."""
+    ../shared/data/tinyshakespeare/input.txt; else download it to data/shakespeare/input.txt. `flag` is the
+    option the error messages tell the user to pass."""
     if input_path is not None:
         path = Path(input_path)
         if not path.is_file():
-            raise DataError(f"input text not found: {path} (pass --input PATH to an existing UTF-8 text file)")
+            raise DataError(f"input text not found: {path} (pass {flag} PATH to an existing UTF-8 text file)")
         return path
     for path in (SHAKESPEARE_LOCAL, SHARED / "data" / "tinyshakespeare" / "input.txt"):
         if path.is_file():
@@ -58,7 +59,7 @@ def find_shakespeare(input_path=None, download=True):
     else:
         reason = "download disabled"
     raise DataError(f"tiny Shakespeare not found locally and could not be downloaded ({reason}); "
-                    f"pass --input PATH to a text file, or put it at {SHAKESPEARE_LOCAL}")
+                    f"pass {flag} PATH to a text file, or put it at {SHAKESPEARE_LOCAL}")
 
 
 def read_text(path):
@@ -168,13 +169,13 @@ def ensure_prepared(data=None, tokenizer="char"):
     if data is None:
         out_dir = ROOT / "data" / f"shakespeare_{tokenizer}"
         try:
-            text_path = find_shakespeare(None)
+            text_path = find_shakespeare(None, flag="--data")
         except DataError:
             if (out_dir / "meta.json").is_file():  # prepared earlier, and the text has gone since
                 return out_dir
             raise
     else:
-        text_path = find_shakespeare(data)
+        text_path = find_shakespeare(data, flag="--data")
         key = hashlib.sha1(str(text_path.resolve()).encode()).hexdigest()[:8]
         out_dir = ROOT / "data" / "cache" / f"{text_path.stem}-{key}-{tokenizer}"
     meta_path = out_dir / "meta.json"

@@ -322,15 +322,17 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path, data_dir, capsys):
 
 
 def test_resume_continues_exactly(tmp_path, data_dir):
-    """Stop at iter 40 (of a 60-iter schedule) and resume: the next losses equal an uninterrupted run's, bit for bit."""
+    """Stop at iter 37 (odd, not an eval step, of a 60-iter schedule) and resume: the next losses equal an
+    uninterrupted run's, bit for bit, dropout and TVR included."""
     full, part = tmp_path / "full", tmp_path / "part"
-    assert train_shakespeare.main(train_args(data_dir, full, "--dropout", "0.1")) == 0
-    assert train_shakespeare.main(train_args(data_dir, part, "--dropout", "0.1", "--max-iters", "40",
+    common = ("--dropout", "0.1", "--tvr", "--tvr-interval", "5", "--tvr-target", "0.02")
+    assert train_shakespeare.main(train_args(data_dir, full, *common)) == 0
+    assert train_shakespeare.main(train_args(data_dir, part, *common, "--max-iters", "37",
                                              "--lr-decay-iters", "60")) == 0
     assert train_shakespeare.main(train_args(data_dir, part, "--resume", "--max-iters", "60")) == 0
     losses = lambda out: [(r["iter"], r.get("loss"), r.get("val_loss")) for r in read_log(out)]
     assert losses(part) == losses(full)
-    assert len([r for r in read_log(part) if r["iter"] > 40]) == 21  # 20 steps and the final eval
+    assert len([r for r in read_log(part) if r["iter"] > 37]) == 25  # 23 steps, evals at 40 and 60
 
 
 def test_resume_refuses_a_different_model(tmp_path, data_dir, capsys):
@@ -922,3 +924,191 @@ def test_mfu_formula():
     c = model.config
     flops = 6 * model.get_num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
     assert model.estimate_mfu(1000, 0.5, 1e12) == pytest.approx(flops * 1000 / 0.5 / 1e12)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Never lose a run: bad input, divergence, interruption
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "20")) == 0
+    return out
+
+
+def snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def bad_texts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    (d / "empty.txt").write_text("")
+    (d / "short.txt").write_text("the cat sees the moon.\n" * 2)
+    (d / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1") * 100)
+    (d / "other.txt").write_text("".join(chr(65 + i % 26) for i in range(5000)))
+    return d
+
+
+BAD_TRAINING_INPUT = [
+    (["--data", "/no/such/file.txt"], "input text not found: /no/such/file.txt (pass --data PATH"),
+    (["--data", "{bad}/empty.txt"], "empty.txt is empty"),
+    (["--data", "{bad}/short.txt"], "fewer than one block of 32 + 1; use a longer text or a smaller --block-size"),
+    (["--data", "{bad}/latin1.txt"], "is not UTF-8 text (byte 3 is 0xe9)"),
+    (["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible by n_head (4)"),
+    (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+    (["--max-iters", "-5"], "--max-iters must be a positive integer, got -5"),
+    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--lns", "--norm-position", "post"], "lns scales the output of a *pre*-norm"),
+    (["--lir", "--norm-position", "deepnorm"], "lir and deepnorm both define the block init"),
+]
+
+
+@pytest.mark.parametrize("extra, message", BAD_TRAINING_INPUT, ids=[m[:30] for _, m in BAD_TRAINING_INPUT])
+def test_bad_training_input_is_one_clear_line_and_writes_nothing(finished_run, bad_texts, data_dir, capsys,
+                                                                  extra, message):
+    before = snapshot(finished_run)
+    extra = [e.format(bad=bad_texts) for e in extra]
+    assert train_shakespeare.main(train_args(data_dir, finished_run, "--overwrite", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert snapshot(finished_run) == before
+
+
+def test_bad_choices_are_listed(finished_run, capsys):
+    before = snapshot(finished_run)
+    for flag, value, listed in (("--preset", "huge", "'cpu'"), ("--norm-position", "sandwich", "'deepnorm'")):
+        with pytest.raises(SystemExit) as e:
+            train_shakespeare.main([flag, value, "--out-dir", str(finished_run)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"invalid choice: '{value}'" in err and listed in err
+    assert snapshot(finished_run) == before
+
+
+def test_existing_run_is_not_overwritten_by_accident(finished_run, data_dir, capsys):
+    before = snapshot(finished_run)
+    assert train_shakespeare.main(train_args(data_dir, finished_run)) == 2
+    assert "already holds a run; --resume to continue it, --overwrite" in capsys.readouterr().err
+    assert snapshot(finished_run) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda(finished_run, data_dir, capsys):
+    before = snapshot(finished_run)
+    assert train_shakespeare.main(train_args(data_dir, finished_run, "--overwrite", "--device", "cuda")) == 2
+    assert "--device cuda, but CUDA is not available here" in capsys.readouterr().err
+    assert snapshot(finished_run) == before
+
+
+def test_bad_sampling_and_resume_input(finished_run, bad_texts, data_dir, tmp_path, capsys):
+    before = snapshot(finished_run)
+    assert train_shakespeare.main(["--sample", "--out-dir", str(finished_run), "--prompt", "the cat sees Q&Z"]) == 2
+    assert "characters not in the" in capsys.readouterr().err  # names them: '&QZ'
+    assert train_shakespeare.main(["--sample", "--out-dir", str(finished_run), "--prompt", "QZ"]) == 2
+    assert "'QZ'" in capsys.readouterr().err
+    assert train_shakespeare.main(train_args(bad_texts / "other.txt", finished_run, "--resume")) == 2
+    assert "another tokenizer or vocabulary" in capsys.readouterr().err
+    assert train_shakespeare.main(train_args(data_dir, finished_run, "--resume", "--block-size", "64")) == 2
+    assert "cannot resume with a different model: block_size 32 -> 64" in capsys.readouterr().err
+    assert snapshot(finished_run) == before
+    # a truncated checkpoint, and a file that is not a checkpoint
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "ckpt.pt").write_bytes((finished_run / "ckpt.pt").read_bytes()[:5000])
+    assert train_shakespeare.main(["--sample", "--out-dir", str(broken)]) == 2
+    assert "it is truncated or not a stable-gpt checkpoint" in capsys.readouterr().err
+    torch.save([1, 2, 3], broken / "ckpt.pt")
+    assert train_shakespeare.main(train_args(data_dir, broken, "--resume")) == 2
+    assert "is not a stable-gpt checkpoint" in capsys.readouterr().err
+
+
+def test_atomic_checkpoint_survives_a_crash_mid_write(finished_run, monkeypatch, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes((finished_run / "ckpt.pt").read_bytes())
+    good = ckpt.read_bytes()
+
+    def crashing_save(obj, f):  # writes half a file, then the machine "dies"
+        Path(f).write_bytes(b"partial" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError):
+        train_shakespeare.save_checkpoint(ckpt, {"model": {}})
+    assert ckpt.read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
+    assert train_shakespeare.load_checkpoint(ckpt)["iter_num"] == 20
+
+
+def test_divergence_is_caught_at_its_step_and_keeps_the_checkpoint(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    # eval (and checkpoint) at iter 0, then a learning rate that blows the weights up
+    assert train_shakespeare.main(train_args(data_dir, out, "--lr", "1e9", "--warmup-iters", "0",
+                                             "--grad-clip", "0", "--eval-interval", "1000")) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    steps = [r for r in read_log(out) if "loss" in r]
+    assert summary["diverged"] and summary["diverged_at"] == len(steps) + 1  # the first non-finite step
+    assert all(math.isfinite(r["loss"]) for r in steps) and summary["diverged_at"] <= 5
+    printed = capsys.readouterr().out
+    assert f"iter {summary['diverged_at']}: non-finite" in printed and "(iter 0)" in printed
+    ckpt = train_shakespeare.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["iter_num"] == 0
+    model = train_shakespeare.model_from_checkpoint(ckpt)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skip_nonfinite_skips_one_bad_update(tmp_path, data_dir, monkeypatch):
+    real_forward, calls = GPT.forward, []
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if targets is not None and self.training:
+            calls.append(1)
+            if len(calls) == 10:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--skip-nonfinite")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_updates"] == 1 and not summary["diverged"] and summary["iters"] == 60
+    assert [r["iter"] for r in read_log(out) if r.get("type") == "skipped"] == [10]
+    model = train_shakespeare.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_sigint_writes_a_resumable_checkpoint(tmp_path, data_dir):
+    """Ctrl-C in the middle of training: the step finishes, a checkpoint is written, the command to resume is
+    printed, exit code 130; resuming gives the same losses as a run that was never interrupted."""
+    out = tmp_path / "run"
+    args = train_args(data_dir, out, "--max-iters", "100000", "--lr-decay-iters", "100000", "--eval-interval", "1000")
+    proc = subprocess.Popen([sys.executable, "train_shakespeare.py", *args], cwd=Path(__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "log.jsonl").is_file() and len(read_log(out)) > 30):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout[-2000:]
+    assert "Resume with:" in stdout and f"--resume --out-dir {out}" in stdout
+    stopped = train_shakespeare.load_checkpoint(out / "ckpt.pt")["iter_num"]
+    assert stopped > 30 and json.loads((out / "summary.json").read_text())["interrupted_at"] == stopped
+    end = str(stopped + 15)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocess: bit-exact needs the same reduction order
+    try:
+        assert train_shakespeare.main(train_args(data_dir, out, "--resume", "--max-iters", end)) == 0
+        ref = tmp_path / "ref"
+        assert train_shakespeare.main(train_args(data_dir, ref, "--max-iters", end, "--lr-decay-iters", "100000",
+                                                 "--eval-interval", "1000")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    losses = lambda o: [(r["iter"], r.get("loss")) for r in read_log(o) if r.get("type") != "eval"]
+    assert losses(out) == losses(ref)

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -46,7 +47,7 @@ DEFAULTS = dict(
     min_lr=None, warmup_iters=100, lr_decay_iters=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
     grad_clip=1.0, sdd_gain_decay=True, eval_interval=250, eval_iters=200, log_interval=10, seed=1337,
     device="auto", dtype="auto", compile=None, out_dir=None, diag_interval=100, spike_factor=1.2, spike_window=50,
-    plot=False, grad_checkpoint=False,
+    plot=False, grad_checkpoint=False, skip_nonfinite=False,
 )
 # bf16 dense tensor-core peak FLOP/s by GPU name, for MFU (NVIDIA data sheets); an unknown GPU gets no MFU
 GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
@@ -96,6 +97,10 @@ def build_parser():
     g.add_argument("--tokenizer", choices=prepare_data.TOKENIZERS, help="char level or GPT-2 BPE, for text input")
     g.add_argument("--out-dir", help="where checkpoints and logs go (default: out/<preset>[-<flags>])")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a run "
+                   "(refused without it, so that no run is lost by accident)")
+    g.add_argument("--skip-nonfinite", action="store_true", default=None, help="on a non-finite loss or gradient, "
+                   "skip that update and go on (counted in summary.json) instead of stopping")
     g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto: bfloat16 on CUDA if supported, else float16 with a GradScaler; "
@@ -182,7 +187,7 @@ def build_parser():
     return p
 
 
-CLI_ONLY = {"preset", "resume", "sample", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k",
+CLI_ONLY = {"preset", "resume", "overwrite", "sample", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k",
             "compare", "seeds"}
 
 
@@ -264,8 +269,11 @@ def save_checkpoint(path, state):
     """Atomic: written to a temporary file in the same folder, then renamed over the old one, so a crash
     while writing leaves the previous checkpoint intact."""
     tmp = Path(f"{path}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path):
@@ -410,7 +418,34 @@ def generate_text(model, codec, prompt, num_samples, max_new_tokens, temperature
     return texts
 
 
-def train(cfg, resume_ckpt=None):
+class StopRequest:
+    """Turns SIGINT (Ctrl-C) and SIGTERM into a request the loop honours at the next step boundary, where it
+    writes a checkpoint and returns. A second signal stops at once (the last checkpoint stays intact)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              "(signal again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def train(cfg, resume_ckpt=None, stop=None):
+    """Train with the resolved config cfg (continuing resume_ckpt if given). stop: a StopRequest whose
+    signal ends the run at the next step boundary with a checkpoint. Returns (model, codec, summary),
+    the summary on rank 0 only."""
+    stop = stop or StopRequest()
     # --- distributed set-up (torchrun sets RANK) ------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
@@ -517,7 +552,23 @@ def train(cfg, resume_ckpt=None):
     # diagnostics read one fixed validation batch (up to 8 sequences), the same at every record
     diag_x, diag_y = Batches(data_dir / "val.bin", cfg["block_size"], min(8, cfg["batch_size"]), device,
                              cfg["seed"] + 7).next()
+    interrupted, skipped, last_saved = None, 0, resume_ckpt["iter_num"] if resume_ckpt else None
     while True:
+        stop_now = stop.signum is not None
+        if ddp:  # every rank must stop at the same step, or the collectives would hang
+            import torch.distributed as dist
+
+            flag = torch.tensor(float(stop_now), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop_now = flag.item() > 0
+        if stop_now:
+            state = checkpoint_state(data_state)
+            if master:
+                save_checkpoint(out_dir / "ckpt.pt", state)
+                print(f"stopped at iter {iter_num}; wrote {out_dir / 'ckpt.pt'}. Resume with:\n"
+                      f"  python train_shakespeare.py --resume --out-dir {out_dir}")
+            interrupted = iter_num
+            break
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -535,6 +586,7 @@ def train(cfg, resume_ckpt=None):
                 save_checkpoint(out_dir / "ckpt.pt", state)
                 if improved:
                     save_checkpoint(out_dir / "best.pt", state)
+            last_saved = iter_num
             t_log = time.time()  # evaluation time is not step time
         if iter_num >= cfg["max_iters"]:
             break
@@ -563,13 +615,26 @@ def train(cfg, resume_ckpt=None):
             t_diag = time.time()
             diag["grad_norm"] = stable_gpt.grad_norms(raw_model)
             diag_s += time.time() - t_diag
-        # checked every step: a spike or a non-finite value is a single-step event (one device sync per step)
+        # checked every step: a spike or a non-finite value is a single-step event (one device sync per step).
+        # With fp16, an inf gradient is the GradScaler's business (it skips the step and lowers its scale).
         lossf, normf = float(loss_sum), float(grad_norm)
-        if not (math.isfinite(lossf) and math.isfinite(normf)):
+        bad = "loss" if not math.isfinite(lossf) else \
+            "gradient norm" if not (math.isfinite(normf) or scaler.is_enabled()) else None
+        if bad and cfg["skip_nonfinite"]:
+            skipped += 1
+            if master:
+                print(f"iter {iter_num + 1}: non-finite {bad} ({lossf}, {normf}); update skipped ({skipped} so far)")
+                log.write(iter=iter_num + 1, type="skipped", loss=lossf, grad_norm=normf)
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            iters_since_log += 1
+            continue
+        if bad:
             diverged = iter_num + 1
             if master:
-                print(f"iter {iter_num + 1}: non-finite {'loss' if not math.isfinite(lossf) else 'gradient norm'} "
-                      f"({lossf}, {normf}); stopping. The last good checkpoint is {out_dir / 'ckpt.pt'}")
+                where = f"{out_dir / 'ckpt.pt'} (iter {last_saved})" if last_saved is not None else "none yet"
+                print(f"iter {iter_num + 1}: non-finite {bad} (loss {lossf}, gradient norm {normf}); stopping "
+                      f"without saving. The last good checkpoint: {where}")
             break
         scaler.step(optimizer)
         scaler.update()
@@ -626,8 +691,9 @@ def train(cfg, resume_ckpt=None):
     if master:
         summary = dict(config=cfg, model_args=asdict(config), techniques=config.techniques(),
                        best_val_loss=best_val, final_val_loss=last_eval["val"] if last_eval else None,
-                       iters=iter_num, wall_s=round(wall, 2), tokens_per_s=round(tokens_trained / wall),
-                       diverged=diverged is not None, diverged_at=diverged, spikes=len(spikes),
+                       iters=iter_num, wall_s=round(wall, 2), tokens_per_s=round(tokens_trained / max(wall, 1e-9)),
+                       diverged=diverged is not None, diverged_at=diverged, interrupted_at=interrupted,
+                       skipped_updates=skipped, spikes=len(spikes),
                        spike_iters=spikes[:100], diag_s=round(diag_s, 2), world_size=world,
                        replica_max_diff=replica_diff)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -693,7 +759,11 @@ def compare(argv):
             run_args = parser.parse_args(run_argv)
             resume_ckpt = load_checkpoint(run_dir / "ckpt.pt") if run_args.resume else None
             cfg, _ = resolve_config(run_args, base=dict(resume_ckpt["config"]) if resume_ckpt else None)
-            train(cfg, resume_ckpt)
+            with StopRequest() as stop:
+                summary = train(cfg, resume_ckpt, stop)[2]
+            if summary and summary["interrupted_at"] is not None:
+                print("compare: interrupted; run the same command again to continue")
+                return 130
     table = compare_table(runs)
     (root / "compare.md").write_text(table)
     print("\n" + table)
@@ -758,10 +828,16 @@ def main(argv=None):
                     f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
         else:
             cfg, _ = resolve_config(args)
-        model, codec, summary = train(cfg, resume_ckpt)
+            if (Path(cfg["out_dir"]) / "ckpt.pt").is_file() and not args.overwrite:
+                raise TrainError(f"{cfg['out_dir']} already holds a run; --resume to continue it, --overwrite to "
+                                 "start afresh there, or --out-dir elsewhere")
+        with StopRequest() as stop:
+            model, codec, summary = train(cfg, resume_ckpt, stop)
         if summary is not None:
             if summary["diverged"]:
                 return 1
+            if summary["interrupted_at"] is not None:
+                return 128 + stop.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
             torch.manual_seed(cfg["seed"])
             device = next(model.parameters()).device
             print("\n--- sample ---")
