@@ -7,11 +7,15 @@ baseline, each stabilizer alone and all of them, at a given shape, on random tok
 
 The machine's speed drifts by up to 30% within a minute (other tenants), while ratios measured side by side are
 steady. So the configurations are interleaved: each round times every configuration for --steps steps, and
-the report gives each one's median time and its median ratio to the baseline *of the same round*.
+the report gives each one's median time and its median ratio to the baseline *of the same round*. Peak memory
+is measured per configuration in a fresh process (3 steps): on CPU the process's peak resident set (PyTorch's
+own runtime included), on CUDA the peak of torch.cuda.max_memory_allocated.
 """
 
 import argparse
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -60,6 +64,18 @@ class Runner:
         return (time.perf_counter() - t) / steps
 
 
+def peak_memory_mib(shape, flag, device):
+    """Peak memory of 3 training steps of one configuration, measured in a fresh process."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        Runner(SHAPES[shape], FLAGS[flag], 65, device).time(3)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    code = (f"import bench, torch, resource; bench.Runner(bench.SHAPES[{shape!r}], bench.FLAGS[{flag!r}], 65, "
+            f"torch.device('cpu')).time(3); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="cpu-preset")
@@ -68,6 +84,7 @@ def main():
     p.add_argument("--steps", type=int, default=5, help="steps per configuration per round")
     p.add_argument("--vocab-size", type=int, default=65)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     args = p.parse_args()
     device = torch.device(args.device)
     runners = {name: Runner(SHAPES[args.shape], FLAGS[name], args.vocab_size, device) for name in args.flags}
@@ -81,11 +98,12 @@ def main():
     print(f"shape {args.shape}: {shape}, {torch.get_num_threads()} threads, {device}, {args.rounds} rounds "
           f"x {args.steps} steps, medians")
     base = times["baseline" if "baseline" in times else args.flags[0]]
-    print(f"{'config':<10} {'ms/step':>8} {'tokens/s':>9} {'x baseline':>10}")
+    print(f"{'config':<10} {'ms/step':>8} {'tokens/s':>9} {'x baseline':>10} {'peak MiB':>9}")
     for name, ts in times.items():
         sec = statistics.median(ts)
         ratio = statistics.median(t / b for t, b in zip(ts, base))
-        print(f"{name:<10} {sec * 1000:8.1f} {runners[name].tokens / sec:9,.0f} {ratio:10.2f}")
+        mem = "-" if args.no_memory else f"{peak_memory_mib(args.shape, name, device):,.0f}"
+        print(f"{name:<10} {sec * 1000:8.1f} {runners[name].tokens / sec:9,.0f} {ratio:10.2f} {mem:>9}")
 
 
 if __name__ == "__main__":
