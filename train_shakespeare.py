@@ -505,11 +505,11 @@ def train(cfg, resume_ckpt=None, stop=None):
         if "scaler" in resume_ckpt:
             scaler.load_state_dict(resume_ckpt["scaler"])
         iter_num, best_val = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
-        rng = resume_ckpt["rng"]
+        rng = resume_ckpt["rng"][rank % len(resume_ckpt["rng"])]  # a run resumed on more ranks reuses streams
         torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and rng.get("cuda") is not None:
+        if device.type == "cuda" and rng["cuda"] is not None:
             torch.cuda.set_rng_state(rng["cuda"])
-        batches.gen.set_state(rng["data"][rank] if rank < len(rng["data"]) else rng["data"][0])
+        batches.gen.set_state(rng["data"])
     raw_model = model
     if compile_model:
         model = torch.compile(model)
@@ -530,15 +530,18 @@ def train(cfg, resume_ckpt=None, stop=None):
         diag_log = JsonlLog(out_dir / "diag.jsonl", resume_iter=iter_num if resume_ckpt else None)
 
     def checkpoint_state(data_state):
-        states = [data_state]
-        if ddp:  # every rank's data generator, so each rank resumes its own stream
+        # every rank's random streams (data order, dropout), so that each rank resumes its own
+        rng = [dict(data=data_state, torch=torch.get_rng_state(),
+                    cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)]
+        if ddp:
             import torch.distributed as dist
-            states = [None] * world
-            dist.all_gather_object(states, data_state)
+
+            rng = [None] * world
+            dist.all_gather_object(rng, dict(data=data_state, torch=torch.get_rng_state(),
+                                             cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None))
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     model_args=asdict(config), config=cfg, meta=meta, iter_num=iter_num, best_val_loss=best_val,
-                    spikes=list(spikes), recent_losses=list(detector.recent), rng=dict(torch=torch.get_rng_state(), data=states,
-                             cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None))
+                    spikes=list(spikes), recent_losses=list(detector.recent), rng=rng)
 
     # --- the loop ------------------------------------------------------------------------------------
     t_start = time.time()
