@@ -46,11 +46,11 @@ def layers(values):
     return list(range(1, len(values) + 1))
 
 
-def save(fig, path):
+def save(fig, path, dpi=90):
     for ax in fig.axes:  # blocks and iterations are whole numbers
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -137,10 +137,10 @@ def mean_over(runs, fn):
     return [sum(v[i] for v in values) / len(values) for i in range(n)]
 
 
-def plot_compare(runs, out_dir):
+def plot_compare(runs, out_dir, path=None, dpi=90):
     """compare.png: val loss over training and, at the last diag record, per-layer variance, angular
     distance, importance, update ratio (mean over matrices) and max |activation|, one line per configuration
-    (mean over seeds). runs: {label: [run folder, ...]}."""
+    (mean over seeds). runs: {label: [run folder, ...]}; path: where to write (default out_dir/compare.png)."""
     out_dir = Path(out_dir)
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     for label, dirs in runs.items():
@@ -163,7 +163,7 @@ def plot_compare(runs, out_dir):
     axes[1, 1].set(title="Update ratio |dW|/|W| (mean over matrices)", xlabel="block", ylabel="ratio", yscale="log")
     axes[1, 2].set(title="Max |activation| of the stream", xlabel="block", ylabel="max |x|")
     axes[0, 0].legend(fontsize=8)
-    return [save(fig, out_dir / "compare.png")]
+    return [save(fig, Path(path) if path else out_dir / "compare.png", dpi)]
 
 
 if __name__ == "__main__":
