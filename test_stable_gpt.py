@@ -869,6 +869,12 @@ def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):
     capsys.readouterr()
     assert train_shakespeare.main(argv) == 0  # again: nothing is redone
     assert capsys.readouterr().out.count("done already") == 4
+    # a run that was interrupted is not done: it is resumed from its checkpoint
+    path = out / "baseline" / "seed1338" / "summary.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), interrupted_at=17)))
+    assert train_shakespeare.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done already") == 3 and "resuming at iter 30" in printed
 
 
 def test_ddp_two_cpu_processes(tmp_path, data_dir):

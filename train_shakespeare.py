@@ -745,28 +745,13 @@ def compare(argv):
     root = Path(base_args.out_dir or Path("out") / "compare")
     runs = {config: [] for config in configs}
     total, k = len(configs) * n_seeds, 0
-    for config in configs:
-        extra = [] if config_slug(config) == "baseline" else shlex.split(config)
-        for seed in range(seed0, seed0 + n_seeds):
-            k += 1
-            run_dir = root / config_slug(config) / f"seed{seed}"
-            runs[config].append(run_dir)
-            summary_path = run_dir / "summary.json"
-            if summary_path.is_file():
-                print(f"[{k}/{total}] {config} seed {seed}: done already ({summary_path})")
-                continue
-            print(f"\n[{k}/{total}] {config} seed {seed} -> {run_dir}")
-            run_argv = common + extra + ["--seed", str(seed), "--out-dir", str(run_dir)]
-            if (run_dir / "ckpt.pt").is_file():  # interrupted earlier: continue it
-                run_argv.append("--resume")
-            run_args = parser.parse_args(run_argv)
-            resume_ckpt = load_checkpoint(run_dir / "ckpt.pt") if run_args.resume else None
-            cfg, _ = resolve_config(run_args, base=dict(resume_ckpt["config"]) if resume_ckpt else None)
-            with StopRequest() as stop:
-                summary = train(cfg, resume_ckpt, stop)[2]
-            if summary and summary["interrupted_at"] is not None:
+    with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
+        for config in configs:
+            if run_configs(config, n_seeds, seed0, root, common, parser, runs, stop, k, total) is None:
                 print("compare: interrupted; run the same command again to continue")
                 return 130
+            k += n_seeds
+    table = compare_table(runs)
     table = compare_table(runs)
     (root / "compare.md").write_text(table)
     print("\n" + table)
@@ -774,6 +759,31 @@ def compare(argv):
 
     print("plots: " + ", ".join(str(p) for p in plots.plot_compare(runs, root)))
     return 0
+
+
+def run_configs(config, n_seeds, seed0, root, common, parser, runs, stop, k, total):
+    """Run one configuration for every seed, skipping finished runs and resuming interrupted ones.
+    Returns None if a stop was requested."""
+    extra = [] if config_slug(config) == "baseline" else shlex.split(config)
+    for seed in range(seed0, seed0 + n_seeds):
+        k += 1
+        run_dir = root / config_slug(config) / f"seed{seed}"
+        runs[config].append(run_dir)
+        summary_path = run_dir / "summary.json"
+        if summary_path.is_file() and json.loads(summary_path.read_text()).get("interrupted_at") is None:
+            print(f"[{k}/{total}] {config} seed {seed}: done already ({summary_path})")
+            continue
+        print(f"\n[{k}/{total}] {config} seed {seed} -> {run_dir}")
+        run_argv = common + extra + ["--seed", str(seed), "--out-dir", str(run_dir)]
+        if (run_dir / "ckpt.pt").is_file():  # interrupted earlier: continue it
+            run_argv.append("--resume")
+        run_args = parser.parse_args(run_argv)
+        resume_ckpt = load_checkpoint(run_dir / "ckpt.pt") if run_args.resume else None
+        cfg, _ = resolve_config(run_args, base=dict(resume_ckpt["config"]) if resume_ckpt else None)
+        train(cfg, resume_ckpt, stop)
+        if stop.signum is not None:
+            return None
+    return runs
 
 
 def compare_table(runs):
