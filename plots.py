@@ -138,20 +138,25 @@ def mean_over(runs, fn):
 
 
 def plot_compare(runs, out_dir, path=None, dpi=90):
-    """compare.png: val loss over training and, at the last diag record, per-layer variance, angular
-    distance, importance, update ratio (mean over matrices) and max |activation|, one line per configuration
-    (mean over seeds). runs: {label: [run folder, ...]}; path: where to write (default out_dir/compare.png)."""
+    """compare.png: val loss and the largest weight std over training and, at the last diag record, per-layer
+    variance, angular distance, importance, update ratio (mean over matrices), max |activation| and kurtosis,
+    one line per configuration (mean over seeds). runs: {label: [run folder, ...]}; path: where to write
+    (default out_dir/compare.png)."""
     out_dir = Path(out_dir)
-    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    fig, axes = plt.subplots(2, 4, figsize=(20, 8.5))
     for label, dirs in runs.items():
         logs = [read_jsonl(Path(d) / "log.jsonl") for d in dirs]
         evals = [[r for r in log if r.get("type") == "eval"] for log in logs]
         iters = [r["iter"] for r in max(evals, key=len)] if evals else []
         val = mean_over(evals, lambda e: [r["val_loss"] for r in e])
         axes[0, 0].plot(iters[:len(val)], val, "o-", label=label)
-        last = [d[-1] for d in (read_jsonl(Path(d) / "diag.jsonl") for d in dirs) if d]
+        diags = [d for d in (read_jsonl(Path(d) / "diag.jsonl") for d in dirs) if d]
+        last = [d[-1] for d in diags]
+        if diags:
+            std = mean_over(diags, lambda d: [max(r["weight_std"].values()) for r in d])
+            axes[0, 3].plot([r["iter"] for r in diags[0]][:len(std)], std, label=label)
         for ax, key in ((axes[0, 1], "variance"), (axes[0, 2], "angular_distance"),
-                        (axes[1, 0], "layer_importance"), (axes[1, 2], "max_abs")):
+                        (axes[1, 0], "layer_importance"), (axes[1, 2], "max_abs"), (axes[1, 3], "kurtosis")):
             values = mean_over(last, lambda r: r[key])
             ax.plot(layers(values), values, "o-", label=label)
         ratio = mean_over(last, lambda r: [sum(v) / len(v) for v in zip(*by_layer(r, "update_ratio").values())])
@@ -162,6 +167,8 @@ def plot_compare(runs, out_dir, path=None, dpi=90):
     axes[1, 0].set(title="Layer importance (loss increase if removed)", xlabel="block", ylabel="delta loss (nats)")
     axes[1, 1].set(title="Update ratio |dW|/|W| (mean over matrices)", xlabel="block", ylabel="ratio", yscale="log")
     axes[1, 2].set(title="Max |activation| of the stream", xlabel="block", ylabel="max |x|")
+    axes[0, 3].set(title="Largest weight std of the block matrices", xlabel="iteration", ylabel="std")
+    axes[1, 3].set(title="Kurtosis of the stream (Gaussian = 3)", xlabel="block", ylabel="kurtosis")
     axes[0, 0].legend(fontsize=8)
     return [save(fig, Path(path) if path else out_dir / "compare.png", dpi)]
 
