@@ -70,10 +70,22 @@ def peak_memory_mib(shape, flag, device):
         torch.cuda.reset_peak_memory_stats(device)
         Runner(SHAPES[shape], FLAGS[flag], 65, device).time(3)
         return torch.cuda.max_memory_allocated(device) / 2**20
-    code = (f"import bench, torch, resource; bench.Runner(bench.SHAPES[{shape!r}], bench.FLAGS[{flag!r}], 65, "
-            f"torch.device('cpu')).time(3); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    code = (f"import bench, torch; bench.Runner(bench.SHAPES[{shape!r}], bench.FLAGS[{flag!r}], 65, "
+            f"torch.device('cpu')).time(3); print(bench.peak_rss_kib())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+    return int(out.stdout.split()[-1]) / 1024
+
+
+def peak_rss_kib():
+    """This process's peak resident set in KiB. On Linux VmHWM, which starts afresh at exec; ru_maxrss would
+    carry over the high-water mark of the parent this process was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith("VmHWM:")).split()[1])
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
 
 
 def main():
