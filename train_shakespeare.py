@@ -706,7 +706,10 @@ def train(cfg, resume_ckpt=None, stop=None):
             import plots
 
             print("plots: " + ", ".join(str(p) for p in plots.plot_run(out_dir)))
-    if ddp:
+    if ddp:  # leave together: a rank that tears down while another still talks to it can abort in gloo
+        import torch.distributed as dist
+
+        dist.barrier()
         destroy_process_group()
     return raw_model, codec, summary
 
