@@ -14,6 +14,9 @@ same init, same forward), so nanoGPT checkpoints load with strict=True. The flag
   lir             Layer Index Rescaling init, arXiv 2503.17500           -> GPT._init_stds
   tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale()
 
+and diagnostics of what happens inside (per-layer residual variance, angular distance, layer importance,
+update ratios, activation outliers, weight std): activation_stats(), layer_importance(), update_ratios(), ...
+
 References:
 1) nanoGPT model.py: https://github.com/karpathy/nanoGPT/blob/master/model.py
 2) GPT-2: https://d4mucfpksywv.cloudfront.net/better-language-models/language_models_are_unsupervised_multitask_learners.pdf
