@@ -206,9 +206,8 @@ def resolve_config(args, base=None):
     for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval", "spike_window"):
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
             raise TrainError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]}")
-    for key in ("lr",):
-        if not cfg[key] > 0:
-            raise TrainError(f"--lr must be > 0, got {cfg[key]}")
+    if not cfg["lr"] > 0:
+        raise TrainError(f"--lr must be > 0, got {cfg['lr']}")
     for key in ("warmup_iters", "diag_interval"):
         if cfg[key] < 0:
             raise TrainError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
@@ -531,14 +530,14 @@ def train(cfg, resume_ckpt=None, stop=None):
 
     def checkpoint_state(data_state):
         # every rank's random streams (data order, dropout), so that each rank resumes its own
-        rng = [dict(data=data_state, torch=torch.get_rng_state(),
-                    cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)]
+        mine = dict(data=data_state, torch=torch.get_rng_state(),
+                    cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
+        rng = [mine]
         if ddp:
             import torch.distributed as dist
 
             rng = [None] * world
-            dist.all_gather_object(rng, dict(data=data_state, torch=torch.get_rng_state(),
-                                             cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None))
+            dist.all_gather_object(rng, mine)
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     model_args=asdict(config), config=cfg, meta=meta, iter_num=iter_num, best_val_loss=best_val,
                     spikes=list(spikes), recent_losses=list(detector.recent), rng=rng)
