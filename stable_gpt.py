@@ -507,15 +507,23 @@ BLOCK_MATRICES = (("attn.c_attn", ("q", "k", "v")), ("attn.c_proj", ("attn_out",
                   ("mlp.c_proj", ("mlp_out",)))
 
 
+def _split_rows(tensor, kinds):
+    return tensor.view(len(kinds), -1, tensor.shape[-1])  # (n_kinds, out / n_kinds, in)
+
+
+def _block_linears(model):
+    """Yield (layer, kinds, module) for every linear inside the blocks."""
+    for layer, block in enumerate(model.transformer.h):
+        for path, kinds in BLOCK_MATRICES:
+            yield layer, kinds, block.get_submodule(path)
+
+
 def block_matrices(model):
     """Yield (layer, kind, rows, gate) for every weight matrix inside the blocks: rows is a view of the raw
     weight (q, k, v each their own), gate its WeSaR gate or None, so gate * rows is the matrix in use."""
-    for layer, block in enumerate(model.transformer.h):
-        for path, kinds in BLOCK_MATRICES:
-            module = block.get_submodule(path)
-            rows = module.weight.view(len(kinds), -1, module.weight.shape[-1])
-            gates = module.gate if isinstance(module, WeSaRLinear) else [None] * len(kinds)
-            yield from ((layer, kind, w, gate) for kind, w, gate in zip(kinds, rows, gates))
+    for layer, kinds, module in _block_linears(model):
+        gates = module.gate if isinstance(module, WeSaRLinear) else [None] * len(kinds)
+        yield from ((layer, kind, w, gate) for kind, w, gate in zip(kinds, _split_rows(module.weight, kinds), gates))
 
 
 @torch.no_grad()
@@ -624,14 +632,9 @@ def weight_stds(model):
 @torch.no_grad()
 def grad_norms(model):
     """{"<layer>.<kind>": norm of the gradient of the raw matrix}, after backward (SDD Fig. 7's metric)."""
-    out = {}
-    for layer, block in enumerate(model.transformer.h):
-        for path, kinds in BLOCK_MATRICES:
-            grad = block.get_submodule(path).weight.grad
-            if grad is not None:
-                for kind, g in zip(kinds, grad.view(len(kinds), -1, grad.shape[-1])):
-                    out[f"{layer}.{kind}"] = g.float().norm().item()
-    return out
+    return {f"{layer}.{kind}": g.float().norm().item()
+            for layer, kinds, module in _block_linears(model) if module.weight.grad is not None
+            for kind, g in zip(kinds, _split_rows(module.weight.grad, kinds))}
 
 
 @torch.no_grad()
