@@ -1,9 +1,11 @@
 """
-Training-step benchmark: ms per step (forward, backward, clip, AdamW step, TVR where on) and tokens/s for the
-baseline, each stabilizer alone and all of them, at a given shape, on random tokens.
+Training-step benchmark: ms per step (forward, backward, clip, AdamW step, TVR where on), tokens/s and peak
+memory for the baseline, each stabilizer alone and all of them, at a given shape, on random tokens.
 
     python bench.py                       # the CPU preset shape (4/4/128, block 64, batch 32)
     python bench.py --shape nanogpt-cpu   # nanoGPT's README CPU recipe shape (4/4/128, block 64, batch 12)
+    python bench.py --compile             # the same, each model torch.compile'd
+    python bench.py --nanogpt ../nanoGPT/model.py   # add nanoGPT's own model, timed in this process
 
 The machine's speed drifts by up to 30% within a minute (other tenants), while ratios measured side by side are
 steady. So the configurations are interleaved: each round times every configuration for --steps steps, and
@@ -13,14 +15,19 @@ own runtime included), on CUDA the peak of torch.cuda.max_memory_allocated.
 """
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from stable_gpt import GPT, GPTConfig, target_variance_rescale
+from train_shakespeare import keep_freed_memory
 
 SHAPES = {
     "cpu-preset": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32),
@@ -31,49 +38,74 @@ FLAGS = {
     "tvr": dict(tvr=True), "sdd+lns": dict(sdd=True, lns=True),
     "all": dict(sdd=True, lns=True, wesar=True, lir=True, tvr=True),
 }
+VOCAB_SIZE = 65  # tiny Shakespeare's characters
+
+
+def load_nanogpt(path):
+    """nanoGPT's own model.py (from a nanoGPT checkout: this project does not ship its code) as a module."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"error: --nanogpt {path}: no such file (give the model.py of a nanoGPT checkout)")
+    spec = importlib.util.spec_from_file_location("nanogpt_model", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not (hasattr(module, "GPT") and hasattr(module, "GPTConfig")):
+        raise SystemExit(f"error: --nanogpt {path} defines no GPT and GPTConfig; is it nanoGPT's model.py?")
+    return module
+
+
+def build_model(shape, flag, nanogpt=None):
+    """Our GPT with the flags FLAGS[flag], or, for flag 'nanogpt', nanoGPT's GPT from the module given."""
+    s = {k: v for k, v in shape.items() if k != "batch_size"}
+    if flag == "nanogpt":
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
+            return nanogpt.GPT(nanogpt.GPTConfig(vocab_size=VOCAB_SIZE, bias=False, dropout=0.0, **s))
+    return GPT(GPTConfig(vocab_size=VOCAB_SIZE, bias=False, **s, **FLAGS[flag]))
 
 
 class Runner:
     """One model and optimizer, stepped on a fixed random batch."""
 
-    def __init__(self, shape, flags, vocab_size, device):
+    def __init__(self, model, batch_size, device, compile_model=False):
         torch.manual_seed(0)
-        s = dict(shape)
-        self.batch_size = s.pop("batch_size")
-        self.model = GPT(GPTConfig(vocab_size=vocab_size, bias=False, **s, **flags)).to(device)
-        self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
-        self.x = torch.randint(0, vocab_size, (self.batch_size, s["block_size"]), device=device)
+        self.model = model.to(device)
+        self.config = getattr(model, "config", None)
+        with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT's configure_optimizers prints
+            self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
+        self.x = torch.randint(0, VOCAB_SIZE, (batch_size, model.config.block_size), device=device)
         self.tokens = self.x.numel()
         self.step_num = 0
+        self.forward = torch.compile(self.model) if compile_model else self.model
+        self.device = device
 
     def step(self):
-        _, loss = self.model(self.x, self.x)
+        _, loss = self.forward(self.x, self.x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step_num += 1
-        c = self.model.config
-        if c.tvr and self.step_num % c.tvr_interval == 0:
+        c = self.config
+        if getattr(c, "tvr", False) and self.step_num % c.tvr_interval == 0:
             target_variance_rescale(self.model, c.tvr_target, c.tvr_threshold)
 
     def time(self, steps):
         t = time.perf_counter()
         for _ in range(steps):
             self.step()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
         return (time.perf_counter() - t) / steps
 
 
-def peak_memory_mib(shape, flag, device):
+def peak_memory_mib(args, flag):
     """Peak memory of 3 training steps of one configuration, measured in a fresh process."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        Runner(SHAPES[shape], FLAGS[flag], 65, device).time(3)
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    code = (f"import bench, torch; bench.Runner(bench.SHAPES[{shape!r}], bench.FLAGS[{flag!r}], 65, "
-            f"torch.device('cpu')).time(3); print(bench.peak_rss_kib())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.split()[-1]) / 1024
+    cmd = [sys.executable, __file__, "--measure-peak", flag, "--shape", args.shape, "--device", args.device]
+    cmd += ["--nanogpt", args.nanogpt] if args.nanogpt else []
+    cmd += ["--glibc-defaults"] if args.glibc_defaults else []
+    cmd += ["--compile"] if args.compile else []
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
 
 
 def peak_rss_kib():
@@ -88,34 +120,60 @@ def peak_rss_kib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="cpu-preset")
     p.add_argument("--flags", nargs="+", choices=list(FLAGS), default=list(FLAGS))
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--steps", type=int, default=5, help="steps per configuration per round")
-    p.add_argument("--vocab-size", type=int, default=65)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time not counted)")
+    p.add_argument("--nanogpt", metavar="MODEL_PY",
+                   help="also time nanoGPT's own GPT, from the model.py of a nanoGPT checkout, interleaved")
+    p.add_argument("--glibc-defaults", action="store_true",
+                   help="leave glibc's malloc settings alone (see keep_freed_memory in train_shakespeare.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
-    args = p.parse_args()
+    p.add_argument("--measure-peak", metavar="FLAG", help=argparse.SUPPRESS)  # the peak-memory subprocess
+    args = p.parse_args(argv)
     device = torch.device(args.device)
-    runners = {name: Runner(SHAPES[args.shape], FLAGS[name], args.vocab_size, device) for name in args.flags}
-    for r in runners.values():  # warm-up
-        r.time(3)
+    if not args.glibc_defaults:
+        keep_freed_memory()
+    nanogpt = load_nanogpt(args.nanogpt) if args.nanogpt else None
+    shape = SHAPES[args.shape]
+    names = (["nanogpt"] if nanogpt else []) + args.flags
+
+    def runner(name):
+        return Runner(build_model(shape, name, nanogpt), shape["batch_size"], device, args.compile)
+
+    if args.measure_peak:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        runner(args.measure_peak).time(3)
+        print(torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_kib() / 1024)
+        return
+
+    runners, compile_s = {}, {}
+    for name in names:
+        t = time.perf_counter()
+        runners[name] = runner(name)
+        runners[name].time(3)  # warm-up (and compilation)
+        compile_s[name] = time.perf_counter() - t
     times = {name: [] for name in runners}
     for _ in range(args.rounds):
         for name, r in runners.items():
             times[name].append(r.time(args.steps))
-    shape = SHAPES[args.shape]
-    print(f"shape {args.shape}: {shape}, {torch.get_num_threads()} threads, {device}, {args.rounds} rounds "
-          f"x {args.steps} steps, medians")
-    base = times["baseline" if "baseline" in times else args.flags[0]]
-    print(f"{'config':<10} {'ms/step':>8} {'tokens/s':>9} {'x baseline':>10} {'peak MiB':>9}")
+    print(f"shape {args.shape}: {shape}, {torch.get_num_threads()} threads, {device}"
+          f"{', compiled' if args.compile else ''}{', glibc malloc defaults' if args.glibc_defaults else ''}, "
+          f"{args.rounds} rounds x {args.steps} steps, medians")
+    base = times["baseline" if "baseline" in times else names[0]]
+    print(f"{'config':<10} {'ms/step':>8} {'tokens/s':>9} {'x baseline':>10} {'peak MiB':>9}"
+          + (f" {'compile s':>9}" if args.compile else ""))
     for name, ts in times.items():
         sec = statistics.median(ts)
         ratio = statistics.median(t / b for t, b in zip(ts, base))
-        mem = "-" if args.no_memory else f"{peak_memory_mib(args.shape, name, device):,.0f}"
-        print(f"{name:<10} {sec * 1000:8.1f} {runners[name].tokens / sec:9,.0f} {ratio:10.2f} {mem:>9}")
+        mem = "-" if args.no_memory else f"{peak_memory_mib(args, name):,.0f}"
+        print(f"{name:<10} {sec * 1000:8.1f} {runners[name].tokens / sec:9,.0f} {ratio:10.2f} {mem:>9}"
+              + (f" {compile_s[name]:9.1f}" if args.compile else ""))
 
 
 if __name__ == "__main__":
