@@ -939,9 +939,12 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
                 opt.step()
                 opt.zero_grad(set_to_none=True)
         steps(10)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        steps(5)
-        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+        per_step = []
+        for _ in range(5):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            steps(4)
+            per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
+        print(sorted(per_step)[2])  # the median window: the heap may still grow once in a while
     """
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                           timeout=120)
