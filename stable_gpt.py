@@ -138,28 +138,29 @@ class LayerNorm(nn.Module):
 
 
 class _RMSNormCPU(torch.autograd.Function):
-    """RMSNorm with a hand-written backward and as few passes over memory as eager PyTorch allows
-    (vector_norm and vecdot reduce without a temporary). On CPU, F.rms_norm runs as a chain of small ops:
-    forward+backward at (32, 64, 512) takes 7.2 ms there and 4.3 ms here (F.layer_norm: 1.2 ms). On GPU
-    and under torch.compile, F.rms_norm is fused and used instead."""
+    """RMSNorm for eager CPU training, where F.rms_norm runs as a chain of small ops. The backward reuses
+    LayerNorm's fused kernel: given mean 0 and RMSNorm's rstd, LayerNorm's input gradient,
+    rstd * (g - mean(g) - y * mean(g * y)) with g = grad_out * weight and y = x * rstd, is RMSNorm's except
+    for the -mean(g) term (LayerNorm's mean subtraction), which is added back. Forward+backward at
+    (32, 64, 512), keep_freed_memory on: F.rms_norm 4.0 ms, this 1.6-1.75 ms, F.layer_norm 0.9-1.0 ms.
+    On GPU and under torch.compile, F.rms_norm is fused and used instead."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
         ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])  # mean(x^2): (..., 1)
-        rstd = torch.rsqrt(ms.add_(eps))
-        y = x * rstd  # the normalized input, kept for the backward
-        ctx.save_for_backward(y, weight, rstd)
-        return y * weight
+        rstd = ms.add_(eps).rsqrt_()
+        ctx.save_for_backward(x, weight, rstd)
+        return torch.mul(x, rstd).mul_(weight)
 
     @staticmethod
     def backward(ctx, grad_out):
-        y, weight, rstd = ctx.saved_tensors
-        g = grad_out * weight  # gradient w.r.t. y
-        # d/dx of x * rstd(x): rstd * (g - y * mean(g * y))
-        g_dot_y = torch.linalg.vecdot(g, y).unsqueeze_(-1).div_(y.shape[-1])
-        grad_x = torch.addcmul(g, y, g_dot_y, value=-1).mul_(rstd)
-        grad_w = (grad_out * y).reshape(-1, weight.numel()).sum(0)
-        return grad_x, grad_w, None
+        x, weight, rstd = ctx.saved_tensors
+        d = x.shape[-1]
+        grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
+            grad_out.contiguous(), x.contiguous(), [d], torch.zeros_like(rstd), rstd, weight, None,
+            [True, True, False])
+        mean_g = torch.linalg.vecdot(grad_out, weight).unsqueeze_(-1).div_(d)  # (..., 1)
+        return grad_x.add_(mean_g.mul_(rstd)), grad_w, None
 
 
 class RMSNorm(nn.Module):

@@ -114,20 +114,26 @@ def test_layernorm_and_rmsnorm_math():
     torch.testing.assert_close(rms(x), x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * rms.weight + rms.bias)
 
 
-def test_rmsnorm_cpu_backward_matches_autograd():
-    """The hand-written CPU backward of RMSNorm gives the gradients of F.rms_norm."""
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_rmsnorm_cpu_backward_matches_autograd(strided):
+    """The hand-written CPU backward of RMSNorm (LayerNorm's kernel plus the mean term) gives the gradients
+    of F.rms_norm, also on a strided per-head view as SDD's q/k norms get."""
     torch.manual_seed(0)
-    x = torch.randn(4, 6, 16, requires_grad=True)
-    norm = RMSNorm(16)
+    leaf = torch.randn(4, 6, 48 if strided else 16, requires_grad=True)
+    norm = RMSNorm(16 // 4 if strided else 16)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
-    g = torch.randn(4, 6, 16)
-    (norm(x) * g).sum().backward()
-    gx, gw = x.grad.clone(), norm.weight.grad.clone()
-    x.grad = None
+
+    def inputs():  # strided: the q slice of a fused q/k/v output, viewed per head, (4, 6, 4 heads, 4)
+        return leaf[..., :16].view(4, 6, 4, 4) if strided else leaf
+
+    g = torch.randn(inputs().shape)
+    (norm(inputs()) * g).sum().backward()
+    gx, gw = leaf.grad.clone(), norm.weight.grad.clone()
+    leaf.grad = None
     w = norm.weight.detach().clone().requires_grad_()
-    (F.rms_norm(x, (16,), w, 1e-5) * g).sum().backward()
-    torch.testing.assert_close(gx, x.grad)
+    (F.rms_norm(inputs(), w.shape, w, 1e-5) * g).sum().backward()
+    torch.testing.assert_close(gx, leaf.grad)
     torch.testing.assert_close(gw, w.grad)
 
 
