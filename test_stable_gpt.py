@@ -6,6 +6,7 @@
 import json
 import math
 import os
+import platform
 import random
 import subprocess
 import sys
@@ -926,7 +927,7 @@ def test_mfu_formula():
     assert model.estimate_mfu(1000, 0.5, 1e12) == pytest.approx(flops * 1000 / 0.5 / 1e12)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 def test_keep_freed_memory_stops_the_page_faults_of_each_step():
     """After keep_freed_memory(), a training step with 0.5-2 MB activations reuses freed memory instead of
     faulting fresh pages in (~500 per step here with glibc's defaults, ~8,000 at the CPU preset's size). In a fresh process, so that the
