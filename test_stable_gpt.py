@@ -945,13 +945,13 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
                 model(x, x)[1].backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-        steps(10)
+        steps(12)
         per_step = []
-        for _ in range(5):
+        for _ in range(9):
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             steps(4)
             per_step.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 4)
-        print(sorted(per_step)[2])  # the median window: the heap may still grow once in a while
+        print(sorted(per_step)[4])  # the median window: the heap still grows once in a while (32-192)
     """
     proc = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent, capture_output=True, text=True,
                           timeout=120)
