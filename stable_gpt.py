@@ -156,6 +156,8 @@ class _RMSNormCPU(torch.autograd.Function):
     def backward(ctx, grad_out):
         x, weight, rstd = ctx.saved_tensors
         d = x.shape[-1]
+        # LayerNorm's backward kernel (the one F.layer_norm's autograd calls), told the mean is 0 and the
+        # rstd is RMSNorm's: gradients for x and weight, none for a bias
         grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
             grad_out.contiguous(), x.contiguous(), [d], torch.zeros_like(rstd), rstd, weight, None,
             [True, True, False])

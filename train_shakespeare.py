@@ -106,8 +106,9 @@ def build_parser():
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto: bfloat16 on CUDA if supported, else float16 with a GradScaler; "
                    "float32 elsewhere")
-    g.add_argument("--compile", action=bool_flag, help="torch.compile the model (default: on with CUDA; on CPU it needs a C++ compiler, "
-                   "compiles for 20-40 s, and makes --sdd cost ~1.1x the baseline instead of ~1.2x)")
+    g.add_argument("--compile", action=bool_flag,
+                   help="torch.compile the model (default: on with CUDA; on CPU it needs a C++ compiler, compiles "
+                   "for 20-40 s, and makes --sdd cost ~1.1x the baseline instead of ~1.2x)")
     g.add_argument("--seed", type=int, help="seed for init, data order and dropout (default 1337)")
 
     g = p.add_argument_group("model")
@@ -482,9 +483,9 @@ def train(cfg, resume_ckpt=None, stop=None):
     else:
         rank, world = 0, 1
         device = pick_device(cfg["device"])
-    keep_freed_memory()
     master = rank == 0
     grad_accum = cfg["grad_accum"] // world
+    keep_freed_memory()
     dtype = pick_dtype(cfg["dtype"], device)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     compile_model = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
