@@ -294,10 +294,14 @@ def load_checkpoint(path):
     return ckpt
 
 
+def checkpoint_model_state(ckpt):
+    """The checkpoint's model state dict, with the prefix torch.compile adds to its keys removed."""
+    return {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+
+
 def model_from_checkpoint(ckpt):
     model = GPT(GPTConfig(**ckpt["model_args"]))
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}  # saved from a compiled model
-    model.load_state_dict(state)
+    model.load_state_dict(checkpoint_model_state(ckpt))
     return model
 
 
@@ -370,6 +374,19 @@ def gpu_peak_flops(device):
 
 def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+class Stopwatch:
+    """Adds up the time spent inside `with stopwatch:` blocks (here: the diagnostics' share of the run)."""
+
+    def __init__(self):
+        self.total = 0.0
+
+    def __enter__(self):
+        self.started = time.time()
+
+    def __exit__(self, *exc):
+        self.total += time.time() - self.started
 
 
 class SpikeDetector:
@@ -468,7 +485,7 @@ def train(cfg, resume_ckpt=None, stop=None):
     # --- distributed set-up (torchrun sets RANK) ------------------------------------------------------
     ddp = int(os.environ.get("RANK", -1)) != -1
     if ddp:
-        from torch.distributed import destroy_process_group, init_process_group
+        import torch.distributed as dist
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
@@ -477,7 +494,7 @@ def train(cfg, resume_ckpt=None, stop=None):
         device = pick_device(cfg["device"])
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         if cfg["grad_accum"] % world:
             raise TrainError(f"--grad-accum {cfg['grad_accum']} must be divisible by the {world} processes")
     else:
@@ -520,7 +537,7 @@ def train(cfg, resume_ckpt=None, stop=None):
             raise TrainError("the checkpoint was trained on another tokenizer or vocabulary "
                              f"({resume_ckpt['meta'].get('tokenizer')}, {resume_ckpt['meta'].get('vocab_size')} "
                              f"tokens) than --data ({meta['tokenizer']}, {meta['vocab_size']} tokens)")
-        model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in resume_ckpt["model"].items()})
+        model.load_state_dict(checkpoint_model_state(resume_ckpt))
         optimizer.load_state_dict(resume_ckpt["optimizer"])
         if "scaler" in resume_ckpt:
             scaler.load_state_dict(resume_ckpt["scaler"])
@@ -555,8 +572,6 @@ def train(cfg, resume_ckpt=None, stop=None):
                     cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
         rng = [mine]
         if ddp:
-            import torch.distributed as dist
-
             rng = [None] * world
             dist.all_gather_object(rng, mine)
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
@@ -571,7 +586,7 @@ def train(cfg, resume_ckpt=None, stop=None):
     spikes = list(resume_ckpt.get("spikes", [])) if resume_ckpt else []  # the spike detector goes on where it was
     detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], resume_ckpt.get("recent_losses", [])
                              if resume_ckpt else [])
-    t_log, iters_since_log, tokens_trained, diag_s = time.time(), 0, 0, 0.0
+    t_log, iters_since_log, tokens_trained, diag_time = time.time(), 0, 0, Stopwatch()
     # diagnostics read one fixed validation batch (up to 8 sequences), the same at every record
     diag_x, diag_y = Batches(data_dir / "val.bin", cfg["block_size"], min(8, cfg["batch_size"]), device,
                              cfg["seed"] + 7).next()
@@ -579,8 +594,6 @@ def train(cfg, resume_ckpt=None, stop=None):
     while True:
         stop_now = stop.signum is not None
         if ddp:  # every rank must stop at the same step, or the collectives would hang
-            import torch.distributed as dist
-
             flag = torch.tensor(float(stop_now), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop_now = flag.item() > 0
@@ -616,9 +629,8 @@ def train(cfg, resume_ckpt=None, stop=None):
 
         diag_now = master and cfg["diag_interval"] > 0 and (iter_num + 1) % cfg["diag_interval"] == 0
         if diag_now:
-            t_diag = time.time()
-            diag = {"iter": iter_num + 1, "before": stable_gpt.matrix_snapshot(raw_model)}
-            diag_s += time.time() - t_diag
+            with diag_time:
+                diag = {"iter": iter_num + 1, "before": stable_gpt.matrix_snapshot(raw_model)}
         loss_sum = 0.0
         for micro_step in range(grad_accum):
             if ddp:  # all-reduce the gradients only on the last micro-step
@@ -635,9 +647,8 @@ def train(cfg, resume_ckpt=None, stop=None):
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                    cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
         if diag_now:
-            t_diag = time.time()
-            diag["grad_norm"] = stable_gpt.grad_norms(raw_model)
-            diag_s += time.time() - t_diag
+            with diag_time:
+                diag["grad_norm"] = stable_gpt.grad_norms(raw_model)
         # checked every step: a spike or a non-finite value is a single-step event (one device sync per step).
         # With fp16, an inf gradient is the GradScaler's business (it skips the step and lowers its scale).
         lossf, normf = float(loss_sum), float(grad_norm)
@@ -663,9 +674,8 @@ def train(cfg, resume_ckpt=None, stop=None):
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         if diag_now:
-            t_diag = time.time()
-            diag["update_ratio"] = stable_gpt.update_ratios(diag.pop("before"), raw_model)
-            diag_s += time.time() - t_diag
+            with diag_time:
+                diag["update_ratio"] = stable_gpt.update_ratios(diag.pop("before"), raw_model)
         if config.tvr and (iter_num + 1) % config.tvr_interval == 0:
             # TVR (arXiv 2503.17500): after the optimizer step, every tvr_interval steps; deterministic, so
             # every DDP rank makes the same edit
@@ -680,11 +690,10 @@ def train(cfg, resume_ckpt=None, stop=None):
                 print(f"spike at iter {iter_num}: loss {lossf:.4f} > {cfg['spike_factor']} x median {median:.4f}")
                 log.write(iter=iter_num, type="spike", loss=lossf, median=median)
         if diag_now:
-            t_diag = time.time()
-            diag.update(stable_gpt.activation_stats(raw_model, diag_x),
-                        layer_importance=stable_gpt.layer_importance(raw_model, diag_x, diag_y),
-                        weight_std=stable_gpt.weight_stds(raw_model))
-            diag_s += time.time() - t_diag
+            with diag_time:
+                diag.update(stable_gpt.activation_stats(raw_model, diag_x),
+                            layer_importance=stable_gpt.layer_importance(raw_model, diag_x, diag_y),
+                            weight_std=stable_gpt.weight_stds(raw_model))
             diag_log.write(**diag)
 
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
@@ -703,8 +712,6 @@ def train(cfg, resume_ckpt=None, stop=None):
     wall = time.time() - t_start
     replica_diff = None
     if ddp:  # self-check: DDP (and TVR, a deterministic in-place edit) must keep every rank's weights identical
-        import torch.distributed as dist
-
         flat = torch.cat([p.detach().float().flatten() for p in raw_model.parameters()])
         high, low = flat.clone(), flat.clone()
         dist.all_reduce(high, op=dist.ReduceOp.MAX)
@@ -717,7 +724,7 @@ def train(cfg, resume_ckpt=None, stop=None):
                        iters=iter_num, wall_s=round(wall, 2), tokens_per_s=round(tokens_trained / max(wall, 1e-9)),
                        diverged=diverged is not None, diverged_at=diverged, interrupted_at=interrupted,
                        skipped_updates=skipped, spikes=len(spikes),
-                       spike_iters=spikes[:100], diag_s=round(diag_s, 2), world_size=world,
+                       spike_iters=spikes[:100], diag_s=round(diag_time.total, 2), world_size=world,
                        replica_max_diff=replica_diff)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: best val {best_val:.4f}, {iter_num} iters in {wall:.1f} s "
@@ -727,10 +734,8 @@ def train(cfg, resume_ckpt=None, stop=None):
 
             print("plots: " + ", ".join(str(p) for p in plots.plot_run(out_dir)))
     if ddp:  # leave together: a rank that tears down while another still talks to it can abort in gloo
-        import torch.distributed as dist
-
         dist.barrier()
-        destroy_process_group()
+        dist.destroy_process_group()
     return raw_model, codec, summary
 
 
