@@ -66,8 +66,12 @@ def train_args(data_dir, out_dir, *extra):
             "--max-new-tokens", "20", "--device", "cpu", *extra]
 
 
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def read_log(out_dir):
-    return [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return read_jsonl(out_dir / "log.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -827,7 +831,7 @@ def test_spike_detector_on_a_synthetic_curve():
 def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
     out = tmp_path / "run"
     assert train_shakespeare.main(train_args(data_dir, out, "--diag-interval", "20", "--plot")) == 0
-    diag = read_log_file(out / "diag.jsonl")
+    diag = read_jsonl(out / "diag.jsonl")
     assert [r["iter"] for r in diag] == [20, 40, 60]
     for key in ("variance", "angular_distance", "layer_importance", "max_abs", "kurtosis", "mlp_in_kurtosis"):
         assert len(diag[-1][key]) == 2, key
@@ -845,10 +849,6 @@ def test_diagnostics_do_not_change_training(tmp_path, data_dir):
                                                  "--dropout", "0.1", "--max-iters", "30")) == 0
     losses = lambda out: [r.get("loss") for r in read_log(out) if r.get("type") != "spike"]
     assert losses(tmp_path / "0") == losses(tmp_path / "7")
-
-
-def read_log_file(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):
