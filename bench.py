@@ -69,7 +69,6 @@ class Runner:
     def __init__(self, model, batch_size, device, compile_model=False):
         torch.manual_seed(0)
         self.model = model.to(device)
-        self.config = getattr(model, "config", None)
         with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT's configure_optimizers prints
             self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
         self.x = torch.randint(0, VOCAB_SIZE, (batch_size, model.config.block_size), device=device)
@@ -85,17 +84,21 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step_num += 1
-        c = self.config
+        c = self.model.config
         if getattr(c, "tvr", False) and self.step_num % c.tvr_interval == 0:
             target_variance_rescale(self.model, c.tvr_target, c.tvr_threshold)
 
     def time(self, steps):
+        self.synchronize()  # the previous configuration's queued GPU work is not this one's
         t = time.perf_counter()
         for _ in range(steps):
             self.step()
+        self.synchronize()
+        return (time.perf_counter() - t) / steps
+
+    def synchronize(self):
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return (time.perf_counter() - t) / steps
 
 
 def peak_memory_mib(args, flag):
