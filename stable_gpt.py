@@ -33,6 +33,7 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 NORMS = ("layernorm", "rmsnorm")
+GPT2_MODEL_TYPES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M parameters
 NORM_POSITIONS = ("pre", "post", "mix", "deepnorm")
 
 
@@ -111,8 +112,25 @@ class GPTConfig:
     def is_post_norm(self, layer_idx: int) -> bool:
         """Whether block layer_idx (0-based) is Post-LN."""
         if self.norm_position == "mix":  # Mix-LN (arXiv 2412.13795): first floor(alpha * L) blocks Post-LN
-            return layer_idx < int(self.mix_fraction * self.n_layer)
+            # the 1e-9 keeps float rounding from losing a block: 0.29 * 100 is 28.999999999999996
+            return layer_idx < math.floor(self.mix_fraction * self.n_layer + 1e-9)
         return self.norm_position in ("post", "deepnorm")
+
+    def combination_notes(self) -> list:
+        """One line for each flag that, in this combination, acts differently from its paper (printed by
+        the training script at start-up; the README's "How the flags combine" table lists every pair)."""
+        notes = []
+        if self.sdd and self.lns:
+            notes.append("lns under sdd: 1/sqrt(l) multiplies each branch's output (after SDD's output norm and gain), "
+                         "since SDD's norms would cancel it on the pre-norm output (this project's adaptation)")
+        for flag in ("lir", "tvr"):
+            if self.sdd and getattr(self, flag):
+                notes.append(f"{flag} under sdd: SDD's output norms hide a block matrix's scale from the forward "
+                             f"pass, so {flag} acts only through the effective learning rate of those matrices")
+        if self.sdd and self.wesar:
+            notes.append("wesar under sdd: only the embeddings and the head are gated (SDD's gains already "
+                         "carry the block matrices' scale)")
+        return notes
 
     def techniques(self) -> str:
         """One line that says what is on, e.g. 'pre-layernorm + sdd + lns'."""
@@ -308,22 +326,31 @@ class Block(nn.Module):
         self.residual_scale = (2 * config.n_layer) ** 0.25 if config.norm_position == "deepnorm" else None
         # LNS (arXiv 2502.05795, Eq. 12): the output of both pre-norms of layer l (1-based) times 1/sqrt(l).
         # A constant, not a parameter: folding it into the gain's init would change Adam's step on the gain.
-        self.lns_scale = 1 / math.sqrt(layer_idx + 1) if config.lns else None
+        lns_scale = 1 / math.sqrt(layer_idx + 1) if config.lns and not self.post_norm else None
+        # Under SDD, Eq. 12 would be a no-op: every branch is invariant to the scale of its input (q and k are
+        # normalized, the context norm removes v's scale, c_fc is followed by a norm). This project's
+        # adaptation keeps LNS's intent (damp deep blocks' contributions so the residual variance stops
+        # growing with depth) by putting the same constant where scale survives: on each branch's output,
+        # after SDD's output norm and gain. Not the paper's placement; see the README, "How the flags combine".
+        self.lns_scale = lns_scale if not config.sdd else None  # on the pre-norm output (Eq. 12)
+        self.lns_branch_scale = lns_scale if config.sdd else None  # on the branch output (under SDD)
 
     def forward(self, x):  # x: (B, T, C)
         if self.post_norm:  # Post-LN (Vaswani et al. 2017): x = norm(x + sublayer(x))
             x = self.ln_1(self._skip(x) + self.attn(x))
             x = self.ln_2(self._skip(x) + self.mlp(x))
         else:  # Pre-LN (GPT-2): x = x + sublayer(norm(x))
-            x = x + self.attn(self._pre_norm(self.ln_1, x))
-            x = x + self.mlp(self._pre_norm(self.ln_2, x))
+            x = x + _times(self.attn(_times(self.ln_1(x), self.lns_scale)), self.lns_branch_scale)
+            x = x + _times(self.mlp(_times(self.ln_2(x), self.lns_scale)), self.lns_branch_scale)
         return x
-
-    def _pre_norm(self, norm, x):
-        return norm(x) if self.lns_scale is None else norm(x) * self.lns_scale
 
     def _skip(self, x):
         return x if self.residual_scale is None else x * self.residual_scale
+
+
+def _times(x, scale):
+    """x * scale, where scale None means 1 (no op, so that the default model runs nanoGPT's exact ops)."""
+    return x if scale is None else x * scale
 
 
 class GPT(nn.Module):
@@ -337,6 +364,11 @@ class GPT(nn.Module):
             wte=Embedding(config.vocab_size, C),
             wpe=Embedding(config.block_size, C),
             drop=nn.Dropout(config.dropout),
+            # SDD's embedding norm, as the official dense code (kaihemo/SDD@79cf800, dense/olmo/model.py): block
+            # 0's input RMSNorm, whose output is also the residual stream, so the stream starts at RMS ~1 and
+            # each SDD branch adds RMS ~1/sqrt(2L) to it. Without it the raw embeddings (RMS ~0.02) would be
+            # swamped by block 0's normalized branches. Under SDD in every placement; gain 1, no bias, eps 1e-5.
+            emb_norm=RMSNorm(C) if config.sdd else nn.Identity(),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             # Pre-LN needs a final norm before the head. A Post-LN stack already ends in a norm (the last
             # block's ln_2), so, as in the original Transformer, it gets none.
@@ -419,7 +451,7 @@ class GPT(nn.Module):
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
         tok_emb = self.transformer.wte(idx)  # token embeddings (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # position embeddings (t, n_embd)
-        x = self.transformer.drop(tok_emb + pos_emb)
+        x = self.transformer.emb_norm(self.transformer.drop(tok_emb + pos_emb))
         for block in self.transformer.h:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -435,27 +467,79 @@ class GPT(nn.Module):
         return logits, loss
 
     # --- training -----------------------------------------------------------------------------------
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, sdd_gain_decay=True):
-        """AdamW with two groups. Decayed: every >= 2-D tensor (matmuls, embeddings). Not decayed: biases,
-        norm gains and WeSaR gates (wesar.md: decaying a gate would shrink a whole matrix's scale).
-        SDD gains are decayed like the official SDD configs do (decay_norm_and_bias: true, wd 0.1);
-        pass sdd_gain_decay=False to treat them like the other norm gains."""
-        sdd_gains = {id(m.weight) for m in self.modules() if isinstance(m, SDDNorm)} if sdd_gain_decay else set()
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2 or id(p) in sdd_gains]
-        no_decay = [p for p in params if not (p.dim() >= 2 or id(p) in sdd_gains)]
-        groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, sdd_official_decay=True):
+        """AdamW with two groups, one decayed by weight_decay and one not.
+        nanoGPT's groups (the default): decay every >= 2-D tensor (matrices and embeddings), not the biases
+        and norm gains. Under SDD with sdd_official_decay (default), the official SDD configs' groups instead
+        (kaihemo/SDD@79cf800, dense yaml: decay_norm_and_bias true, embeddings not decayed): decay the block
+        matrices, every norm gain (SDD's included) and every bias; not the embeddings (wte, which is also
+        the head, and wpe). WeSaR gates are never decayed: decay would pull a whole matrix's scale toward 0,
+        which the gate exists to set (arXiv 2410.05052, Sec. 3)."""
+        embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
+        official_sdd = self.config.sdd and sdd_official_decay
+
+        def decayed(name, p):
+            if name.endswith(".gate"):
+                return False
+            return id(p) not in embeddings if official_sdd else p.dim() >= 2
+
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # a tied tensor comes once
+        groups = [{"params": [p for n, p in params if decayed(n, p)], "weight_decay": weight_decay},
+                  {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}]
         # the fused AdamW kernel is much faster on CUDA
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
 
-    def estimate_mfu(self, tokens_per_iter, dt, peak_flops):
-        """Model FLOPs utilization: achieved FLOP/s over the device's peak. FLOPs per token from the PaLM
-        paper's Appendix B (arXiv 2204.02311): 6N + 12 * L * H * Q * T (matmuls, forward and backward, plus
-        attention); SDD's norms and other elementwise work are not counted, as they use no tensor cores."""
+    def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
+        """Model FLOPs utilization, as nanoGPT's: fwdbwd_per_iter sequences of block_size tokens per iteration
+        of dt seconds, over peak_flops (default nanoGPT's A100 bf16 peak, 312 TFLOP/s; the training script
+        passes the detected GPU's). FLOPs per token from the PaLM paper's Appendix B (arXiv 2204.02311):
+        6N + 12 * L * H * Q * T (matmuls, forward and backward, plus attention); SDD's norms and other
+        elementwise work are not counted, as they use no tensor cores."""
         c = self.config
         flops_per_token = 6 * self.get_num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
-        return flops_per_token * tokens_per_iter / dt / peak_flops
+        return flops_per_token * c.block_size * fwdbwd_per_iter / dt / peak_flops
+
+    # --- nanoGPT's model surgery and GPT-2 weights ----------------------------------------------------
+    def crop_block_size(self, block_size):
+        """Shrink the context length, e.g. to fine-tune GPT-2 (block 1024) at 256: keeps the first block_size
+        position embeddings. (nanoGPT also crops its causal-mask buffer; SDPA needs none.)"""
+        if not 0 < block_size <= self.config.block_size:
+            raise ValueError(f"crop_block_size: block_size must be in [1, {self.config.block_size}], got {block_size}")
+        self.config.block_size = block_size
+        self.transformer.wpe.weight = nn.Parameter(self.transformer.wpe.weight[:block_size])
+
+    @classmethod
+    def from_pretrained(cls, model_type, override_args=None):
+        """GPT-2 weights from Hugging Face (needs the transformers package, and the weights downloaded or
+        cached): model_type in gpt2, gpt2-medium, gpt2-large, gpt2-xl; override_args may set dropout only."""
+        if model_type not in GPT2_MODEL_TYPES:
+            raise ValueError(f"unknown model_type {model_type!r}; valid: {', '.join(GPT2_MODEL_TYPES)}")
+        override_args = override_args or {}
+        if set(override_args) - {"dropout"}:
+            raise ValueError(f"override_args may set dropout only, got {sorted(override_args)}")
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise ImportError("GPT.from_pretrained needs the transformers package: pip install transformers") from None
+        print(f"loading weights from pretrained gpt: {model_type}")
+        return cls.from_hf_gpt2(GPT2LMHeadModel.from_pretrained(model_type), **override_args)
+
+    @classmethod
+    @torch.no_grad()
+    def from_hf_gpt2(cls, hf_model, dropout=0.0):
+        """A GPT with the weights of a transformers GPT2LMHeadModel. Hugging Face stores the four block
+        matrices as Conv1D, (in, out), so they are transposed into nn.Linear's (out, in)."""
+        hc = hf_model.config
+        config = GPTConfig(block_size=hc.n_positions, vocab_size=hc.vocab_size, n_layer=hc.n_layer,
+                           n_head=hc.n_head, n_embd=hc.n_embd, dropout=dropout, bias=True)
+        model = cls(config)
+        sd, sd_hf = model.state_dict(), hf_model.state_dict()
+        conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        for name, p in sd.items():
+            w = sd_hf[name]
+            p.copy_(w.t() if name.endswith(conv1d) else w)
+        return model
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):

@@ -416,9 +416,10 @@ def test_sdd_placement_and_gains():
     model = GPT(tiny(sdd=True, n_layer=L))
     hs = 32 // 4
     names = {n: tuple(p.shape) for n, p in model.named_parameters() if "_norm" in n}
-    assert names == {f"transformer.h.{i}.{k}": s for i in range(L) for k, s in
-                     [("attn.q_norm.weight", (hs,)), ("attn.k_norm.weight", (hs,)), ("attn.ctx_norm.weight", (32,)),
-                      ("attn.out_norm.weight", (32,)), ("mlp.fc_norm.weight", (128,)), ("mlp.out_norm.weight", (32,))]}
+    assert names == {"transformer.emb_norm.weight": (32,)} | {
+        f"transformer.h.{i}.{k}": s for i in range(L) for k, s in
+        [("attn.q_norm.weight", (hs,)), ("attn.k_norm.weight", (hs,)), ("attn.ctx_norm.weight", (32,)),
+         ("attn.out_norm.weight", (32,)), ("mlp.fc_norm.weight", (128,)), ("mlp.out_norm.weight", (32,))]}
     rms_out = []
     for m in model.modules():
         if isinstance(m, SDDNorm):
@@ -438,13 +439,98 @@ def test_sdd_placement_and_gains():
     assert not any(isinstance(m, SDDNorm) for n, m in big.named_modules() if not n.startswith("transformer.h."))
 
 
-def test_sdd_gains_weight_decay_is_a_choice():
-    model = GPT(tiny(sdd=True))
-    gains = {id(m.weight) for m in model.modules() if isinstance(m, SDDNorm)}
+@pytest.mark.parametrize("wesar", [False, True])
+def test_sdd_weight_decay_groups_follow_the_official_configs(wesar):
+    """Under SDD (official configs: decay_norm_and_bias true, embeddings not decayed): every norm gain, bias and
+    block matrix decayed; wte/lm_head, wpe and WeSaR gates not. sdd_official_decay=False gives nanoGPT's groups."""
+    model = GPT(tiny(sdd=True, bias=True, wesar=wesar))
     decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
-    assert gains <= {id(p) for p in decay["params"]}  # official SDD configs decay them
-    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", sdd_gain_decay=False).param_groups
-    assert gains <= {id(p) for p in no_decay["params"]}
+    names = {id(p): n for n, p in model.named_parameters()}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    gates = {n for n in names.values() if n.endswith(".gate")}
+    assert gates == ({"transformer.wte.gate", "transformer.wpe.gate", "lm_head.gate"} if wesar else set())
+    assert not_decayed == {"transformer.wte.weight", "transformer.wpe.weight"} | gates
+    assert {names[id(p)] for p in decay["params"]} >= {"transformer.emb_norm.weight", "transformer.ln_f.weight",
+                                                       "transformer.ln_f.bias", "transformer.h.0.attn.q_norm.weight",
+                                                       "transformer.h.1.mlp.out_norm.weight",
+                                                       "transformer.h.0.attn.c_attn.bias"}
+    decay, no_decay = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", sdd_official_decay=False).param_groups
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters() if p.dim() >= 2}
+
+
+def test_sdd_embedding_norm_starts_the_stream_at_unit_rms():
+    """SDD's embedding norm (official dense code): the stream entering block 0 has RMS 1 (gain 1, eps 0), and
+    block 0's branches (each of RMS 1/sqrt(2L)) no longer swamp it: the stream after block 0 keeps the direction
+    of the embeddings (cosine ~1/sqrt(1 + 1/L) = 0.89 at L=4; ~0.1 without the norm), in every placement. With --init-std 0.002 (the
+    released scripts' 0.1x) the SDD norms of a Post-LN model still normalize (output RMS > 0.9 x gain), which they
+    did not without the embedding norm."""
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    for position in ("pre", "post", "mix"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=4, n_head=4, n_embd=64, bias=False, sdd=True,
+                              norm_position=position)).eval()
+        model.transformer.emb_norm.eps = 0.0
+        seen = {}
+        model.transformer.emb_norm.register_forward_hook(lambda m, i, o: seen.update(emb=i[0], stream=o))
+        model.transformer.h[0].register_forward_hook(lambda m, i, o: seen.update(block0=o))
+        model(idx)
+        rms = seen["stream"].pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.ones_like(rms), rtol=1e-5, atol=0)
+        cos = F.cosine_similarity(seen["emb"], seen["block0"], dim=-1).mean().item()
+        assert cos > 0.85, (position, cos)
+        model.transformer.emb_norm = torch.nn.Identity()  # the project before the fix: the branches swamp it
+        model(idx)
+        assert F.cosine_similarity(seen["emb"], seen["block0"], dim=-1).mean().item() < 0.5
+    for emb_norm in (True, False):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=16, vocab_size=40, n_layer=2, n_head=4, n_embd=128, sdd=True,
+                              init_std=0.002, norm_position="post"))
+        if not emb_norm:
+            model.transformer.emb_norm = torch.nn.Identity()
+        ratios = []  # mean output RMS / gain of each SDD norm
+        for m in model.modules():
+            if isinstance(m, SDDNorm):
+                m.register_forward_hook(lambda m, i, o: ratios.append((o.pow(2).mean(-1).sqrt() / m.weight[0]).mean()))
+        model(idx)
+        if emb_norm:
+            assert len(ratios) == 12 and min(ratios).item() > 0.9, ratios
+        else:  # block 0's attention norms see an input of RMS ~0.003: eps dominates (measured 0.01-0.06)
+            assert max(ratios[:4]).item() < 0.2, ratios
+
+
+def perturbed(model, seed=1, scale=0.05):
+    """model with every parameter moved away from its init (gains off 1, gates off their init, ...)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 and p.std() > 0 else 1))
+    return model
+
+
+def test_sdd_lns_is_not_sdd():
+    """The known failure: under SDD, LNS on the pre-norm output (Eq. 12) was cancelled by SDD's norms, so
+    --sdd --lns computed the same function as --sdd (1e-7 relative). On the same weights they must differ."""
+    torch.manual_seed(0)
+    sdd_lns = perturbed(GPT(tiny(sdd=True, lns=True, n_layer=4))).eval()
+    sdd = GPT(tiny(sdd=True, n_layer=4)).eval()
+    sdd.load_state_dict(sdd_lns.state_dict())
+    idx = torch.randint(0, 40, (2, 16))
+    a, b = sdd_lns(idx, idx)[1].item(), sdd(idx, idx)[1].item()
+    assert abs(a - b) / b > 1e-3, (a, b)
+
+
+def test_lns_under_sdd_scales_each_branch_output_by_one_over_sqrt_layer():
+    """The project's adaptation: under SDD, block l (1-based) adds (1/sqrt(l)) * branch(norm(x)), where branch
+    ends in SDD's output norm and gain; the pre-norm output itself is not scaled."""
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny(sdd=True, lns=True, n_layer=4))).eval()
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        for i, block in enumerate(model.transformer.h):
+            s = 1 / math.sqrt(i + 1)
+            h = x + s * block.attn(block.ln_1(x))
+            torch.testing.assert_close(block(x), h + s * block.mlp(block.ln_2(h)), rtol=0, atol=0)
+            assert block.lns_scale is None and block.lns_branch_scale == s
 
 
 def test_lns_scales_pre_norm_output_by_one_over_sqrt_layer():
@@ -920,11 +1006,13 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 def test_mfu_formula():
-    """PaLM's 6N + 12 L H Q T FLOPs per token over the peak."""
+    """nanoGPT's estimate_mfu(fwdbwd_per_iter, dt): PaLM's 6N + 12 L H Q T FLOPs per token, times block_size
+    tokens per sequence, over the peak (A100 bf16 by default, as nanoGPT)."""
     model = GPT(tiny())
     c = model.config
     flops = 6 * model.get_num_params() + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head) * c.block_size
-    assert model.estimate_mfu(1000, 0.5, 1e12) == pytest.approx(flops * 1000 / 0.5 / 1e12)
+    assert model.estimate_mfu(100, 0.5, peak_flops=1e12) == pytest.approx(flops * c.block_size * 100 / 0.5 / 1e12)
+    assert model.estimate_mfu(100, 0.5) == pytest.approx(flops * c.block_size * 100 / 0.5 / 312e12)
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")

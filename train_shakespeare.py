@@ -36,7 +36,7 @@ import torch
 import prepare_data
 from prepare_data import Codec, DataError
 import stable_gpt
-from stable_gpt import GPT, NORM_POSITIONS, NORMS, GPTConfig, target_variance_rescale
+from stable_gpt import GPT, GPT2_MODEL_TYPES, NORM_POSITIONS, NORMS, GPTConfig, target_variance_rescale
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
 TECHNIQUES = ("sdd", "lns", "wesar", "lir", "tvr")
@@ -46,7 +46,7 @@ DEFAULTS = dict(
     {f.name: f.default for f in fields(GPTConfig) if f.name != "vocab_size"},
     bias=False, tokenizer="char", data=None, batch_size=12, grad_accum=1, max_iters=5000, lr=6e-4,
     min_lr=None, warmup_iters=100, lr_decay_iters=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
-    grad_clip=1.0, sdd_gain_decay=True, eval_interval=250, eval_iters=200, log_interval=10, seed=1337,
+    grad_clip=1.0, sdd_official_decay=True, init_from=None, eval_interval=250, eval_iters=200, log_interval=10, seed=1337,
     device="auto", dtype="auto", compile=None, out_dir=None, diag_interval=100, spike_factor=1.2, spike_window=50,
     plot=False, grad_checkpoint=False, skip_nonfinite=False,
 )
@@ -109,6 +109,9 @@ def build_parser():
     g.add_argument("--compile", action=bool_flag,
                    help="torch.compile the model (default: on with CUDA; on CPU it needs a C++ compiler, compiles "
                    "for 20-40 s, and makes --sdd cost ~1.1x the baseline instead of ~1.2x)")
+    g.add_argument("--init-from", choices=GPT2_MODEL_TYPES, help="start from OpenAI's GPT-2 weights (Hugging "
+                   "Face; needs the transformers package and the weights downloaded or cached): the model's shape "
+                   "is GPT-2's, the context is cropped to --block-size, the tokenizer is gpt2")
     g.add_argument("--seed", type=int, help="seed for init, data order and dropout (default 1337)")
 
     g = p.add_argument_group("model")
@@ -132,8 +135,9 @@ def build_parser():
     g = p.add_argument_group("stabilizers (each off by default: then the model is nanoGPT's)")
     g.add_argument("--sdd", action="store_true", help="Scale-Distribution Decoupling (arXiv 2502.15499): "
                    "RMSNorm + learnable gain on the output of every block linear")
-    g.add_argument("--sdd-gain-decay", action=bool_flag,
-                   help="weight-decay SDD's gains as the official configs do (default on)")
+    g.add_argument("--sdd-official-decay", action=bool_flag,
+                   help="with --sdd, the official SDD configs' weight-decay groups: every norm gain and bias "
+                   "decayed, the embeddings not (default on; --no-sdd-official-decay: nanoGPT's groups)")
     g.add_argument("--lns", action="store_true", help="LayerNorm Scaling (arXiv 2502.05795): pre-norm output "
                    "of layer l times 1/sqrt(l)")
     g.add_argument("--wesar", action="store_true", help="WeSaR (arXiv 2410.05052): raw matrices of one common "
@@ -194,6 +198,11 @@ CLI_ONLY = {"preset", "resume", "overwrite", "sample", "prompt", "num_samples", 
             "compare", "seeds"}
 
 
+# model settings that --init-from takes from GPT-2's weights
+GPT2_FIXED = ("n_layer", "n_head", "n_embd", "bias", "norm", "norm_position", "init_std", "scaled_init", "sdd", "lns",
+              "wesar", "lir", "mix_fraction", "wesar_sigma")
+
+
 def resolve_config(args, base=None):
     """The run's config: DEFAULTS < preset (or, on --resume, the checkpoint's config) < flags given."""
     explicit = {k: v for k, v in vars(args).items() if v is not None and k not in CLI_ONLY}
@@ -202,9 +211,18 @@ def resolve_config(args, base=None):
         preset = args.preset or ("shakespeare-char" if torch.cuda.is_available() else "cpu")
         base = dict(DEFAULTS, **PRESETS[preset], preset=preset)
     cfg = dict(base, **explicit)
+    if cfg["init_from"]:
+        # GPT-2's weights fix the architecture: flags that would change it (or its init) are refused
+        changed = [k for k in GPT2_FIXED if k in explicit and explicit[k] != DEFAULTS.get(k)]
+        if changed:
+            raise TrainError(f"--init-from {cfg['init_from']} loads GPT-2's architecture and weights; it cannot "
+                             f"be combined with --{', --'.join(k.replace('_', '-') for k in changed)}")
+        if explicit.get("tokenizer", "gpt2") != "gpt2":
+            raise TrainError(f"--init-from {cfg['init_from']} needs --tokenizer gpt2 (GPT-2's vocabulary)")
+        cfg["tokenizer"] = "gpt2"
     if cfg["out_dir"] is None:
         flags = [t for t in TECHNIQUES if cfg[t]] + [cfg["norm_position"]] * (cfg["norm_position"] != "pre") \
-            + [cfg["norm"]] * (cfg["norm"] != "layernorm")
+            + [cfg["norm"]] * (cfg["norm"] != "layernorm") + [cfg["init_from"]] * bool(cfg["init_from"])
         cfg["out_dir"] = str(Path("out") / "-".join([cfg["preset"]] + flags))
     for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval", "spike_window"):
         if not isinstance(cfg[key], int) or cfg[key] <= 0:
@@ -261,6 +279,26 @@ def load_data(cfg):
 def model_vocab_size(meta):
     # GPT-2's 50257 padded to a multiple of 64 (50304) is faster on GPUs (nanoGPT); char vocabularies as-is
     return 50304 if meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257 else meta["vocab_size"]
+
+
+def load_gpt2(cfg):
+    """GPT.from_pretrained(--init-from), cropped to --block-size; cfg's model settings become GPT-2's."""
+    try:
+        model = GPT.from_pretrained(cfg["init_from"], dict(dropout=cfg["dropout"]))
+        model.crop_block_size(cfg["block_size"])
+    except ImportError as e:
+        raise TrainError(f"--init-from: {e}") from None
+    except ValueError as e:
+        raise TrainError(f"--init-from {cfg['init_from']}: {e}") from None
+    except Exception as e:  # offline and not cached: transformers/huggingface_hub raise OSError and others
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise TrainError(f"--init-from {cfg['init_from']}: could not load GPT-2's weights ({type(e).__name__}: "
+                         f"{first_line}); they are downloaded from Hugging Face on first use, so this needs a "
+                         "network once, or a copy in the Hugging Face cache") from None
+    c = model.config
+    cfg.update(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, bias=c.bias, norm=c.norm,
+               norm_position=c.norm_position, init_std=c.init_std, scaled_init=c.scaled_init)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -515,17 +553,23 @@ def train(cfg, resume_ckpt=None, stop=None):
     codec = Codec(meta)
     cfg["min_lr"] = cfg["min_lr"] if cfg["min_lr"] is not None else cfg["lr"] / 10
     cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
-    model_args = dict({k: cfg[k] for k in MODEL_KEYS}, vocab_size=model_vocab_size(meta))
+    pretrained = load_gpt2(cfg) if cfg["init_from"] and resume_ckpt is None else None
+    # a GPT-2 start keeps GPT-2's unpadded vocabulary of 50257 (as nanoGPT's init_from='gpt2')
+    model_args = dict({k: cfg[k] for k in MODEL_KEYS},
+                      vocab_size=meta["vocab_size"] if cfg["init_from"] else model_vocab_size(meta))
     try:
         config = GPTConfig(**model_args)
     except ValueError as e:
         raise TrainError(str(e)) from None
     torch.manual_seed(cfg["seed"] + rank)
-    model = GPT(config).to(device)
+    model = GPT(config)
+    if pretrained is not None:
+        model.load_state_dict(pretrained.state_dict())
+    model = model.to(device)
     model.grad_checkpointing = cfg["grad_checkpoint"]
     peak_flops = gpu_peak_flops(device)
     optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["lr"], (cfg["beta1"], cfg["beta2"]),
-                                           device.type, sdd_gain_decay=cfg["sdd_gain_decay"])
+                                           device.type, sdd_official_decay=cfg["sdd_official_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device,
                       cfg["seed"] + 1000 + rank)
@@ -560,6 +604,8 @@ def train(cfg, resume_ckpt=None, stop=None):
         print(f"model: {config.techniques()} | {raw_model.get_num_params() / 1e6:.2f}M params | "
               f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, "
               f"vocab {config.vocab_size}")
+        for note in config.combination_notes():
+            print(f"note: {note}")
         print(f"training: {cfg['max_iters']} iters x {tokens_per_iter:,} tokens on {device} ({str(dtype)[6:]}"
               f"{', compiled' if compile_model else ''}{f', {world} processes' if ddp else ''}), "
               f"data {data_dir}, out {out_dir}" + (f", resuming at iter {iter_num}" if resume_ckpt else ""))
@@ -644,11 +690,11 @@ def train(cfg, resume_ckpt=None, stop=None):
             scaler.scale(loss).backward()
             loss_sum = loss_sum + loss.detach()
         scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
-                                                   cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
-        if diag_now:
+        if diag_now:  # before clipping, as OLMo's logs and SDD's Fig. 7
             with diag_time:
                 diag["grad_norm"] = stable_gpt.grad_norms(raw_model)
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
+                                                   cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
         # checked every step: a spike or a non-finite value is a single-step event (one device sync per step).
         # With fp16, an inf gradient is the GradScaler's business (it skips the step and lowers its scale).
         lossf, normf = float(loss_sum), float(grad_norm)
@@ -702,7 +748,7 @@ def train(cfg, resume_ckpt=None, stop=None):
             if master:
                 eta = dt * (cfg["max_iters"] - iter_num)
                 # MFU against the detected GPU's bf16 peak (per GPU: each rank does 1/world of the tokens)
-                mfu = raw_model.estimate_mfu(tokens_per_iter / world, dt, peak_flops) if peak_flops else None
+                mfu = raw_model.estimate_mfu(grad_accum * cfg["batch_size"], dt, peak_flops) if peak_flops else None
                 print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | "
                       f"{dt * 1000:.1f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s"
                       + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "") + f" | ETA {fmt_time(eta)}")
@@ -861,7 +907,7 @@ def main(argv=None):
         if args.resume:
             cfg0, _ = resolve_config(args)
             resume_ckpt = load_checkpoint(Path(cfg0["out_dir"]) / "ckpt.pt")
-            cfg, explicit = resolve_config(args, base=dict(resume_ckpt["config"]))
+            cfg, explicit = resolve_config(args, base=dict(DEFAULTS, **resume_ckpt["config"]))
             changed = {k: (resume_ckpt["config"][k], v) for k, v in explicit.items()
                        if k in MODEL_KEYS and resume_ckpt["config"].get(k) != v}
             if changed:
