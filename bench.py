@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from stable_gpt import GPT, GPTConfig, target_variance_rescale
+from stable_gpt import GPT, GPTConfig, tvr_after_step
 from train_shakespeare import keep_freed_memory
 
 SHAPES = {
@@ -84,9 +84,8 @@ class Runner:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step_num += 1
-        c = self.model.config
-        if getattr(c, "tvr", False) and self.step_num % c.tvr_interval == 0:
-            target_variance_rescale(self.model, c.tvr_target, c.tvr_threshold)
+        if isinstance(self.model, GPT):  # (not nanoGPT's own model)
+            tvr_after_step(self.model, self.step_num)
 
     def time(self, steps):
         self.synchronize()  # the previous configuration's queued GPU work is not this one's

@@ -633,6 +633,17 @@ def target_variance_rescale(model, target, threshold=1.0):
     return n_rescaled
 
 
+def tvr_after_step(model, step):
+    """TVR's schedule (arXiv 2503.17500, Sec. 3.2; official code: every 50 steps): call after optimizer step
+    `step` (1-based; optimizer steps, not micro-batches). Rescales when the model has tvr on and step is a
+    multiple of tvr_interval; deterministic, so every DDP rank makes the same edit. Returns the number of
+    matrices rescaled."""
+    c = model.config
+    if not (c.tvr and step % c.tvr_interval == 0):
+        return 0
+    return target_variance_rescale(model, c.tvr_target, c.tvr_threshold)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Diagnostics: what happens inside, per layer and per matrix. Nothing here runs unless called.
 

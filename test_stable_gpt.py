@@ -3,6 +3,7 @@
     python -m pytest -q
 """
 
+import itertools
 import json
 import math
 import os
@@ -10,8 +11,9 @@ import platform
 import random
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -761,8 +763,8 @@ def test_tvr_targets_the_effective_weight_under_wesar():
 
 def test_tvr_runs_every_interval_steps(tmp_path, data_dir, monkeypatch):
     calls = []
-    real = train_shakespeare.target_variance_rescale
-    monkeypatch.setattr(train_shakespeare, "target_variance_rescale",
+    real = stable_gpt.target_variance_rescale
+    monkeypatch.setattr(stable_gpt, "target_variance_rescale",
                         lambda model, *a: calls.append(len(calls)) or real(model, *a))
     assert train_shakespeare.main(train_args(data_dir, tmp_path / "run", "--tvr", "--tvr-interval", "25",
                                              "--grad-accum", "2")) == 0
@@ -822,6 +824,145 @@ def test_every_flag_keeps_causality_and_round_trips_checkpoints(kw):
     again = GPT(tiny(n_layer=3, **kw)).eval()
     again.load_state_dict(model.state_dict())
     assert torch.equal(again(idx, idx)[0], base)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Composition: every flag acts, in every combination the config accepts
+
+# How each discrete GPTConfig field shows that it acts: "function" (same weights, different output), "init" (the
+# init statistics of the matrices in use), "step" (the weights after an optimizer step). The matrix below is
+# read off the dataclass: a new bool or choice field fails test_every_config_field_is_in_the_matrix until it
+# is classified here, so no flag can join the config without a test that it does something.
+FLAG_EFFECT = {"bias": "function", "norm": "function", "norm_position": "function", "sdd": "function",
+               "lns": "function", "wesar": "function", "lir": "init", "scaled_init": "init", "tvr": "step"}
+MATRIX_OFF = {"norm": "layernorm", "norm_position": "pre", "scaled_init": False}  # else False
+
+
+def discrete_fields():
+    """{field: the values the matrix tries} for every bool, Optional[bool] and choice field of GPTConfig."""
+    choices = {"norm": stable_gpt.NORMS, "norm_position": stable_gpt.NORM_POSITIONS}
+    out = {}
+    for f in fields(GPTConfig):
+        if f.type is bool:
+            out[f.name] = (False, True)
+        elif f.type == Optional[bool]:
+            out[f.name] = (None, False, True)
+        elif f.type is str:
+            out[f.name] = choices[f.name]  # a KeyError here: a new choice field, add its values
+    return out
+
+
+# pruned to run in seconds: these fields keep one value, except in their own test (the full product is 1536)
+MATRIX_FIXED = {"bias": False, "scaled_init": None}
+
+
+def accepted_configs(vary=()):
+    """Every combination of the discrete fields that GPTConfig accepts (the rest refuse with a reason), the
+    MATRIX_FIXED fields at their value unless named in vary."""
+    space = {k: v if k in vary or k not in MATRIX_FIXED else (MATRIX_FIXED[k],) for k, v in discrete_fields().items()}
+    accepted = []
+    for values in itertools.product(*space.values()):
+        kw = dict(zip(space, values))
+        try:
+            GPTConfig(**MATRIX_BASE, **kw)
+        except ValueError:
+            continue
+        accepted.append(kw)
+    return accepted
+
+
+# 4 layers so that Mix-LN has a Post-LN block (floor(0.25 * 4) = 1) and LNS/LIR a layer index above 1;
+# tvr_target below the init std so that TVR bites after one step
+MATRIX_BASE = dict(block_size=8, vocab_size=11, n_layer=4, n_head=2, n_embd=16, tvr_interval=1, tvr_target=0.01)
+
+
+def matrix_model(kw, seed=0):
+    """A model of the matrix, its RMSNorms with eps 0: at this tiny width the eps alone would move a
+    scale-invariant function by ~1e-3 and hide a flag that does nothing (as LNS under SDD once did)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**MATRIX_BASE, **kw))
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.eps = 0.0
+    return model
+
+
+def test_every_config_field_is_in_the_matrix():
+    assert set(discrete_fields()) == set(FLAG_EFFECT)
+    assert len(accepted_configs()) > 100 and len(accepted_configs(vary=MATRIX_FIXED)) > 600  # not vacuous
+
+
+def relative_change(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.fixture
+def one_thread():
+    """Thousands of tiny forwards: one thread is several times faster than two (no pool wake-ups)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@torch.no_grad()
+def logits_on_weights_of(model_on, kw_off, idx):
+    """(logits of model_on, logits of the kw_off model given model_on's weights, loaded non-strictly)."""
+    model_off = matrix_model(kw_off).eval()
+    model_off.load_state_dict(model_on.state_dict(), strict=False)
+    return model_on.eval()(idx, idx)[0], model_off(idx, idx)[0]
+
+
+def one_step(model, idx):
+    """The parameters after one AdamW step followed by the training loop's TVR call."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(idx, idx)[1].backward()
+    opt.step()
+    stable_gpt.tvr_after_step(model, 1)
+    return [p.detach() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("field", list(FLAG_EFFECT))
+def test_each_flag_acts_in_every_accepted_combination(field, one_thread):
+    """For every accepted combination where `field` is on, switching it off (keeping everything else) must
+    change what the field claims to change. Structural flags: the output on the same weights (perturbed away
+    from init) changes by more than 1e-4 of its largest value (the no-op of LNS under SDD before the fix
+    measured 1e-7). Init flags: the std of some block matrix in use at init changes by more than 5%. TVR: some
+    parameter tensor after one step changes by more than 1e-3 of its norm."""
+    idx = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    off_value = MATRIX_OFF.get(field, False)
+    checked = 0
+    for kw in accepted_configs(vary={field}):
+        if kw[field] in (off_value, None):  # None (auto) resolves to True or False, both of which are checked
+            continue
+        kw_off = dict(kw, **{field: off_value})
+        try:
+            GPTConfig(**MATRIX_BASE, **kw_off)
+        except ValueError:
+            continue  # e.g. lns with post: the version without the flag is not a config
+        name = f"{field}={kw[field]} in {kw}"
+        if FLAG_EFFECT[field] == "function":
+            on, off = logits_on_weights_of(perturbed(matrix_model(kw)), kw_off, idx)
+            assert relative_change(on, off) > 1e-4, name
+        elif FLAG_EFFECT[field] == "init":
+            on, off = stable_gpt.weight_stds(matrix_model(kw)), stable_gpt.weight_stds(matrix_model(kw_off))
+            assert max(abs(on[k] / off[k] - 1) for k in on) > 0.05, name
+        else:
+            on, off = one_step(matrix_model(kw), idx), one_step(matrix_model(kw_off), idx)
+            assert max(((a - b).norm() / b.norm()).item() for a, b in zip(on, off)) > 1e-3, name
+        checked += 1
+    assert checked >= 20, checked
+
+
+def test_sdd_embedding_norm_acts_in_every_accepted_combination(one_thread):
+    idx = torch.randint(0, 11, (2, 8), generator=torch.Generator().manual_seed(0))
+    for kw in accepted_configs():
+        if kw["sdd"]:
+            model = perturbed(matrix_model(kw)).eval()
+            with torch.no_grad():
+                with_norm = model(idx, idx)[0]
+                model.transformer.emb_norm = torch.nn.Identity()
+                assert relative_change(model(idx, idx)[0], with_norm) > 1e-3, kw
 
 
 FLAG_ARGS = [["--sdd"], ["--lns"], ["--wesar"], ["--lir"], ["--tvr", "--tvr-interval", "10", "--tvr-target", "0.03"],

@@ -36,7 +36,7 @@ import torch
 import prepare_data
 from prepare_data import Codec, DataError
 import stable_gpt
-from stable_gpt import GPT, GPT2_MODEL_TYPES, NORM_POSITIONS, NORMS, GPTConfig, target_variance_rescale
+from stable_gpt import GPT, GPT2_MODEL_TYPES, NORM_POSITIONS, NORMS, GPTConfig
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
 TECHNIQUES = ("sdd", "lns", "wesar", "lir", "tvr")
@@ -722,10 +722,7 @@ def train(cfg, resume_ckpt=None, stop=None):
         if diag_now:
             with diag_time:
                 diag["update_ratio"] = stable_gpt.update_ratios(diag.pop("before"), raw_model)
-        if config.tvr and (iter_num + 1) % config.tvr_interval == 0:
-            # TVR (arXiv 2503.17500): after the optimizer step, every tvr_interval steps; deterministic, so
-            # every DDP rank makes the same edit
-            target_variance_rescale(raw_model, config.tvr_target, config.tvr_threshold)
+        stable_gpt.tvr_after_step(raw_model, iter_num + 1)  # TVR (arXiv 2503.17500), when on
         iter_num += 1
         iters_since_log += 1
         tokens_trained += tokens_per_iter
