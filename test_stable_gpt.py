@@ -229,6 +229,61 @@ def test_loads_nanogpt_state_dict_and_matches_its_logits(bias):
     torch.testing.assert_close(loss, F.cross_entropy(ref.view(-1, 40), targets.view(-1)), atol=1e-5, rtol=1e-5)
 
 
+def test_nanogpt_train_py_call_sequence():
+    """nanoGPT's train.py and sample.py, flags off: GPTConfig(**model_args), GPT(conf), configure_optimizers
+    with its four arguments, a step, estimate_mfu(batch_size * grad_accum, dt), crop_block_size, generate."""
+    model_args = dict(n_layer=2, n_head=4, n_embd=32, block_size=16, bias=False, vocab_size=40, dropout=0.0)
+    model = GPT(GPTConfig(**model_args))
+    optimizer = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu")
+    x = torch.randint(0, 40, (3, 16))
+    logits, loss = model(x, x)
+    loss.backward()
+    optimizer.step()
+    mfu = model.estimate_mfu(3 * 2, 0.1)
+    assert 0 < mfu < 1e-3  # a tiny model on "an A100" for 0.1 s
+    model.crop_block_size(8)
+    assert model.config.block_size == 8 and model.transformer.wpe.weight.shape == (8, 32)
+    short = x[:, :8].contiguous()
+    assert model(short, short)[0].shape == (3, 8, 40)
+    model.eval()
+    assert model.generate(x[:1, :3], 10, temperature=0.8, top_k=200).shape == (1, 13)
+    with pytest.raises(ValueError, match="block_size must be in"):
+        model.crop_block_size(9)
+
+
+def test_from_pretrained_rejects_unknown_names_and_overrides():
+    with pytest.raises(ValueError, match="gpt2, gpt2-medium, gpt2-large, gpt2-xl"):
+        GPT.from_pretrained("gpt3")
+    with pytest.raises(ValueError, match="dropout only"):
+        GPT.from_pretrained("gpt2", dict(n_layer=3))
+
+
+def small_hf_gpt2(seed=0):
+    """A small randomly initialized transformers GPT2LMHeadModel, with exact GELU as nanoGPT's nn.GELU (GPT-2
+    itself uses the tanh approximation, a difference nanoGPT's from_pretrained shares)."""
+    transformers = pytest.importorskip("transformers", reason="transformers is optional (.ci/run installs it)")
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                  activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # move the norms and biases off their init so that a mix-up would show
+        for name, p in hf.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return hf
+
+
+def test_from_hf_gpt2_matches_transformers_logits():
+    hf = small_hf_gpt2()
+    model = GPT.from_hf_gpt2(hf).eval()
+    assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size, model.config.bias) == (2, 32, 50, True)
+    idx = torch.randint(0, 50, (2, 20))
+    with torch.no_grad():
+        ref = hf(idx).logits
+        ours, _ = model(idx, idx)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
 def test_generate_length_and_top_k():
     torch.manual_seed(0)
     model = GPT(tiny()).eval()
@@ -334,6 +389,55 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path, data_dir, capsys):
     assert (out / "ckpt.pt").is_file() and (out / "best.pt").is_file()
     printed = capsys.readouterr().out
     assert "ms/iter" in printed and "tok/s" in printed and "ETA" in printed and "--- sample ---" in printed
+
+
+@pytest.fixture(scope="module")
+def gpt2_data_dir(tmp_path_factory, text_file):
+    out = tmp_path_factory.mktemp("data_gpt2")
+    prepare_data.prepare(text_file, out, "gpt2")
+    return out
+
+
+def gpt2_args(data_dir, out_dir, *extra):
+    """train_args without the model shape, which --init-from takes from GPT-2's weights."""
+    args = train_args(data_dir, out_dir, "--init-from", "gpt2", *extra)
+    for flag in ("--n-layer", "--n-head", "--n-embd"):
+        i = args.index(flag)
+        del args[i:i + 2]
+    return args
+
+
+def test_init_from_gpt2_offline_is_one_line(tmp_path, gpt2_data_dir, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
+    assert train_shakespeare.main(gpt2_args(gpt2_data_dir, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --init-from gpt2: ") and err.count("\n") == 1, err
+    assert "could not load GPT-2's weights" in err or "pip install transformers" in err
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+
+
+def test_init_from_gpt2_starts_from_its_weights(tmp_path, gpt2_data_dir, monkeypatch, capsys):
+    """--init-from with the download replaced by a small random GPT-2 (no network here): the run takes its
+    shape, bias and unpadded vocabulary, its weights, and resumes; flags that change the model are refused."""
+    transformers = pytest.importorskip("transformers", reason="transformers is optional (.ci/run installs it)")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16,
+                                                               n_layer=2, n_head=2))
+    monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", lambda name: hf)
+    out = tmp_path / "run"
+    args = gpt2_args(gpt2_data_dir, out, "--lr", "1e-12", "--max-iters", "4",
+                      "--eval-interval", "4", "--eval-iters", "1", "--batch-size", "2")
+    assert train_shakespeare.main(args) == 0
+    ckpt = train_shakespeare.load_checkpoint(out / "ckpt.pt")
+    assert ckpt["model_args"]["vocab_size"] == 50257 and ckpt["model_args"]["n_embd"] == 16
+    assert ckpt["model_args"]["bias"] is True and ckpt["model_args"]["block_size"] == 32  # cropped
+    torch.testing.assert_close(ckpt["model"]["transformer.h.1.mlp.c_fc.weight"],
+                               hf.transformer.h[1].mlp.c_fc.weight.detach().t(), atol=1e-6, rtol=0)
+    assert train_shakespeare.main(args[:args.index("--max-iters")] + ["--max-iters", "6", "--resume"]) == 0
+    capsys.readouterr()
+    assert train_shakespeare.main(gpt2_args(gpt2_data_dir, tmp_path / "r2", "--sdd")) == 2
+    assert "cannot be combined with --sdd" in capsys.readouterr().err
 
 
 def test_resume_continues_exactly(tmp_path, data_dir):
@@ -507,6 +611,13 @@ def perturbed(model, seed=1, scale=0.05):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 and p.std() > 0 else 1))
     return model
+
+
+def test_combination_notes_name_what_acts_differently():
+    assert tiny().combination_notes() == [] and tiny(lns=True, lir=True, tvr=True, wesar=True).combination_notes() == []
+    notes = tiny(sdd=True, lns=True, wesar=True, lir=True, tvr=True).combination_notes()
+    assert [n.split(":")[0] for n in notes] == ["lns under sdd", "lir under sdd", "tvr under sdd", "wesar under sdd"]
+    assert all("effective learning rate" in n for n in notes[1:3])
 
 
 def test_sdd_lns_is_not_sdd():
@@ -774,6 +885,9 @@ def test_tvr_runs_every_interval_steps(tmp_path, data_dir, monkeypatch):
 def test_mix_ln_blocks():
     post = lambda **kw: [b.post_norm for b in GPT(tiny(norm_position="mix", n_layer=12, **kw)).transformer.h]
     assert post() == [True] * 3 + [False] * 9
+    # floor(alpha * L) without float rounding: 0.29 * 100 is 28.999999999999996 in floats
+    config = GPTConfig(n_layer=100, norm_position="mix", mix_fraction=0.29)
+    assert sum(config.is_post_norm(i) for i in range(100)) == 29
     assert post(mix_fraction=0.0) == [False] * 12 and post(mix_fraction=1.0) == [True] * 12
     # mix_fraction 0 is exactly Pre-LN and 1 exactly Post-LN (same weights, same logits)
     idx = torch.randint(0, 40, (2, 16))
@@ -981,6 +1095,8 @@ def test_training_with_each_flag_lowers_the_loss(tmp_path, data_dir, flags, caps
     names = [f.lstrip("-") for f in flags if f.lstrip("-") in ("sdd", "lns", "wesar", "lir", "tvr")]
     printed = capsys.readouterr().out
     assert all(n in summary["techniques"] and n in printed for n in names)
+    for note in tiny(**{n: True for n in names}).combination_notes():  # e.g. "lir under sdd: ..."
+        assert f"note: {note}" in printed
     # the checkpoint holds the technique's parameters and rebuilds the same model
     model = train_shakespeare.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
     assert model.config.techniques() == summary["techniques"]
@@ -1068,6 +1184,16 @@ def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
     summary = json.loads((out / "summary.json").read_text())
     assert "spikes" in summary and summary["diag_s"] > 0
+
+
+def test_diagnostics_record_gradient_norms_before_clipping(tmp_path, data_dir):
+    """With the global gradient norm clipped to 1e-4, the recorded block gradient norms (before clipping, as
+    OLMo's logs and SDD's Fig. 7) add up to far more than 1e-4."""
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--diag-interval", "2", "--max-iters", "2",
+                                             "--grad-clip", "1e-4")) == 0
+    norms = read_jsonl(out / "diag.jsonl")[0]["grad_norm"].values()
+    assert math.sqrt(sum(n * n for n in norms)) > 1e-2
 
 
 def test_diagnostics_do_not_change_training(tmp_path, data_dir):

@@ -553,6 +553,9 @@ def train(cfg, resume_ckpt=None, stop=None):
     codec = Codec(meta)
     cfg["min_lr"] = cfg["min_lr"] if cfg["min_lr"] is not None else cfg["lr"] / 10
     cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
+    if cfg["init_from"] and meta["tokenizer"] != "gpt2":
+        raise TrainError(f"--init-from {cfg['init_from']} needs GPT-2 BPE tokens; {data_dir} holds "
+                         f"{meta['tokenizer']} tokens (prepare it with --tokenizer gpt2)")
     pretrained = load_gpt2(cfg) if cfg["init_from"] and resume_ckpt is None else None
     # a GPT-2 start keeps GPT-2's unpadded vocabulary of 50257 (as nanoGPT's init_from='gpt2')
     model_args = dict({k: cfg[k] for k in MODEL_KEYS},
