@@ -3,13 +3,16 @@ stable-gpt: a nanoGPT-style GPT in one file, where every normalization placement
 training stabilizer is one config flag away.
 
 With every GPTConfig field at its default this *is* nanoGPT's GPT (same module and parameter names,
-same init, same forward), so nanoGPT checkpoints load with strict=True. The flags:
+same init, same forward), so nanoGPT checkpoints load with strict=True, and this file works as nanoGPT's
+model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, from_pretrained). The flags:
 
   norm            "layernorm" | "rmsnorm"
   norm_position   "pre" (GPT-2) | "post" (Vaswani et al. 2017) | "mix" (Mix-LN, arXiv 2412.13795)
                   | "deepnorm" (DeepNet, arXiv 2203.00555)
-  sdd             Scale-Distribution Decoupling, arXiv 2502.15499        -> SDDNorm, CausalSelfAttention, MLP
+  sdd             Scale-Distribution Decoupling, arXiv 2502.15499        -> SDDNorm, CausalSelfAttention, MLP,
+                                                                            GPT (emb_norm)
   lns             LayerNorm Scaling ("The Curse of Depth"), arXiv 2502.05795 -> Block.lns_scale
+                  (under sdd: Block.lns_branch_scale, this project's adaptation)
   wesar           Weight Scaling as Reparameterization, arXiv 2410.05052 -> WeSaRLinear, WeSaREmbedding
   lir             Layer Index Rescaling init, arXiv 2503.17500           -> GPT._init_stds
   tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale()
@@ -102,9 +105,10 @@ class GPTConfig:
 
     def depth_scaled_init(self) -> bool:
         """GPT-2's residual-projection init 0.02/sqrt(2*n_layer): on by default only for the nanoGPT block
-        (Pre-LN with no technique that replaces it). Post-LN and Mix-LN use the plain N(0, 0.02) of the
-        original Transformer and of the Mix-LN/LNS baselines; the norm after every residual add already
-        bounds the stream, and a depth-scaled Post-LN is DeepNorm's job (norm_position="deepnorm")."""
+        (Pre-LN with no technique that replaces it). Post-LN and Mix-LN use nanoGPT's plain N(0, 0.02), as
+        the LNS repository's Post-LN and Mix-LN baselines (the original Transformer used Xavier init); the
+        norm after every residual add already bounds the stream, and a depth-scaled Post-LN is DeepNorm's job
+        (norm_position="deepnorm")."""
         if self.scaled_init is not None:
             return self.scaled_init
         return self.norm_position == "pre" and not (self.lns or self.sdd or self.lir)
@@ -376,7 +380,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = make_linear(config, C, config.vocab_size, in_block=False)
         # weight tying (https://paperswithcode.com/method/weight-tying). Under WeSaR the raw tensor is
-        # shared but the embedding and the head keep separate gates (wesar.md, pitfall 2).
+        # shared but the embedding and the head keep separate gates, as WeSaR gates W_e and W_p separately.
         self.transformer.wte.weight = self.lm_head.weight
         self._init_weights()
         # activation checkpointing: recompute each block in the backward instead of storing its activations
@@ -395,7 +399,7 @@ class GPT(nn.Module):
         if c.norm_position == "deepnorm":
             # DeepNet (arXiv 2203.00555, Fig. 2 pseudo-code): xavier_normal, gain beta = (8N)^(-1/4) on v,
             # the attention output and the FFN; gain 1 on q and k. (The LNS repo's 'deeppost' uses
-            # alpha = 2.83 for all depths and gain (8N)^(+1/4); we follow the paper, as lns.md recommends.)
+            # alpha = 2.83 for all depths and gain (8N)^(+1/4); we follow the DeepNet paper.)
             beta = (8 * c.n_layer) ** -0.25
             fan_out, fan_in = module.weight.shape
             xavier = math.sqrt(2.0 / (fan_in + fan_out // n_blocks))
@@ -568,8 +572,8 @@ class GPT(nn.Module):
 @torch.no_grad()
 def fold_wesar(model):
     """A plain GPT (wesar=False) that computes the same function as a WeSaR model: W <- gate * W everywhere
-    (wesar.md, pitfall 9), e.g. to export to nanoGPT. The tied embedding and head share one raw tensor but
-    have two gates; the folded tensor takes the embedding's gate, and the head's extra factor
+    (the reparameterization folds away after training), e.g. to export to nanoGPT. The tied embedding and
+    head share one raw tensor but have two gates; the folded tensor takes the embedding's gate, and the head's extra factor
     gate_head / gate_emb goes into the gain and bias of the last norm before the head (the logits are
     linear in them, and nothing else reads that norm's output)."""
     plain = GPT(GPTConfig(**dict(vars(model.config), wesar=False))).to(model.lm_head.weight.device)
