@@ -344,17 +344,17 @@ class Block(nn.Module):
             x = self.ln_1(self._skip(x) + self.attn(x))
             x = self.ln_2(self._skip(x) + self.mlp(x))
         else:  # Pre-LN (GPT-2): x = x + sublayer(norm(x))
-            x = x + _times(self.attn(_times(self.ln_1(x), self.lns_scale)), self.lns_branch_scale)
-            x = x + _times(self.mlp(_times(self.ln_2(x), self.lns_scale)), self.lns_branch_scale)
+            x = x + self._times(self.attn(self._times(self.ln_1(x), self.lns_scale)), self.lns_branch_scale)
+            x = x + self._times(self.mlp(self._times(self.ln_2(x), self.lns_scale)), self.lns_branch_scale)
         return x
 
     def _skip(self, x):
         return x if self.residual_scale is None else x * self.residual_scale
 
-
-def _times(x, scale):
-    """x * scale, where scale None means 1 (no op, so that the default model runs nanoGPT's exact ops)."""
-    return x if scale is None else x * scale
+    @staticmethod
+    def _times(x, scale):
+        """x * scale, where scale None means 1 (no op, so that the default model runs nanoGPT's exact ops)."""
+        return x if scale is None else x * scale
 
 
 class GPT(nn.Module):
