@@ -136,6 +136,11 @@ class GPTConfig:
                          "carry the block matrices' scale)")
         return notes
 
+    def scale_for_depth(self, x: float) -> float:
+        """x / sqrt(2 * n_layer), one factor per residual branch: GPT-2's c_proj init std and the initial
+        gain of SDD's residual-output norms (official code)."""
+        return x / math.sqrt(2 * self.n_layer)
+
     def techniques(self) -> str:
         """One line that says what is on, e.g. 'pre-layernorm + sdd + lns'."""
         on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr") if getattr(self, name)]
@@ -157,6 +162,44 @@ class LayerNorm(nn.Module):
 
     def forward(self, x):
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467): x / sqrt(mean(x^2) + eps) * gain (+ bias)."""
+
+    def __init__(self, ndim, bias=False, gain=1.0, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.full((ndim,), float(gain)))
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
+
+    def forward(self, x):
+        y = rms_norm(x, self.weight, self.eps)  # = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return y if self.bias is None else y + self.bias
+
+
+class SDDNorm(RMSNorm):
+    """Scale-Distribution Decoupling (arXiv 2502.15499, Eq. 1): y = alpha * norm(V x), an RMSNorm with a
+    learnable gain alpha (no bias, eps 1e-5, as the official dense code) on the *output* of a linear.
+    The norm fixes the distribution of y; alpha alone sets its scale, so V's scale no longer matters."""
+
+    def __init__(self, ndim, gain=1.0):
+        super().__init__(ndim, bias=False, gain=gain)
+
+
+def make_norm(config, ndim):
+    return RMSNorm(ndim, config.bias) if config.norm == "rmsnorm" else LayerNorm(ndim, config.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A faster RMSNorm for eager CPU training (an optimization: F.rms_norm computes the same thing)
+
+
+def rms_norm(x, weight, eps):
+    """F.rms_norm, except in eager fp32 CPU training, where the kernel below is ~2.3x faster."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
+        return _RMSNormCPU.apply(x, weight, eps)
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class _RMSNormCPU(torch.autograd.Function):
@@ -187,38 +230,13 @@ class _RMSNormCPU(torch.autograd.Function):
         return grad_x.add_(mean_g.mul_(rstd)), grad_w, None
 
 
-class RMSNorm(nn.Module):
-    """RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467): x / sqrt(mean(x^2) + eps) * gain (+ bias)."""
-
-    def __init__(self, ndim, bias=False, gain=1.0, eps=1e-5):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.full((ndim,), float(gain)))
-        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
-
-    def forward(self, x):
-        if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-            y = _RMSNormCPU.apply(x, self.weight, self.eps)
-        else:
-            y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        return y if self.bias is None else y + self.bias
-
-
-class SDDNorm(RMSNorm):
-    """Scale-Distribution Decoupling (arXiv 2502.15499, Eq. 1): y = alpha * norm(V x), an RMSNorm with a
-    learnable gain alpha (no bias, eps 1e-5, as the official dense code) on the *output* of a linear.
-    The norm fixes the distribution of y; alpha alone sets its scale, so V's scale no longer matters."""
-
-    def __init__(self, ndim, gain=1.0):
-        super().__init__(ndim, bias=False, gain=gain)
-
-
-def make_norm(config, ndim):
-    return RMSNorm(ndim, config.bias) if config.norm == "rmsnorm" else LayerNorm(ndim, config.bias)
-
-
 # ----------------------------------------------------------------------------------------------------
 # WeSaR: weight scaling as reparameterization (arXiv 2410.05052)
+
+
+def split_rows(weight, n):
+    """The n row blocks of a weight, as a view: (out, in) -> (n, out / n, in); q, k, v of the fused c_attn."""
+    return weight.view(n, -1, weight.shape[-1])
 
 
 class WeSaRLinear(nn.Linear):
@@ -232,7 +250,7 @@ class WeSaRLinear(nn.Linear):
         self.gate = nn.Parameter(torch.ones(n_gates))
 
     def effective_weight(self):
-        w = self.weight.view(len(self.gate), -1, self.in_features)  # (n_gates, out/n_gates, in)
+        w = split_rows(self.weight, len(self.gate))  # (n_gates, out/n_gates, in)
         return (w * self.gate.view(-1, 1, 1)).view_as(self.weight)  # (out, in)
 
     def forward(self, x):
@@ -251,6 +269,9 @@ class WeSaREmbedding(nn.Embedding):
 
     def forward(self, idx):
         return super().forward(idx) * self.gate
+
+
+WESAR_MODULES = (WeSaRLinear, WeSaREmbedding)  # isinstance(m, WESAR_MODULES): m's weight in use is gate * W
 
 
 def make_linear(config, in_features, out_features, n_gates=1, in_block=True):
@@ -281,11 +302,11 @@ class CausalSelfAttention(nn.Module):
         # attention, but the attention output (the mixed values) normalized before c_proj; c_proj's output
         # normalized with a gain starting at 1/sqrt(2*n_layer) (official code; the paper text says 1/sqrt(L)),
         # which replaces GPT-2's depth-scaled c_proj init.
-        sdd, Id = config.sdd, nn.Identity
-        self.q_norm = SDDNorm(head_size) if sdd else Id()
-        self.k_norm = SDDNorm(head_size) if sdd else Id()
-        self.ctx_norm = SDDNorm(config.n_embd) if sdd else Id()
-        self.out_norm = SDDNorm(config.n_embd, gain=1 / math.sqrt(2 * config.n_layer)) if sdd else Id()
+        sdd = config.sdd
+        self.q_norm = SDDNorm(head_size) if sdd else nn.Identity()
+        self.k_norm = SDDNorm(head_size) if sdd else nn.Identity()
+        self.context_norm = SDDNorm(config.n_embd) if sdd else nn.Identity()
+        self.out_norm = SDDNorm(config.n_embd, gain=config.scale_for_depth(1.0)) if sdd else nn.Identity()
 
     def forward(self, x):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
@@ -297,7 +318,7 @@ class CausalSelfAttention(nn.Module):
         # causal self-attention, fused (flash) kernels where available: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
-        return self.resid_dropout(self.out_norm(self.c_proj(self.ctx_norm(y))))
+        return self.resid_dropout(self.out_norm(self.c_proj(self.context_norm(y))))
 
 
 class MLP(nn.Module):
@@ -309,9 +330,9 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # SDD (arXiv 2502.15499; official dense code): norm on the up-projection output before the
         # activation, and on the down-projection output with a gain starting at 1/sqrt(2*n_layer).
-        sdd, Id = config.sdd, nn.Identity
-        self.fc_norm = SDDNorm(4 * config.n_embd) if sdd else Id()
-        self.out_norm = SDDNorm(config.n_embd, gain=1 / math.sqrt(2 * config.n_layer)) if sdd else Id()
+        sdd = config.sdd
+        self.fc_norm = SDDNorm(4 * config.n_embd) if sdd else nn.Identity()
+        self.out_norm = SDDNorm(config.n_embd, gain=config.scale_for_depth(1.0)) if sdd else nn.Identity()
 
     def forward(self, x):
         x = self.gelu(self.fc_norm(self.c_fc(x)))  # (B, T, 4C)
@@ -327,7 +348,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.post_norm = config.is_post_norm(layer_idx)
         # DeepNorm (arXiv 2203.00555, Sec. 2.3, decoder-only): x_{l+1} = LN(alpha * x_l + G(x_l)), alpha = (2N)^(1/4)
-        self.residual_scale = (2 * config.n_layer) ** 0.25 if config.norm_position == "deepnorm" else None
+        self.deepnorm_alpha = (2 * config.n_layer) ** 0.25 if config.norm_position == "deepnorm" else None
         # LNS (arXiv 2502.05795, Eq. 12): the output of both pre-norms of layer l (1-based) times 1/sqrt(l).
         # A constant, not a parameter: folding it into the gain's init would change Adam's step on the gain.
         lns_scale = 1 / math.sqrt(layer_idx + 1) if config.lns and not self.post_norm else None
@@ -341,15 +362,12 @@ class Block(nn.Module):
 
     def forward(self, x):  # x: (B, T, C)
         if self.post_norm:  # Post-LN (Vaswani et al. 2017): x = norm(x + sublayer(x))
-            x = self.ln_1(self._skip(x) + self.attn(x))
-            x = self.ln_2(self._skip(x) + self.mlp(x))
+            x = self.ln_1(self._times(x, self.deepnorm_alpha) + self.attn(x))
+            x = self.ln_2(self._times(x, self.deepnorm_alpha) + self.mlp(x))
         else:  # Pre-LN (GPT-2): x = x + sublayer(norm(x))
             x = x + self._times(self.attn(self._times(self.ln_1(x), self.lns_scale)), self.lns_branch_scale)
             x = x + self._times(self.mlp(self._times(self.ln_2(x), self.lns_scale)), self.lns_branch_scale)
         return x
-
-    def _skip(self, x):
-        return x if self.residual_scale is None else x * self.residual_scale
 
     @staticmethod
     def _times(x, scale):
@@ -384,54 +402,67 @@ class GPT(nn.Module):
         self.transformer.wte.weight = self.lm_head.weight
         self._init_weights()
         # activation checkpointing: recompute each block in the backward instead of storing its activations
-        # (~1/3 more compute, for the largest configs); a training setting, not part of the model
+        # (~1/3 more compute, for the largest configs). A switch like model.train(): it changes memory and
+        # time, never a result, so it is not in GPTConfig or the state dict; the training script sets it.
         self.grad_checkpointing = False
 
     # --- init ---------------------------------------------------------------------------------------
-    def _init_stds(self, name, module):
-        """The init std of each row block of one weight matrix (q, k, v blocks for c_attn), i.e. what the
-        plain (non-WeSaR) model draws; under WeSaR it is the target std gate * sigma."""
+    @torch.no_grad()
+    def _init_weights(self):
+        """Every weight matrix ~ N(0, std^2), drawn row block by row block (q, k, v of c_attn each its own),
+        in module order; biases 0; norms init themselves (gain 1; SDD's residual-output gains 1/sqrt(2L)).
+        The std, with sigma = init_std, l the 1-based layer, L = n_layer, x = xavier sqrt(2/(fan_in + fan_out)):
+
+        | matrix                  | default (nanoGPT) | scaled_init (1) | lir (2)       | deepnorm (3)  |
+        |-------------------------|-------------------|-----------------|---------------|---------------|
+        | wte (= lm_head), wpe    | sigma             | sigma           | sigma         | sigma         |
+        | attn.c_attn: q, k       | sigma             | sigma           | sigma/sqrt(l) | x             |
+        | attn.c_attn: v          | sigma             | sigma           | sigma/sqrt(l) | (8L)^(-1/4) x |
+        | mlp.c_fc                | sigma             | sigma           | sigma/sqrt(l) | (8L)^(-1/4) x |
+        | attn.c_proj, mlp.c_proj | sigma             | sigma/sqrt(2L)  | sigma/sqrt(l) | (8L)^(-1/4) x |
+
+        (1) GPT-2; on by default for plain Pre-LN only (GPTConfig.depth_scaled_init). (2) arXiv 2503.17500,
+        Sec. 3.1. (3) arXiv 2203.00555. WeSaR (arXiv 2410.05052, Sec. 3.2): every raw W ~ N(0, wesar_sigma^2)
+        and gate = std / wesar_sigma, so gate * W has the std of the table."""
         c = self.config
-        n_blocks = 3 if name.endswith("c_attn") else 1
-        if not name.startswith("transformer.h."):  # wte, wpe (and the tied lm_head)
-            return [c.init_std]
-        layer = int(name.split(".")[2]) + 1  # 1-based layer index
+        for module in (self.transformer.wte, self.transformer.wpe):  # lm_head is wte
+            self._init_matrix(module, [c.init_std])
+        for layer, block in enumerate(self.transformer.h, start=1):
+            for path, kinds in BLOCK_MATRICES:
+                module = block.get_submodule(path)
+                self._init_matrix(module, self._init_stds(path, kinds, module, layer))
+        if isinstance(self.lm_head, WESAR_MODULES):
+            self.lm_head.gate.copy_(self.transformer.wte.gate)
+
+    def _init_stds(self, path, kinds, module, layer):
+        """The init std of each row block ("kind") of the block matrix at path in block layer (1-based)."""
+        c = self.config
         if c.norm_position == "deepnorm":
             # DeepNet (arXiv 2203.00555, Fig. 2 pseudo-code): xavier_normal, gain beta = (8N)^(-1/4) on v,
             # the attention output and the FFN; gain 1 on q and k. (The LNS repo's 'deeppost' uses
             # alpha = 2.83 for all depths and gain (8N)^(+1/4); we follow the DeepNet paper.)
             beta = (8 * c.n_layer) ** -0.25
             fan_out, fan_in = module.weight.shape
-            xavier = math.sqrt(2.0 / (fan_in + fan_out // n_blocks))
-            return [xavier, xavier, beta * xavier] if n_blocks == 3 else [beta * xavier]
+            xavier = math.sqrt(2.0 / (fan_in + fan_out // len(kinds)))
+            return [xavier if kind in ("q", "k") else beta * xavier for kind in kinds]
         if c.lir:
             # LIR (arXiv 2503.17500, Sec. 3.1): every matrix of block l drawn from N(0, (sigma/sqrt(l))^2),
             # l 1-based, plain (not truncated) normal; no extra shrink of the residual projections.
-            return [c.init_std / math.sqrt(layer)] * n_blocks
-        if name.endswith("c_proj") and c.depth_scaled_init():
+            return [c.init_std / math.sqrt(layer)] * len(kinds)
+        if path.endswith("c_proj") and c.depth_scaled_init():
             # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = 2 * n_layer residual branches
-            return [c.init_std / math.sqrt(2 * c.n_layer)]
-        return [c.init_std] * n_blocks
+            return [c.scale_for_depth(c.init_std)]
+        return [c.init_std] * len(kinds)
 
-    @torch.no_grad()
-    def _init_weights(self):
-        c = self.config
-        for name, module in self.named_modules():
-            if not isinstance(module, (nn.Linear, nn.Embedding)) or module is self.lm_head:
-                continue  # norms init themselves; lm_head is wte
-            stds = torch.tensor(self._init_stds(name, module))
-            if hasattr(module, "gate"):
-                # WeSaR (arXiv 2410.05052, Sec. 3.2): raw W ~ N(0, sigma^2) with one common sigma, and
-                # gate = sigma_i / sigma so gate * W has the std sigma_i the plain init would give it.
-                nn.init.normal_(module.weight, 0.0, c.wesar_sigma)
-                module.gate.copy_(stds / c.wesar_sigma)
-            else:
-                for rows, std in zip(module.weight.view(len(stds), -1, module.weight.shape[-1]), stds):
-                    nn.init.normal_(rows, 0.0, std.item())
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
-        if isinstance(self.lm_head, WeSaRLinear):
-            self.lm_head.gate.copy_(self.transformer.wte.gate)
+    def _init_matrix(self, module, stds):
+        if isinstance(module, WESAR_MODULES):
+            nn.init.normal_(module.weight, 0.0, self.config.wesar_sigma)
+            module.gate.copy_(torch.tensor(stds) / self.config.wesar_sigma)
+        else:
+            for rows, std in zip(split_rows(module.weight, len(stds)), stds):
+                nn.init.normal_(rows, 0.0, std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
 
     # --- forward ------------------------------------------------------------------------------------
     def get_num_params(self, non_embedding=True):
@@ -579,7 +610,7 @@ def fold_wesar(model):
     plain = GPT(GPTConfig(**dict(vars(model.config), wesar=False))).to(model.lm_head.weight.device)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(".gate")}
     for name, module in model.named_modules():
-        if isinstance(module, (WeSaRLinear, WeSaREmbedding)) and module is not model.lm_head:
+        if isinstance(module, WESAR_MODULES) and module is not model.lm_head:
             state[f"{name}.weight"] = module.effective_weight()
     state["lm_head.weight"] = state["transformer.wte.weight"]  # still tied
     plain.load_state_dict(state)
@@ -598,10 +629,6 @@ BLOCK_MATRICES = (("attn.c_attn", ("q", "k", "v")), ("attn.c_proj", ("attn_out",
                   ("mlp.c_proj", ("mlp_out",)))
 
 
-def _split_rows(tensor, kinds):
-    return tensor.view(len(kinds), -1, tensor.shape[-1])  # (n_kinds, out / n_kinds, in)
-
-
 def _block_linears(model):
     """Yield (layer, kinds, module) for every linear inside the blocks."""
     for layer, block in enumerate(model.transformer.h):
@@ -611,10 +638,11 @@ def _block_linears(model):
 
 def block_matrices(model):
     """Yield (layer, kind, rows, gate) for every weight matrix inside the blocks: rows is a view of the raw
-    weight (q, k, v each their own), gate its WeSaR gate or None, so gate * rows is the matrix in use."""
+    weight (q, k, v each their own), gate its WeSaR gate or None; effective_rows(rows, gate) is the matrix
+    in use."""
     for layer, kinds, module in _block_linears(model):
-        gates = module.gate if isinstance(module, WeSaRLinear) else [None] * len(kinds)
-        yield from ((layer, kind, w, gate) for kind, w, gate in zip(kinds, _split_rows(module.weight, kinds), gates))
+        gates = module.gate if isinstance(module, WESAR_MODULES) else [None] * len(kinds)
+        yield from ((layer, kind, w, gate) for kind, w, gate in zip(kinds, split_rows(module.weight, len(kinds)), gates))
 
 
 @torch.no_grad()
@@ -721,14 +749,15 @@ def layer_importance(model, idx, targets):
     return [loss_without_blocks(model, idx, targets, skip=(l,)) - full for l in range(len(model.transformer.h))]
 
 
-def _effective(rows, gate):
+def effective_rows(rows, gate):
+    """The matrix in use, gate * W under WeSaR (as WeSaRLinear.effective_weight, for one row block)."""
     return rows if gate is None else rows * gate
 
 
 @torch.no_grad()
 def weight_stds(model):
     """{"<layer>.<kind>": std} of every block matrix in use (gate * W under WeSaR): what TVR controls."""
-    return {f"{l}.{k}": _effective(w, g).float().std().item() for l, k, w, g in block_matrices(model)}
+    return {f"{l}.{k}": effective_rows(w, g).float().std().item() for l, k, w, g in block_matrices(model)}
 
 
 @torch.no_grad()
@@ -736,13 +765,13 @@ def grad_norms(model):
     """{"<layer>.<kind>": norm of the gradient of the raw matrix}, after backward (SDD Fig. 7's metric)."""
     return {f"{layer}.{kind}": g.float().norm().item()
             for layer, kinds, module in _block_linears(model) if module.weight.grad is not None
-            for kind, g in zip(kinds, _split_rows(module.weight.grad, kinds))}
+            for kind, g in zip(kinds, split_rows(module.weight.grad, len(kinds)))}
 
 
 @torch.no_grad()
 def matrix_snapshot(model):
     """A copy of every block matrix in use, for update_ratios."""
-    return {f"{l}.{k}": _effective(w, g).detach().float().clone() for l, k, w, g in block_matrices(model)}
+    return {f"{l}.{k}": effective_rows(w, g).detach().float().clone() for l, k, w, g in block_matrices(model)}
 
 
 @torch.no_grad()

@@ -524,7 +524,7 @@ def test_sdd_placement_and_gains():
     names = {n: tuple(p.shape) for n, p in model.named_parameters() if "_norm" in n}
     assert names == {"transformer.emb_norm.weight": (32,)} | {
         f"transformer.h.{i}.{k}": s for i in range(L) for k, s in
-        [("attn.q_norm.weight", (hs,)), ("attn.k_norm.weight", (hs,)), ("attn.ctx_norm.weight", (32,)),
+        [("attn.q_norm.weight", (hs,)), ("attn.k_norm.weight", (hs,)), ("attn.context_norm.weight", (32,)),
          ("attn.out_norm.weight", (32,)), ("mlp.fc_norm.weight", (128,)), ("mlp.out_norm.weight", (32,))]}
     rms_out = []
     for m in model.modules():
@@ -538,7 +538,7 @@ def test_sdd_placement_and_gains():
     for block in model.transformer.h:
         for norm in (block.attn.out_norm, block.mlp.out_norm):
             assert torch.allclose(norm.weight, torch.full((32,), 1 / math.sqrt(2 * L)))
-        for norm in (block.attn.q_norm, block.attn.k_norm, block.attn.ctx_norm, block.mlp.fc_norm):
+        for norm in (block.attn.q_norm, block.attn.k_norm, block.attn.context_norm, block.mlp.fc_norm):
             assert torch.all(norm.weight == 1)
     big = GPT(GPTConfig(block_size=16, vocab_size=64, n_layer=4, n_head=4, n_embd=256, sdd=True))
     assert big.transformer.h[0].mlp.c_proj.weight.std().item() == pytest.approx(0.02, rel=0.04)
@@ -905,7 +905,7 @@ def test_deepnorm_constants():
     N, C = 6, 256
     model = GPT(GPTConfig(block_size=64, vocab_size=512, n_layer=N, n_head=4, n_embd=C, norm_position="deepnorm"))
     alpha, beta = (2 * N) ** 0.25, (8 * N) ** -0.25
-    assert all(b.residual_scale == pytest.approx(alpha) and b.post_norm for b in model.transformer.h)
+    assert all(b.deepnorm_alpha == pytest.approx(alpha) and b.post_norm for b in model.transformer.h)
     assert isinstance(model.transformer.ln_f, torch.nn.Identity)
     block = model.transformer.h[3]
     q, k, v = block.attn.c_attn.weight.view(3, C, C)
