@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from stable_gpt import GPT, GPTConfig, tvr_after_step
-from train_shakespeare import keep_freed_memory
+from support import keep_freed_memory
 
 SHAPES = {
     "cpu-preset": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32),

@@ -36,7 +36,9 @@ import torch.utils.checkpoint
 from torch.nn import functional as F
 
 NORMS = ("layernorm", "rmsnorm")
-GPT2_MODEL_TYPES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")  # 124M, 350M, 774M, 1558M parameters
+# OpenAI's GPT-2 sizes (124M, 350M, 774M, 1558M parameters), for GPT.from_pretrained
+GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+              "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280), "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}
 NORM_POSITIONS = ("pre", "post", "mix", "deepnorm")
 
 
@@ -548,8 +550,8 @@ class GPT(nn.Module):
     def from_pretrained(cls, model_type, override_args=None):
         """GPT-2 weights from Hugging Face (needs the transformers package, and the weights downloaded or
         cached): model_type in gpt2, gpt2-medium, gpt2-large, gpt2-xl; override_args may set dropout only."""
-        if model_type not in GPT2_MODEL_TYPES:
-            raise ValueError(f"unknown model_type {model_type!r}; valid: {', '.join(GPT2_MODEL_TYPES)}")
+        if model_type not in GPT2_SIZES:
+            raise ValueError(f"unknown model_type {model_type!r}; valid: {', '.join(GPT2_SIZES)}")
         override_args = override_args or {}
         if set(override_args) - {"dropout"}:
             raise ValueError(f"override_args may set dropout only, got {sorted(override_args)}")

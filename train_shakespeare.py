@@ -15,28 +15,30 @@ and summary.json.
 """
 
 import argparse
-import ctypes
 import json
 import math
 import os
 import re
 import shlex
-import signal
 import statistics
 import sys
 import time
-from collections import deque
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import prepare_data
-from prepare_data import Codec, DataError
 import stable_gpt
-from stable_gpt import GPT, GPT2_MODEL_TYPES, NORM_POSITIONS, NORMS, GPTConfig
+from prepare_data import Codec, DataError
+from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig
+from support import (Batches, DiagnosticsRecorder, JsonlLog, SpikeDetector, StopRequest, TrainError,
+                     checkpoint_model_state, fmt_time, gpu_peak_flops, keep_freed_memory, load_checkpoint,
+                     pick_device, pick_dtype, save_checkpoint)
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
 TECHNIQUES = ("sdd", "lns", "wesar", "lir", "tvr")
@@ -50,9 +52,6 @@ DEFAULTS = dict(
     device="auto", dtype="auto", compile=None, out_dir=None, diag_interval=100, spike_factor=1.2, spike_window=50,
     plot=False, grad_checkpoint=False, skip_nonfinite=False,
 )
-# bf16 dense tensor-core peak FLOP/s by GPU name, for MFU (NVIDIA data sheets); an unknown GPU gets no MFU
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
-                  "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
 GPT2_COMMON = dict(tokenizer="gpt2", block_size=1024, max_iters=600000, warmup_iters=2000, beta2=0.95, dropout=0.0,
                    eval_interval=1000, eval_iters=200, log_interval=10, diag_interval=1000)
 PRESETS = {
@@ -78,148 +77,162 @@ PRESETS = {
 }
 
 
-class TrainError(Exception):
-    """A problem with the user's input, reported as one line (exit code 2)."""
-
-
 # ----------------------------------------------------------------------------------------------------
 # Command line
+
+
+def default(key):
+    """The "(default: X)" of a help text, read from DEFAULTS, or from the presets where they set the key."""
+    if any(key in preset for preset in PRESETS.values()):
+        return f" (default: the preset's; cpu: {PRESETS['cpu'].get(key, DEFAULTS[key])})"
+    return f" (default: {DEFAULTS[key]})"
 
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None)
-    bool_flag = argparse.BooleanOptionalAction
+
+    def flag(group, name, help):  # every on/off flag: --x / --no-x, None when not given
+        group.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
+
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), help="base config (default: cpu, or shakespeare-char "
                    "with CUDA); every flag below overrides it")
     g.add_argument("--data", help="a text file (tokenized on first use and cached under data/cache) or a folder "
                    "with train.bin/val.bin (prepare_data.py or nanoGPT format); default: tiny Shakespeare")
-    g.add_argument("--tokenizer", choices=prepare_data.TOKENIZERS, help="char level or GPT-2 BPE, for text input")
+    g.add_argument("--tokenizer", choices=prepare_data.TOKENIZERS, help="char level or GPT-2 BPE, for text input"
+                   + default("tokenizer"))
     g.add_argument("--out-dir", help="where checkpoints and logs go (default: out/<preset>[-<flags>])")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")
-    g.add_argument("--overwrite", action="store_true", help="start afresh in an --out-dir that holds a run "
-                   "(refused without it, so that no run is lost by accident)")
-    g.add_argument("--skip-nonfinite", action="store_true", default=None, help="on a non-finite loss or gradient, "
-                   "skip that update and go on (counted in summary.json) instead of stopping")
-    g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    flag(g, "--resume", "continue the run in --out-dir from its ckpt.pt")
+    flag(g, "--overwrite", "start afresh in an --out-dir that holds a run (refused without it, so that no run is "
+         "lost by accident)")
+    flag(g, "--skip-nonfinite", "on a non-finite loss or gradient, skip that update and go on (counted in "
+         "summary.json) instead of stopping")
+    g.add_argument("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps" + default("device"))
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"],
                    help="autocast dtype; auto: bfloat16 on CUDA if supported, else float16 with a GradScaler; "
-                   "float32 elsewhere")
-    g.add_argument("--compile", action=bool_flag,
-                   help="torch.compile the model (default: on with CUDA; on CPU it needs a C++ compiler, compiles "
-                   "for 20-40 s, and makes --sdd cost ~1.1x the baseline instead of ~1.2x)")
-    g.add_argument("--init-from", choices=GPT2_MODEL_TYPES, help="start from OpenAI's GPT-2 weights (Hugging "
-                   "Face; needs the transformers package and the weights downloaded or cached): the model's shape "
-                   "is GPT-2's, the context is cropped to --block-size, the tokenizer is gpt2")
-    g.add_argument("--seed", type=int, help="seed for init, data order and dropout (default 1337)")
+                   "float32 elsewhere" + default("dtype"))
+    flag(g, "--compile", "torch.compile the model (default: on with CUDA; on CPU it needs a C++ compiler, compiles "
+         "for 20-40 s, and makes --sdd cost ~1.1x the baseline instead of ~1.2x)")
+    g.add_argument("--init-from", choices=GPT2_SIZES, help="start from OpenAI's GPT-2 weights (Hugging Face; needs "
+                   "the transformers package and the weights downloaded or cached): the model's shape is GPT-2's, "
+                   "the context is cropped to --block-size, the tokenizer is gpt2")
+    g.add_argument("--seed", type=int, help="seed for init, data order and dropout" + default("seed"))
 
     g = p.add_argument_group("model")
-    g.add_argument("--n-layer", type=int, help="number of blocks")
-    g.add_argument("--n-head", type=int, help="attention heads (must divide --n-embd)")
-    g.add_argument("--n-embd", type=int, help="width of the residual stream")
-    g.add_argument("--block-size", type=int, help="context length in tokens")
-    g.add_argument("--dropout", type=float, help="dropout probability (0 for short runs)")
-    g.add_argument("--bias", action=bool_flag, help="biases in Linears and norms (default off, as nanoGPT's configs)")
-    g.add_argument("--norm", choices=NORMS, help="normalization layer")
+    g.add_argument("--n-layer", type=int, help="number of blocks" + default("n_layer"))
+    g.add_argument("--n-head", type=int, help="attention heads (must divide --n-embd)" + default("n_head"))
+    g.add_argument("--n-embd", type=int, help="width of the residual stream" + default("n_embd"))
+    g.add_argument("--block-size", type=int, help="context length in tokens" + default("block_size"))
+    g.add_argument("--dropout", type=float, help="dropout probability" + default("dropout"))
+    flag(g, "--bias", "biases in Linears and norms (default: off, as nanoGPT's configs)")
+    g.add_argument("--norm", choices=NORMS, help="normalization layer" + default("norm"))
     g.add_argument("--norm-position", choices=NORM_POSITIONS,
                    help="pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (Vaswani); mix: first --mix-fraction "
-                   "of blocks post, rest pre (Mix-LN); deepnorm: norm(alpha x + f(x)) with DeepNet's init")
-    g.add_argument("--mix-fraction", type=float, help="Mix-LN: fraction of Post-LN blocks at the bottom (0.25)")
+                   "of blocks post, rest pre (Mix-LN); deepnorm: norm(alpha x + f(x)) with DeepNet's init"
+                   + default("norm_position"))
+    g.add_argument("--mix-fraction", type=float, help="Mix-LN: fraction of Post-LN blocks at the bottom"
+                   + default("mix_fraction"))
     g.add_argument("--init-std", "--lir-sigma", dest="init_std", type=float,
-                   help="base init std sigma of every matrix (0.02, GPT-2); with --lir block l gets sigma/sqrt(l) "
-                   "(the LIR paper's preset is 0.006 at width 2048)")
-    g.add_argument("--scaled-init", action=bool_flag, help="GPT-2's c_proj init std/sqrt(2 n_layer) "
-                   "(default: on only for plain Pre-LN; off with --sdd, --lns, --lir)")
+                   help="base init std sigma of every matrix (GPT-2's); with --lir block l gets sigma/sqrt(l) "
+                   "(the LIR paper's preset is 0.006 at width 2048)" + default("init_std"))
+    flag(g, "--scaled-init", "GPT-2's c_proj init std/sqrt(2 n_layer) (default: on only for plain Pre-LN; off with "
+         "--sdd, --lns, --lir)")
 
     g = p.add_argument_group("stabilizers (each off by default: then the model is nanoGPT's)")
-    g.add_argument("--sdd", action="store_true", help="Scale-Distribution Decoupling (arXiv 2502.15499): "
-                   "RMSNorm + learnable gain on the output of every block linear")
-    g.add_argument("--sdd-official-decay", action=bool_flag,
-                   help="with --sdd, the official SDD configs' weight-decay groups: every norm gain and bias "
-                   "decayed, the embeddings not (default on; --no-sdd-official-decay: nanoGPT's groups)")
-    g.add_argument("--lns", action="store_true", help="LayerNorm Scaling (arXiv 2502.05795): pre-norm output "
-                   "of layer l times 1/sqrt(l)")
-    g.add_argument("--wesar", action="store_true", help="WeSaR (arXiv 2410.05052): raw matrices of one common "
-                   "std, one learnable gate per matrix")
-    g.add_argument("--wesar-sigma", type=float, help="WeSaR's common raw std (sqrt(4e-5) = 0.0063)")
-    g.add_argument("--lir", action="store_true", help="Layer Index Rescaling init (arXiv 2503.17500): "
-                   "block l matrices ~ N(0, (sigma/sqrt(l))^2)")
-    g.add_argument("--tvr", action="store_true", help="Target Variance Rescaling (arXiv 2503.17500): every "
-                   "--tvr-interval steps, rescale each block matrix whose std exceeds the target back to it")
-    g.add_argument("--tvr-target", type=float, help="TVR target std (0.04; see README)")
-    g.add_argument("--tvr-interval", type=int, help="TVR interval in optimizer steps (50)")
-    g.add_argument("--tvr-threshold", type=float, help="rescale only when std > threshold * target (1.0)")
+    flag(g, "--sdd", "Scale-Distribution Decoupling (arXiv 2502.15499): RMSNorm + learnable gain on the output of "
+         "every block linear, and on the embeddings")
+    flag(g, "--sdd-official-decay", "with --sdd, the official SDD configs' weight-decay groups: every norm gain and "
+         "bias decayed, the embeddings not (default: on; --no-sdd-official-decay: nanoGPT's groups)")
+    flag(g, "--lns", "LayerNorm Scaling (arXiv 2502.05795): pre-norm output of layer l times 1/sqrt(l) (under "
+         "--sdd: each branch output, this project's adaptation)")
+    flag(g, "--wesar", "WeSaR (arXiv 2410.05052): raw matrices of one common std, one learnable gate per matrix")
+    g.add_argument("--wesar-sigma", type=float, help="WeSaR's common raw std" + default("wesar_sigma"))
+    flag(g, "--lir", "Layer Index Rescaling init (arXiv 2503.17500): block l matrices ~ N(0, (sigma/sqrt(l))^2)")
+    flag(g, "--tvr", "Target Variance Rescaling (arXiv 2503.17500): every --tvr-interval steps, rescale each block "
+         "matrix whose std exceeds the target back to it")
+    g.add_argument("--tvr-target", type=float, help="TVR target std (see README)" + default("tvr_target"))
+    g.add_argument("--tvr-interval", type=int, help="TVR interval in optimizer steps" + default("tvr_interval"))
+    g.add_argument("--tvr-threshold", type=float, help="rescale only when std > threshold * target"
+                   + default("tvr_threshold"))
 
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, help="sequences per micro-batch")
-    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (split across DDP ranks)")
-    g.add_argument("--max-iters", type=int, help="optimizer steps")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default lr/10)")
-    g.add_argument("--warmup-iters", type=int, help="linear warmup steps")
-    g.add_argument("--lr-decay-iters", type=int, help="steps of the cosine decay (default --max-iters)")
-    g.add_argument("--weight-decay", type=float, help="AdamW weight decay on matrices and embeddings (0.1)")
-    g.add_argument("--beta1", type=float, help="AdamW beta1 (0.9)")
-    g.add_argument("--beta2", type=float, help="AdamW beta2")
-    g.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off)")
-    g.add_argument("--grad-checkpoint", action=bool_flag, help="activation checkpointing: recompute each block in "
-                   "the backward (less memory, ~1/3 more compute; on by default for gpt2-1.5b)")
+    g.add_argument("--batch-size", type=int, help="sequences per micro-batch" + default("batch_size"))
+    g.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (split across DDP ranks)"
+                   + default("grad_accum"))
+    g.add_argument("--max-iters", type=int, help="optimizer steps" + default("max_iters"))
+    g.add_argument("--lr", type=float, help="peak learning rate" + default("lr"))
+    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: the preset's, "
+                   "else --lr/10)")
+    g.add_argument("--warmup-iters", type=int, help="linear warmup steps" + default("warmup_iters"))
+    g.add_argument("--lr-decay-iters", type=int, help="steps of the cosine decay (default: --max-iters)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (which tensors: see README)"
+                   + default("weight_decay"))
+    g.add_argument("--beta1", type=float, help="AdamW beta1" + default("beta1"))
+    g.add_argument("--beta2", type=float, help="AdamW beta2" + default("beta2"))
+    g.add_argument("--grad-clip", type=float, help="clip the global gradient norm to this (0: off)"
+                   + default("grad_clip"))
+    flag(g, "--grad-checkpoint", "activation checkpointing: recompute each block in the backward (less memory, "
+         "~1/3 more compute; on by default for gpt2-1.5b)")
 
     g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps")
-    g.add_argument("--eval-iters", type=int, help="batches per split per evaluation")
-    g.add_argument("--log-interval", type=int, help="print and log every this many steps")
+    g.add_argument("--eval-interval", type=int, help="evaluate (and checkpoint) every this many steps"
+                   + default("eval_interval"))
+    g.add_argument("--eval-iters", type=int, help="batches per split per evaluation" + default("eval_iters"))
+    g.add_argument("--log-interval", type=int, help="print and log every this many steps" + default("log_interval"))
     g.add_argument("--diag-interval", type=int, help="record per-layer diagnostics to diag.jsonl every this many "
-                   "steps (default 100; 0: off)")
+                   "steps (0: off)" + default("diag_interval"))
     g.add_argument("--spike-factor", type=float, help="a loss spike is a step loss above this times the median "
-                   "of the previous --spike-window steps (1.2)")
-    g.add_argument("--spike-window", type=int, help="steps in the spike detector's running median (50)")
-    g.add_argument("--plot", action="store_true", default=None, help="write PNG plots into --out-dir at the end")
+                   "of the previous --spike-window steps" + default("spike_factor"))
+    g.add_argument("--spike-window", type=int, help="steps in the spike detector's running median"
+                   + default("spike_window"))
+    flag(g, "--plot", "write PNG plots into --out-dir at the end")
 
     g = p.add_argument_group("compare runner")
     g.add_argument("--compare", nargs="+", metavar="CONFIG", help="run several configurations (each a quoted string "
                    "of flags, or 'baseline') on the same data, seeds and budget; every other flag is common to all. "
                    "Writes compare.md and compare.png into --out-dir (default out/compare). Finished runs are "
                    "not redone. Put --compare after the common flags; its configurations run up to --seeds or the end")
-    g.add_argument("--seeds", type=int, default=1, help="with --compare: seeds per configuration (seed, seed+1, ...)")
+    g.add_argument("--seeds", type=int, default=1, help="with --compare: seeds per configuration (seed, seed+1, "
+                   "...) (default: %(default)s)")
 
     g = p.add_argument_group("sampling")
-    g.add_argument("--sample", action="store_true", help="only sample from --out-dir/ckpt.pt")
+    flag(g, "--sample", "only sample from --out-dir/ckpt.pt")
     g.add_argument("--prompt", default="\n", help="start of the sample (default: a newline)")
-    g.add_argument("--num-samples", type=int, default=1, help="number of samples")
-    g.add_argument("--max-new-tokens", type=int, default=500, help="tokens per sample")
-    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (> 0)")
-    g.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens (0: all)")
+    g.add_argument("--num-samples", type=int, default=1, help="number of samples (default: %(default)s)")
+    g.add_argument("--max-new-tokens", type=int, default=500, help="tokens per sample (default: %(default)s)")
+    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, > 0 (default: %(default)s)")
+    g.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens, 0: all "
+                   "(default: %(default)s)")
     return p
 
 
-CLI_ONLY = {"preset", "resume", "overwrite", "sample", "prompt", "num_samples", "max_new_tokens", "temperature", "top_k",
-            "compare", "seeds"}
-
-
-# model settings that --init-from takes from GPT-2's weights
-GPT2_FIXED = ("n_layer", "n_head", "n_embd", "bias", "norm", "norm_position", "init_std", "scaled_init", "sdd", "lns",
-              "wesar", "lir", "mix_fraction", "wesar_sigma")
+# model settings that --init-from takes from GPT-2 (its sizes come from stable_gpt.GPT2_SIZES)
+GPT2_MODEL = dict(bias=True, norm="layernorm", norm_position="pre", sdd=False, lns=False, wesar=False, lir=False,
+                  init_std=DEFAULTS["init_std"], scaled_init=None)
 
 
 def resolve_config(args, base=None):
-    """The run's config: DEFAULTS < preset (or, on --resume, the checkpoint's config) < flags given."""
-    explicit = {k: v for k, v in vars(args).items() if v is not None and k not in CLI_ONLY}
-    explicit = {k: v for k, v in explicit.items() if not (k in TECHNIQUES and v is False)}  # store_true unset
+    """The run's config, every setting resolved here: DEFAULTS < preset (or, on --resume, the checkpoint's
+    config) < flags given. Returns (cfg, the flags given)."""
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k in DEFAULTS}  # the rest is CLI-only
     if base is None:
         preset = args.preset or ("shakespeare-char" if torch.cuda.is_available() else "cpu")
         base = dict(DEFAULTS, **PRESETS[preset], preset=preset)
     cfg = dict(base, **explicit)
+    if cfg["min_lr"] is None:
+        cfg["min_lr"] = cfg["lr"] / 10
+    cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
     if cfg["init_from"]:
         # GPT-2's weights fix the architecture: flags that would change it (or its init) are refused
-        changed = [k for k in GPT2_FIXED if k in explicit and explicit[k] != DEFAULTS.get(k)]
+        fixed = dict(GPT2_MODEL, **GPT2_SIZES[cfg["init_from"]], mix_fraction=DEFAULTS["mix_fraction"])
+        changed = [k for k in fixed if k in explicit and explicit[k] != fixed[k]]
         if changed:
             raise TrainError(f"--init-from {cfg['init_from']} loads GPT-2's architecture and weights; it cannot "
                              f"be combined with --{', --'.join(k.replace('_', '-') for k in changed)}")
         if explicit.get("tokenizer", "gpt2") != "gpt2":
             raise TrainError(f"--init-from {cfg['init_from']} needs --tokenizer gpt2 (GPT-2's vocabulary)")
-        cfg["tokenizer"] = "gpt2"
+        cfg.update(fixed, tokenizer="gpt2")
     if cfg["out_dir"] is None:
         flags = [t for t in TECHNIQUES if cfg[t]] + [cfg["norm_position"]] * (cfg["norm_position"] != "pre") \
             + [cfg["norm"]] * (cfg["norm"] != "layernorm") + [cfg["init_from"]] * bool(cfg["init_from"])
@@ -235,28 +248,19 @@ def resolve_config(args, base=None):
     return cfg, explicit
 
 
+def resume_config(args, ckpt):
+    """The config of a resumed run: the checkpoint's (with defaults for settings added since), then flags."""
+    cfg, explicit = resolve_config(args, base=dict(DEFAULTS, **ckpt["config"]))
+    changed = {k: (ckpt["config"].get(k), v) for k, v in explicit.items()
+               if k in MODEL_KEYS and ckpt["config"].get(k) != v}
+    if changed:
+        raise TrainError("cannot resume with a different model: " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    return cfg
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data
-
-
-class Batches:
-    """Random (x, y) windows from a uint16 token file, drawn with the run's own generator, so that the data
-    order is reproducible and its state can be saved for an exact resume."""
-
-    def __init__(self, path, block_size, batch_size, device, seed):
-        self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
-        self.n = len(np.memmap(path, dtype=np.uint16, mode="r"))
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def next(self):
-        # re-open the memmap on every batch: a long-lived memmap grows RSS (nanoGPT #287)
-        data = np.memmap(self.path, dtype=np.uint16, mode="r")
-        ix = torch.randint(self.n - self.block_size, (self.batch_size,), generator=self.gen).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in ix]).astype(np.int64))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in ix]).astype(np.int64))
-        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
 
 
 def load_data(cfg):
@@ -282,7 +286,7 @@ def model_vocab_size(meta):
 
 
 def load_gpt2(cfg):
-    """GPT.from_pretrained(--init-from), cropped to --block-size; cfg's model settings become GPT-2's."""
+    """GPT.from_pretrained(--init-from), cropped to --block-size (resolve_config set cfg's model to GPT-2's)."""
     try:
         model = GPT.from_pretrained(cfg["init_from"], dict(dropout=cfg["dropout"]))
         model.crop_block_size(cfg["block_size"])
@@ -295,46 +299,11 @@ def load_gpt2(cfg):
         raise TrainError(f"--init-from {cfg['init_from']}: could not load GPT-2's weights ({type(e).__name__}: "
                          f"{first_line}); they are downloaded from Hugging Face on first use, so this needs a "
                          "network once, or a copy in the Hugging Face cache") from None
-    c = model.config
-    cfg.update(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, bias=c.bias, norm=c.norm,
-               norm_position=c.norm_position, init_std=c.init_std, scaled_init=c.scaled_init)
     return model
 
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def save_checkpoint(path, state):
-    """Atomic: written to a temporary file in the same folder, then renamed over the old one, so a crash
-    while writing leaves the previous checkpoint intact."""
-    tmp = Path(f"{path}.tmp")
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(path):
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"no checkpoint at {path}; train first (python train_shakespeare.py --out-dir "
-                         f"{path.parent}), or point --out-dir at a finished run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or corrupted file: torch raises a variety of errors
-        raise TrainError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is truncated or not a "
-                         "stable-gpt checkpoint") from None
-    missing = {"model", "model_args", "config", "meta"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
-    if missing:
-        raise TrainError(f"{path} is not a stable-gpt checkpoint (missing {', '.join(sorted(missing))})")
-    return ckpt
-
-
-def checkpoint_model_state(ckpt):
-    """The checkpoint's model state dict, with the prefix torch.compile adds to its keys removed."""
-    return {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
 
 
 def model_from_checkpoint(ckpt):
@@ -356,108 +325,6 @@ def get_lr(it, cfg):
         return min_lr
     ratio = (it - warmup) / max(1, decay_iters - warmup)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
-
-
-def keep_freed_memory():
-    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS. A training
-    step frees and re-allocates the same activation buffers (0.1-4 MB each in the CPU preset); by default
-    glibc maps such sizes fresh and trims them away on free, so each step page-faults 2,500-8,000 zeroed
-    pages back in: ~15 ms of kernel time over the 2 threads, ~6% of a CPU-preset step (measured with
-    getrusage). A fixed mmap threshold of 32 MiB (glibc's largest) and no trimming keep them on the heap;
-    the peak memory stays the same. Returns whether it took effect (Linux with glibc only)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
-    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
-
-
-def pick_device(name):
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TrainError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainError("--device cuda, but CUDA is not available here; use --device cpu (or auto)")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise TrainError("--device mps, but MPS is not available here; use --device cpu (or auto)")
-    return device
-
-
-def pick_dtype(name, device):
-    if name in (None, "auto"):
-        if device.type != "cuda":
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if name != "float32" and device.type != "cuda":
-        raise TrainError(f"--dtype {name} needs CUDA; on {device.type} use float32")
-    return getattr(torch, name)
-
-
-def gpu_peak_flops(device):
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
-
-
-def fmt_time(s):
-    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
-
-
-class Stopwatch:
-    """Adds up the time spent inside `with stopwatch:` blocks (here: the diagnostics' share of the run)."""
-
-    def __init__(self):
-        self.total = 0.0
-
-    def __enter__(self):
-        self.started = time.time()
-
-    def __exit__(self, *exc):
-        self.total += time.time() - self.started
-
-
-class SpikeDetector:
-    """A loss spike is a step whose loss exceeds `factor` x the median loss of the previous `window` steps
-    (no verdict before `window` steps have been seen). A median, unlike a mean, is not dragged up by the
-    spike itself or by the falling loss of early training."""
-
-    def __init__(self, factor, window, recent=()):
-        self.factor = factor
-        self.recent = deque(recent, maxlen=window)
-
-    def update(self, loss):
-        """Feed one step's loss; returns the median it was compared with if it is a spike, else None."""
-        median = statistics.median(self.recent) if len(self.recent) == self.recent.maxlen else None
-        self.recent.append(loss)
-        return median if median is not None and loss > self.factor * median else None
-
-
-class JsonlLog:
-    """log.jsonl: one JSON object per line; a step line's iter counts the steps done, an eval line's the steps
-    before it. On resume, what the resumed run will write again (later steps, the eval at resume_iter) is dropped."""
-
-    def __init__(self, path, resume_iter=None):
-        self.path = Path(path)
-        lines = []
-        if resume_iter is not None and self.path.is_file():
-            keep = lambda r: r["iter"] < resume_iter or (r["iter"] == resume_iter and r.get("type") != "eval")
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and keep(json.loads(ln))]
-        self.path.write_text("".join(ln + "\n" for ln in lines))
-
-    def write(self, **record):
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 @torch.no_grad()
@@ -492,67 +359,39 @@ def generate_text(model, codec, prompt, num_samples, max_new_tokens, temperature
     return texts
 
 
-class StopRequest:
-    """Turns SIGINT (Ctrl-C) and SIGTERM into a request the loop honours at the next step boundary, where it
-    writes a checkpoint and returns. A second signal stops at once (the last checkpoint stays intact)."""
+@dataclass
+class Process:
+    """This process's place in the run: rank and world size under torchrun (else 0 and 1) and its device."""
+    rank: int
+    world: int
+    device: torch.device
+    ddp: bool
 
-    def __init__(self):
-        self.signum = None
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
-              "(signal again to stop at once)", flush=True)
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+    @property
+    def master(self):
+        return self.rank == 0  # rank 0 alone prints, logs, evaluates into files and writes checkpoints
 
 
-def train(cfg, resume_ckpt=None, stop=None):
-    """Train with the resolved config cfg (continuing resume_ckpt if given). stop: a StopRequest whose
-    signal ends the run at the next step boundary with a checkpoint. Returns (model, codec, summary),
-    the summary on rank 0 only."""
-    stop = stop or StopRequest()
-    # --- distributed set-up (torchrun sets RANK) ------------------------------------------------------
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    if ddp:
-        import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if cfg["device"] in (None, "auto"):
-            cfg["device"] = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        device = pick_device(cfg["device"])
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        if cfg["grad_accum"] % world:
-            raise TrainError(f"--grad-accum {cfg['grad_accum']} must be divisible by the {world} processes")
-    else:
-        rank, world = 0, 1
-        device = pick_device(cfg["device"])
-    master = rank == 0
-    grad_accum = cfg["grad_accum"] // world
-    keep_freed_memory()
-    dtype = pick_dtype(cfg["dtype"], device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    compile_model = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
+def setup_process(cfg):
+    """The device, and under torchrun (which sets RANK) the process group: NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Process(0, 1, pick_device(cfg["device"]), ddp=False)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    name = cfg["device"]
+    if name in (None, "auto"):
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = pick_device(name)
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if cfg["grad_accum"] % world:
+        raise TrainError(f"--grad-accum {cfg['grad_accum']} must be divisible by the {world} processes")
+    return Process(rank, world, device, ddp=True)
 
-    # --- data and model ------------------------------------------------------------------------------
-    data_dir, meta = load_data(cfg)
-    codec = Codec(meta)
-    cfg["min_lr"] = cfg["min_lr"] if cfg["min_lr"] is not None else cfg["lr"] / 10
-    cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
+
+def build_model(cfg, meta, data_dir, resume_ckpt, proc):
+    """The GPT of cfg on proc's device: initialized (seed + rank), from GPT-2's weights with --init-from, or
+    (restored later) from a checkpoint."""
     if cfg["init_from"] and meta["tokenizer"] != "gpt2":
         raise TrainError(f"--init-from {cfg['init_from']} needs GPT-2 BPE tokens; {data_dir} holds "
                          f"{meta['tokenizer']} tokens (prepare it with --tokenizer gpt2)")
@@ -564,90 +403,133 @@ def train(cfg, resume_ckpt=None, stop=None):
         config = GPTConfig(**model_args)
     except ValueError as e:
         raise TrainError(str(e)) from None
-    torch.manual_seed(cfg["seed"] + rank)
+    torch.manual_seed(cfg["seed"] + proc.rank)
     model = GPT(config)
     if pretrained is not None:
         model.load_state_dict(pretrained.state_dict())
-    model = model.to(device)
+    model = model.to(proc.device)
     model.grad_checkpointing = cfg["grad_checkpoint"]
-    peak_flops = gpu_peak_flops(device)
-    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["lr"], (cfg["beta1"], cfg["beta2"]),
-                                           device.type, sdd_official_decay=cfg["sdd_official_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device,
-                      cfg["seed"] + 1000 + rank)
-    iter_num, best_val = 0, float("inf")
-    if resume_ckpt is not None:
-        if resume_ckpt["meta"].get("tokenizer") != meta["tokenizer"] or \
-                resume_ckpt["meta"].get("vocab_size") != meta["vocab_size"] or \
-                resume_ckpt["meta"].get("chars") != meta.get("chars"):
-            raise TrainError("the checkpoint was trained on another tokenizer or vocabulary "
-                             f"({resume_ckpt['meta'].get('tokenizer')}, {resume_ckpt['meta'].get('vocab_size')} "
-                             f"tokens) than --data ({meta['tokenizer']}, {meta['vocab_size']} tokens)")
-        model.load_state_dict(checkpoint_model_state(resume_ckpt))
-        optimizer.load_state_dict(resume_ckpt["optimizer"])
-        if "scaler" in resume_ckpt:
-            scaler.load_state_dict(resume_ckpt["scaler"])
-        iter_num, best_val = resume_ckpt["iter_num"], resume_ckpt["best_val_loss"]
-        rng = resume_ckpt["rng"][rank % len(resume_ckpt["rng"])]  # a run resumed on more ranks reuses streams
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-        batches.gen.set_state(rng["data"])
-    raw_model = model
-    if compile_model:
-        model = torch.compile(model)
-    if ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
 
-    out_dir = Path(cfg["out_dir"])
-    tokens_per_iter = grad_accum * world * cfg["batch_size"] * cfg["block_size"]
+
+def restore(ckpt, meta, model, optimizer, scaler, batches, proc):
+    """Put a checkpoint back into the model, optimizer, loss scaler and this rank's random streams (dropout
+    and data order), so that the run continues bit for bit. Returns the run's state: iter_num, best val loss,
+    spikes so far, the spike detector's recent losses."""
+    if ckpt is None:
+        return 0, float("inf"), [], []
+    if any(ckpt["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
+        raise TrainError("the checkpoint was trained on another tokenizer or vocabulary "
+                         f"({ckpt['meta'].get('tokenizer')}, {ckpt['meta'].get('vocab_size')} "
+                         f"tokens) than --data ({meta['tokenizer']}, {meta['vocab_size']} tokens)")
+    model.load_state_dict(checkpoint_model_state(ckpt))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"][proc.rank % len(ckpt["rng"])]  # a run resumed on more ranks reuses streams
+    torch.set_rng_state(rng["torch"])
+    if proc.device.type == "cuda" and rng["cuda"] is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    batches.gen.set_state(rng["data"])
+    return ckpt["iter_num"], ckpt["best_val_loss"], list(ckpt.get("spikes", [])), ckpt.get("recent_losses", [])
+
+
+def rng_states(data_state, proc):
+    """Every rank's random streams (data order, dropout), so that each rank resumes its own."""
+    mine = dict(data=data_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if proc.device.type == "cuda" else None)
+    if not proc.ddp:
+        return [mine]
+    states = [None] * proc.world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def any_rank(flag, proc):
+    """Whether flag holds on any rank: every rank must stop at the same step, or the collectives would hang."""
+    if not proc.ddp:
+        return flag
+    t = torch.tensor(float(flag), device=proc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def replica_max_diff(model, proc):
+    """Self-check after a DDP run: the largest difference of any weight across ranks (DDP, and TVR's
+    deterministic in-place edit, must keep the replicas identical). None without DDP."""
+    if not proc.ddp:
+        return None
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return (high - low).max().item()
+
+
+def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at):
+    print(f"model: {config.techniques()} | {model.get_num_params() / 1e6:.2f}M params | "
+          f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, "
+          f"vocab {config.vocab_size}")
+    for note in config.combination_notes():
+        print(f"note: {note}")
+    print(f"training: {cfg['max_iters']} iters x {tokens_per_iter:,} tokens on {proc.device} ({str(dtype)[6:]}"
+          f"{', compiled' if compiled else ''}{f', {proc.world} processes' if proc.ddp else ''}), "
+          f"data {data_dir}, out {out_dir}" + (f", resuming at iter {resumed_at}" if resumed_at is not None else ""))
+
+
+def train(cfg, resume_ckpt=None, stop=None):
+    """Train with the resolved config cfg (continuing resume_ckpt if given). stop: a StopRequest whose
+    signal ends the run at the next step boundary with a checkpoint. Returns (model, codec, summary),
+    the summary on rank 0 only."""
+    stop = stop or StopRequest()
+    proc = setup_process(cfg)
+    device, master, grad_accum = proc.device, proc.master, cfg["grad_accum"] // proc.world
+    keep_freed_memory()
+    dtype = pick_dtype(cfg["dtype"], device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    compiled = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    data_dir, meta = load_data(cfg)
+    raw_model = build_model(cfg, meta, data_dir, resume_ckpt, proc)
+    config = raw_model.config
+    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["lr"], (cfg["beta1"], cfg["beta2"]),
+                                               device.type, sdd_official_decay=cfg["sdd_official_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device, cfg["seed"] + 1000 + proc.rank)
+    iter_num, best_val, spikes, recent_losses = restore(resume_ckpt, meta, raw_model, optimizer, scaler, batches, proc)
+    model = torch.compile(raw_model) if compiled else raw_model
+    if proc.ddp:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    out_dir, resumed_at = Path(cfg["out_dir"]), iter_num if resume_ckpt else None
+    tokens_per_iter = grad_accum * proc.world * cfg["batch_size"] * cfg["block_size"]
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
-        print(f"model: {config.techniques()} | {raw_model.get_num_params() / 1e6:.2f}M params | "
-              f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, "
-              f"vocab {config.vocab_size}")
-        for note in config.combination_notes():
-            print(f"note: {note}")
-        print(f"training: {cfg['max_iters']} iters x {tokens_per_iter:,} tokens on {device} ({str(dtype)[6:]}"
-              f"{', compiled' if compile_model else ''}{f', {world} processes' if ddp else ''}), "
-              f"data {data_dir}, out {out_dir}" + (f", resuming at iter {iter_num}" if resume_ckpt else ""))
-        log = JsonlLog(out_dir / "log.jsonl", resume_iter=iter_num if resume_ckpt else None)
-        diag_log = JsonlLog(out_dir / "diag.jsonl", resume_iter=iter_num if resume_ckpt else None)
+        print_start(cfg, config, raw_model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at)
+        log = JsonlLog(out_dir / "log.jsonl", resume_iter=resumed_at)
+    # diagnostics read one fixed validation batch (up to 8 sequences), the same at every record
+    diag = DiagnosticsRecorder(raw_model, Batches(data_dir / "val.bin", cfg["block_size"], min(8, cfg["batch_size"]),
+                                                  device, cfg["seed"] + 7).next(),
+                               JsonlLog(out_dir / "diag.jsonl", resume_iter=resumed_at) if master else None,
+                               cfg["diag_interval"] if master else 0)
+    detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], recent_losses)
+    peak_flops = gpu_peak_flops(device)
 
-    def checkpoint_state(data_state):
-        # every rank's random streams (data order, dropout), so that each rank resumes its own
-        mine = dict(data=data_state, torch=torch.get_rng_state(),
-                    cuda=torch.cuda.get_rng_state() if device.type == "cuda" else None)
-        rng = [mine]
-        if ddp:
-            rng = [None] * world
-            dist.all_gather_object(rng, mine)
+    def checkpoint(data_state):  # every rank joins rng_states' gather; rank 0 writes
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     model_args=asdict(config), config=cfg, meta=meta, iter_num=iter_num, best_val_loss=best_val,
-                    spikes=list(spikes), recent_losses=list(detector.recent), rng=rng)
+                    spikes=list(spikes), recent_losses=list(detector.recent), rng=rng_states(data_state, proc))
 
-    # --- the loop ------------------------------------------------------------------------------------
-    t_start = time.time()
+    t_start = t_log = time.time()
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
     x, y = batches.next()
-    diverged, last_eval = None, None
-    spikes = list(resume_ckpt.get("spikes", [])) if resume_ckpt else []  # the spike detector goes on where it was
-    detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], resume_ckpt.get("recent_losses", [])
-                             if resume_ckpt else [])
-    t_log, iters_since_log, tokens_trained, diag_time = time.time(), 0, 0, Stopwatch()
-    # diagnostics read one fixed validation batch (up to 8 sequences), the same at every record
-    diag_x, diag_y = Batches(data_dir / "val.bin", cfg["block_size"], min(8, cfg["batch_size"]), device,
-                             cfg["seed"] + 7).next()
-    interrupted, skipped, last_saved = None, 0, resume_ckpt["iter_num"] if resume_ckpt else None
+    diverged = last_eval = interrupted = None
+    iters_since_log, tokens_trained, skipped, last_saved = 0, 0, 0, resumed_at
     while True:
-        stop_now = stop.signum is not None
-        if ddp:  # every rank must stop at the same step, or the collectives would hang
-            flag = torch.tensor(float(stop_now), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop_now = flag.item() > 0
-        if stop_now:
-            state = checkpoint_state(data_state)
+        if any_rank(stop.signum is not None, proc):
+            state = checkpoint(data_state)
             if master:
                 save_checkpoint(out_dir / "ckpt.pt", state)
                 print(f"stopped at iter {iter_num}; wrote {out_dir / 'ckpt.pt'}. Resume with:\n"
@@ -657,32 +539,26 @@ def train(cfg, resume_ckpt=None, stop=None):
         lr = get_lr(iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-
         if iter_num % cfg["eval_interval"] == 0 or iter_num == cfg["max_iters"]:
-            losses = estimate_loss(raw_model, cfg, data_dir, device, autocast)
-            last_eval = losses
-            improved = losses["val"] < best_val
-            best_val = min(best_val, losses["val"])
-            state = checkpoint_state(data_state)  # every rank joins the gather
+            last_eval = estimate_loss(raw_model, cfg, data_dir, device, autocast)
+            improved, best_val = last_eval["val"] < best_val, min(best_val, last_eval["val"])
+            state = checkpoint(data_state)
             if master:
-                print(f"eval  {iter_num:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+                print(f"eval  {iter_num:>6}: train {last_eval['train']:.4f}, val {last_eval['val']:.4f}"
                       + (" (best)" if improved else ""))
-                log.write(iter=iter_num, type="eval", train_loss=losses["train"], val_loss=losses["val"])
+                log.write(iter=iter_num, type="eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
                 save_checkpoint(out_dir / "ckpt.pt", state)
                 if improved:
                     save_checkpoint(out_dir / "best.pt", state)
-            last_saved = iter_num
-            t_log = time.time()  # evaluation time is not step time
+            last_saved, t_log = iter_num, time.time()  # evaluation time is not step time
         if iter_num >= cfg["max_iters"]:
             break
 
-        diag_now = master and cfg["diag_interval"] > 0 and (iter_num + 1) % cfg["diag_interval"] == 0
-        if diag_now:
-            with diag_time:
-                diag = {"iter": iter_num + 1, "before": stable_gpt.matrix_snapshot(raw_model)}
+        # --- the step: forward and backward over the micro-batches, clip, update -----------------------
+        diag.before_step(iter_num)
         loss_sum = 0.0
         for micro_step in range(grad_accum):
-            if ddp:  # all-reduce the gradients only on the last micro-step
+            if proc.ddp:  # all-reduce the gradients only on the last micro-step
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
                 _, loss = model(x, y)
@@ -693,38 +569,37 @@ def train(cfg, resume_ckpt=None, stop=None):
             scaler.scale(loss).backward()
             loss_sum = loss_sum + loss.detach()
         scaler.unscale_(optimizer)
-        if diag_now:  # before clipping, as OLMo's logs and SDD's Fig. 7
-            with diag_time:
-                diag["grad_norm"] = stable_gpt.grad_norms(raw_model)
+        diag.after_backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(),
                                                    cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
-        # checked every step: a spike or a non-finite value is a single-step event (one device sync per step).
-        # With fp16, an inf gradient is the GradScaler's business (it skips the step and lowers its scale).
+        # checked every step: a non-finite value is a single-step event (one device sync per step). With
+        # fp16, an inf gradient is the GradScaler's business (it skips the step and lowers its scale).
         lossf, normf = float(loss_sum), float(grad_norm)
-        bad = "loss" if not math.isfinite(lossf) else \
+        nonfinite = "loss" if not math.isfinite(lossf) else \
             "gradient norm" if not (math.isfinite(normf) or scaler.is_enabled()) else None
-        if bad and cfg["skip_nonfinite"]:
+        if nonfinite is None:
+            scaler.step(optimizer)
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+        # --- what follows from the step ----------------------------------------------------------------
+        if nonfinite and cfg["skip_nonfinite"]:
             skipped += 1
             if master:
-                print(f"iter {iter_num + 1}: non-finite {bad} ({lossf}, {normf}); update skipped ({skipped} so far)")
+                print(f"iter {iter_num + 1}: non-finite {nonfinite} ({lossf}, {normf}); update skipped "
+                      f"({skipped} so far)")
                 log.write(iter=iter_num + 1, type="skipped", loss=lossf, grad_norm=normf)
-            optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             iters_since_log += 1
             continue
-        if bad:
+        if nonfinite:
             diverged = iter_num + 1
             if master:
                 where = f"{out_dir / 'ckpt.pt'} (iter {last_saved})" if last_saved is not None else "none yet"
-                print(f"iter {iter_num + 1}: non-finite {bad} (loss {lossf}, gradient norm {normf}); stopping "
-                      f"without saving. The last good checkpoint: {where}")
+                print(f"iter {iter_num + 1}: non-finite {nonfinite} (loss {lossf}, gradient norm {normf}); "
+                      f"stopping without saving. The last good checkpoint: {where}")
             break
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        if diag_now:
-            with diag_time:
-                diag["update_ratio"] = stable_gpt.update_ratios(diag.pop("before"), raw_model)
+        diag.after_update()
         stable_gpt.tvr_after_step(raw_model, iter_num + 1)  # TVR (arXiv 2503.17500), when on
         iter_num += 1
         iters_since_log += 1
@@ -735,43 +610,30 @@ def train(cfg, resume_ckpt=None, stop=None):
             if master:
                 print(f"spike at iter {iter_num}: loss {lossf:.4f} > {cfg['spike_factor']} x median {median:.4f}")
                 log.write(iter=iter_num, type="spike", loss=lossf, median=median)
-        if diag_now:
-            with diag_time:
-                diag.update(stable_gpt.activation_stats(raw_model, diag_x),
-                            layer_importance=stable_gpt.layer_importance(raw_model, diag_x, diag_y),
-                            weight_std=stable_gpt.weight_stds(raw_model))
-            diag_log.write(**diag)
-
+        diag.end_step()
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
             dt = (time.time() - t_log) / iters_since_log
             t_log, iters_since_log = time.time(), 0
             if master:
-                eta = dt * (cfg["max_iters"] - iter_num)
-                # MFU against the detected GPU's bf16 peak (per GPU: each rank does 1/world of the tokens)
+                # MFU against the detected GPU's bf16 peak (per GPU: each rank does 1/world of the sequences)
                 mfu = raw_model.estimate_mfu(grad_accum * cfg["batch_size"], dt, peak_flops) if peak_flops else None
                 print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | "
                       f"{dt * 1000:.1f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s"
-                      + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "") + f" | ETA {fmt_time(eta)}")
+                      + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
+                      + f" | ETA {fmt_time(dt * (cfg['max_iters'] - iter_num))}")
                 log.write(iter=iter_num, loss=lossf, lr=lr, grad_norm=normf, ms=dt * 1000,
                           **({"mfu": mfu} if mfu is not None else {}))
 
     wall = time.time() - t_start
-    replica_diff = None
-    if ddp:  # self-check: DDP (and TVR, a deterministic in-place edit) must keep every rank's weights identical
-        flat = torch.cat([p.detach().float().flatten() for p in raw_model.parameters()])
-        high, low = flat.clone(), flat.clone()
-        dist.all_reduce(high, op=dist.ReduceOp.MAX)
-        dist.all_reduce(low, op=dist.ReduceOp.MIN)
-        replica_diff = (high - low).max().item()
+    replica_diff = replica_max_diff(raw_model, proc)
     summary = None
     if master:
         summary = dict(config=cfg, model_args=asdict(config), techniques=config.techniques(),
                        best_val_loss=best_val, final_val_loss=last_eval["val"] if last_eval else None,
                        iters=iter_num, wall_s=round(wall, 2), tokens_per_s=round(tokens_trained / max(wall, 1e-9)),
                        diverged=diverged is not None, diverged_at=diverged, interrupted_at=interrupted,
-                       skipped_updates=skipped, spikes=len(spikes),
-                       spike_iters=spikes[:100], diag_s=round(diag_time.total, 2), world_size=world,
-                       replica_max_diff=replica_diff)
+                       skipped_updates=skipped, spikes=len(spikes), spike_iters=spikes[:100],
+                       diag_s=round(diag.seconds, 2), world_size=proc.world, replica_max_diff=replica_diff)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"done: best val {best_val:.4f}, {iter_num} iters in {wall:.1f} s "
               f"({summary['tokens_per_s']:,} tok/s), {len(spikes)} loss spikes; wrote {out_dir}/summary.json")
@@ -779,10 +641,10 @@ def train(cfg, resume_ckpt=None, stop=None):
             import plots
 
             print("plots: " + ", ".join(str(p) for p in plots.plot_run(out_dir)))
-    if ddp:  # leave together: a rank that tears down while another still talks to it can abort in gloo
+    if proc.ddp:  # leave together: a rank that tears down while another still talks to it can abort in gloo
         dist.barrier()
         dist.destroy_process_group()
-    return raw_model, codec, summary
+    return raw_model, Codec(meta), summary
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -817,15 +679,15 @@ def compare(argv):
     base_args = parser.parse_args(common)
     seed0 = base_args.seed if base_args.seed is not None else DEFAULTS["seed"]
     root = Path(base_args.out_dir or Path("out") / "compare")
-    runs = {config: [] for config in configs}
-    total, k = len(configs) * n_seeds, 0
+    plan = [(config, seed, root / config_slug(config) / f"seed{seed}")
+            for config in configs for seed in range(seed0, seed0 + n_seeds)]
     with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
-        for config in configs:
-            if run_configs(config, n_seeds, seed0, root, common, parser, runs, stop, k, total) is None:
+        for k, (config, seed, run_dir) in enumerate(plan, start=1):
+            run_one(parser, common, config, seed, run_dir, stop, progress=f"[{k}/{len(plan)}]")
+            if stop.signum is not None:
                 print("compare: interrupted; run the same command again to continue")
                 return 130
-            k += n_seeds
-    table = compare_table(runs)
+    runs = {config: [run_dir for c, _, run_dir in plan if c == config] for config in configs}
     table = compare_table(runs)
     (root / "compare.md").write_text(table)
     print("\n" + table)
@@ -835,29 +697,20 @@ def compare(argv):
     return 0
 
 
-def run_configs(config, n_seeds, seed0, root, common, parser, runs, stop, k, total):
-    """Run one configuration for every seed, skipping finished runs and resuming interrupted ones.
-    Returns None if a stop was requested."""
+def run_one(parser, common, config, seed, run_dir, stop, progress):
+    """One configuration and seed of a comparison: skipped if finished, resumed if interrupted."""
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("interrupted_at") is None:
+        print(f"{progress} {config} seed {seed}: done already ({summary_path})")
+        return
+    print(f"\n{progress} {config} seed {seed} -> {run_dir}")
     extra = [] if config_slug(config) == "baseline" else shlex.split(config)
-    for seed in range(seed0, seed0 + n_seeds):
-        k += 1
-        run_dir = root / config_slug(config) / f"seed{seed}"
-        runs[config].append(run_dir)
-        summary_path = run_dir / "summary.json"
-        if summary_path.is_file() and json.loads(summary_path.read_text()).get("interrupted_at") is None:
-            print(f"[{k}/{total}] {config} seed {seed}: done already ({summary_path})")
-            continue
-        print(f"\n[{k}/{total}] {config} seed {seed} -> {run_dir}")
-        run_argv = common + extra + ["--seed", str(seed), "--out-dir", str(run_dir)]
-        if (run_dir / "ckpt.pt").is_file():  # interrupted earlier: continue it
-            run_argv.append("--resume")
-        run_args = parser.parse_args(run_argv)
-        resume_ckpt = load_checkpoint(run_dir / "ckpt.pt") if run_args.resume else None
-        cfg, _ = resolve_config(run_args, base=dict(resume_ckpt["config"]) if resume_ckpt else None)
-        train(cfg, resume_ckpt, stop)
-        if stop.signum is not None:
-            return None
-    return runs
+    run_args = parser.parse_args(common + extra + ["--seed", str(seed), "--out-dir", str(run_dir)])
+    if (run_dir / "ckpt.pt").is_file():  # interrupted earlier: continue it
+        resume_ckpt = load_checkpoint(run_dir / "ckpt.pt")
+        train(resume_config(run_args, resume_ckpt), resume_ckpt, stop)
+    else:
+        train(resolve_config(run_args)[0], None, stop)
 
 
 def compare_table(runs):
@@ -907,12 +760,7 @@ def main(argv=None):
         if args.resume:
             cfg0, _ = resolve_config(args)
             resume_ckpt = load_checkpoint(Path(cfg0["out_dir"]) / "ckpt.pt")
-            cfg, explicit = resolve_config(args, base=dict(DEFAULTS, **resume_ckpt["config"]))
-            changed = {k: (resume_ckpt["config"][k], v) for k, v in explicit.items()
-                       if k in MODEL_KEYS and resume_ckpt["config"].get(k) != v}
-            if changed:
-                raise TrainError("cannot resume with a different model: " + ", ".join(
-                    f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+            cfg = resume_config(args, resume_ckpt)
         else:
             cfg, _ = resolve_config(args)
             if (Path(cfg["out_dir"]) / "ckpt.pt").is_file() and not args.overwrite:
