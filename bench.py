@@ -133,7 +133,7 @@ def main(argv=None):
     p.add_argument("--nanogpt", metavar="MODEL_PY",
                    help="also time nanoGPT's own GPT, from the model.py of a nanoGPT checkout, interleaved")
     p.add_argument("--glibc-defaults", action="store_true",
-                   help="leave glibc's malloc settings alone (see keep_freed_memory in train_shakespeare.py)")
+                   help="leave glibc's malloc settings alone (see keep_freed_memory in support.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     p.add_argument("--measure-peak", metavar="FLAG", help=argparse.SUPPRESS)  # the peak-memory subprocess
     args = p.parse_args(argv)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 import prepare_data
+import stable_gpt
+import support
 import train_shakespeare
 from stable_gpt import GPT, GPTConfig, LayerNorm, RMSNorm
 
@@ -425,6 +427,7 @@ def test_init_from_gpt2_starts_from_its_weights(tmp_path, gpt2_data_dir, monkeyp
     hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=16,
                                                                n_layer=2, n_head=2))
     monkeypatch.setattr(transformers.GPT2LMHeadModel, "from_pretrained", lambda name: hf)
+    monkeypatch.setitem(stable_gpt.GPT2_SIZES, "gpt2", dict(n_layer=2, n_head=2, n_embd=16))
     out = tmp_path / "run"
     args = gpt2_args(gpt2_data_dir, out, "--lr", "1e-12", "--max-iters", "4",
                       "--eval-interval", "4", "--eval-iters", "1", "--batch-size", "2")
@@ -1105,7 +1108,6 @@ def test_training_with_each_flag_lowers_the_loss(tmp_path, data_dir, flags, caps
 # ----------------------------------------------------------------------------------------------------
 # Diagnostics, spikes, plots, compare runner
 
-import stable_gpt  # noqa: E402
 
 
 def test_angular_distance_known_values():
@@ -1165,10 +1167,10 @@ def test_spike_detector_on_a_synthetic_curve():
     curve = (2.0 * torch.exp(-torch.arange(600) / 150) + 1.5 + 0.03 * torch.randn(600, generator=g)).tolist()
     for step in (200, 350, 351, 500):
         curve[step] *= 1.6
-    detector = train_shakespeare.SpikeDetector(factor=1.2, window=50)
+    detector = support.SpikeDetector(factor=1.2, window=50)
     found = [i for i, loss in enumerate(curve) if detector.update(loss) is not None]
     assert found == [200, 350, 351, 500]
-    assert train_shakespeare.SpikeDetector(1.2, 50).update(100.0) is None  # no verdict on an empty window
+    assert support.SpikeDetector(1.2, 50).update(100.0) is None  # no verdict on an empty window
 
 
 def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
@@ -1288,10 +1290,10 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
     faulting fresh pages in (~500 per step here with glibc's defaults, ~8,000 at the CPU preset's size). In a fresh process, so that the
     setting starts from glibc's defaults."""
     code = """if True:
-        import resource, sys, torch, train_shakespeare
+        import resource, sys, torch, support
         from stable_gpt import GPT, GPTConfig
         torch.manual_seed(0)
-        assert train_shakespeare.keep_freed_memory()
+        assert support.keep_freed_memory()
         model = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=128))
         opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
         x = torch.randint(0, 65, (16, 64))
@@ -1445,7 +1447,7 @@ def test_atomic_checkpoint_survives_a_crash_mid_write(finished_run, monkeypatch,
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(OSError):
-        train_shakespeare.save_checkpoint(ckpt, {"model": {}})
+        support.save_checkpoint(ckpt, {"model": {}})
     assert ckpt.read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
     assert train_shakespeare.load_checkpoint(ckpt)["iter_num"] == 20
 

@@ -389,9 +389,9 @@ def setup_process(cfg):
     return Process(rank, world, device, ddp=True)
 
 
-def build_model(cfg, meta, data_dir, resume_ckpt, proc):
-    """The GPT of cfg on proc's device: initialized (seed + rank), from GPT-2's weights with --init-from, or
-    (restored later) from a checkpoint."""
+def build_model(cfg, meta, data_dir, resume_ckpt, proc, dtype):
+    """The GPT of cfg on proc's device, its AdamW and its loss scaler (fp16 only): initialized (seed + rank),
+    from GPT-2's weights with --init-from, or (restored later) from a checkpoint."""
     if cfg["init_from"] and meta["tokenizer"] != "gpt2":
         raise TrainError(f"--init-from {cfg['init_from']} needs GPT-2 BPE tokens; {data_dir} holds "
                          f"{meta['tokenizer']} tokens (prepare it with --tokenizer gpt2)")
@@ -409,7 +409,9 @@ def build_model(cfg, meta, data_dir, resume_ckpt, proc):
         model.load_state_dict(pretrained.state_dict())
     model = model.to(proc.device)
     model.grad_checkpointing = cfg["grad_checkpoint"]
-    return model
+    optimizer = model.configure_optimizers(cfg["weight_decay"], cfg["lr"], (cfg["beta1"], cfg["beta2"]),
+                                           proc.device.type, sdd_official_decay=cfg["sdd_official_decay"])
+    return model, optimizer, torch.amp.GradScaler(proc.device.type, enabled=dtype == torch.float16)
 
 
 def restore(ckpt, meta, model, optimizer, scaler, batches, proc):
@@ -466,6 +468,16 @@ def replica_max_diff(model, proc):
     return (high - low).max().item()
 
 
+def setup_precision(cfg, device):
+    """(autocast dtype, autocast context, whether to compile): bf16 and compile on CUDA, fp32 eager elsewhere."""
+    dtype = pick_dtype(cfg["dtype"], device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return dtype, autocast, cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
+
+
 def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at):
     print(f"model: {config.techniques()} | {model.get_num_params() / 1e6:.2f}M params | "
           f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, "
@@ -477,6 +489,58 @@ def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data
           f"data {data_dir}, out {out_dir}" + (f", resuming at iter {resumed_at}" if resumed_at is not None else ""))
 
 
+def report_eval(log, out_dir, iter_num, losses, improved, state):
+    print(f"eval  {iter_num:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}" + (" (best)" if improved else ""))
+    log.write(iter=iter_num, type="eval", train_loss=losses["train"], val_loss=losses["val"])
+    save_checkpoint(out_dir / "ckpt.pt", state)
+    if improved:
+        save_checkpoint(out_dir / "best.pt", state)
+
+
+def report_nonfinite(log, cfg, out_dir, iter_num, what, loss, grad_norm, skipped, last_saved):
+    if cfg["skip_nonfinite"]:
+        print(f"iter {iter_num}: non-finite {what} ({loss}, {grad_norm}); update skipped ({skipped} so far)")
+        log.write(iter=iter_num, type="skipped", loss=loss, grad_norm=grad_norm)
+    else:
+        where = f"{out_dir / 'ckpt.pt'} (iter {last_saved})" if last_saved is not None else "none yet"
+        print(f"iter {iter_num}: non-finite {what} (loss {loss}, gradient norm {grad_norm}); stopping without "
+              f"saving. The last good checkpoint: {where}")
+
+
+def log_progress(log, cfg, iter_num, loss, lr, grad_norm, dt, tokens_per_iter, mfu):
+    print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+          f"{tokens_per_iter / dt:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
+          + f" | ETA {fmt_time(dt * (cfg['max_iters'] - iter_num))}")
+    log.write(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000, **({"mfu": mfu} if mfu is not None else {}))
+
+
+def finish_run(cfg, model, proc, wall, tokens_trained, best_val, final_val_loss, iters, diverged_at, interrupted_at,
+               skipped_updates, spike_iters, diag_s):
+    """The end of a run: the DDP replica self-check, summary.json and the plots (rank 0), the process group
+    closed. Returns the summary (None on the other ranks)."""
+    replica_diff = replica_max_diff(model, proc)
+    summary = None
+    if proc.master:
+        summary = dict(config=cfg, model_args=asdict(model.config), techniques=model.config.techniques(),
+                       best_val_loss=best_val, final_val_loss=final_val_loss, iters=iters, wall_s=round(wall, 2),
+                       tokens_per_s=round(tokens_trained / max(wall, 1e-9)), diverged=diverged_at is not None,
+                       diverged_at=diverged_at, interrupted_at=interrupted_at, skipped_updates=skipped_updates,
+                       spikes=len(spike_iters), spike_iters=spike_iters[:100], diag_s=round(diag_s, 2),
+                       world_size=proc.world, replica_max_diff=replica_diff)
+        out_dir = Path(cfg["out_dir"])
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print(f"done: best val {best_val:.4f}, {iters} iters in {wall:.1f} s ({summary['tokens_per_s']:,} tok/s), "
+              f"{len(spike_iters)} loss spikes; wrote {out_dir}/summary.json")
+        if cfg["plot"]:
+            import plots
+
+            print("plots: " + ", ".join(str(p) for p in plots.plot_run(out_dir)))
+    if proc.ddp:  # leave together: a rank that tears down while another still talks to it can abort in gloo
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
 def train(cfg, resume_ckpt=None, stop=None):
     """Train with the resolved config cfg (continuing resume_ckpt if given). stop: a StopRequest whose
     signal ends the run at the next step boundary with a checkpoint. Returns (model, codec, summary),
@@ -485,19 +549,11 @@ def train(cfg, resume_ckpt=None, stop=None):
     proc = setup_process(cfg)
     device, master, grad_accum = proc.device, proc.master, cfg["grad_accum"] // proc.world
     keep_freed_memory()
-    dtype = pick_dtype(cfg["dtype"], device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-    compiled = cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    dtype, autocast, compiled = setup_precision(cfg, device)
 
     data_dir, meta = load_data(cfg)
-    raw_model = build_model(cfg, meta, data_dir, resume_ckpt, proc)
+    raw_model, optimizer, scaler = build_model(cfg, meta, data_dir, resume_ckpt, proc, dtype)
     config = raw_model.config
-    optimizer = raw_model.configure_optimizers(cfg["weight_decay"], cfg["lr"], (cfg["beta1"], cfg["beta2"]),
-                                               device.type, sdd_official_decay=cfg["sdd_official_decay"])
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device, cfg["seed"] + 1000 + proc.rank)
     iter_num, best_val, spikes, recent_losses = restore(resume_ckpt, meta, raw_model, optimizer, scaler, batches, proc)
     model = torch.compile(raw_model) if compiled else raw_model
@@ -544,12 +600,7 @@ def train(cfg, resume_ckpt=None, stop=None):
             improved, best_val = last_eval["val"] < best_val, min(best_val, last_eval["val"])
             state = checkpoint(data_state)
             if master:
-                print(f"eval  {iter_num:>6}: train {last_eval['train']:.4f}, val {last_eval['val']:.4f}"
-                      + (" (best)" if improved else ""))
-                log.write(iter=iter_num, type="eval", train_loss=last_eval["train"], val_loss=last_eval["val"])
-                save_checkpoint(out_dir / "ckpt.pt", state)
-                if improved:
-                    save_checkpoint(out_dir / "best.pt", state)
+                report_eval(log, out_dir, iter_num, last_eval, improved, state)
             last_saved, t_log = iter_num, time.time()  # evaluation time is not step time
         if iter_num >= cfg["max_iters"]:
             break
@@ -583,29 +634,23 @@ def train(cfg, resume_ckpt=None, stop=None):
         optimizer.zero_grad(set_to_none=True)
 
         # --- what follows from the step ----------------------------------------------------------------
-        if nonfinite and cfg["skip_nonfinite"]:
-            skipped += 1
+        if nonfinite:  # no update was made: stop without saving, or (--skip-nonfinite) count it and go on
+            if cfg["skip_nonfinite"]:
+                skipped += 1
             if master:
-                print(f"iter {iter_num + 1}: non-finite {nonfinite} ({lossf}, {normf}); update skipped "
-                      f"({skipped} so far)")
-                log.write(iter=iter_num + 1, type="skipped", loss=lossf, grad_norm=normf)
+                report_nonfinite(log, cfg, out_dir, iter_num + 1, nonfinite, lossf, normf, skipped, last_saved)
+            if not cfg["skip_nonfinite"]:
+                diverged = iter_num + 1
+                break
             iter_num += 1
             iters_since_log += 1
             continue
-        if nonfinite:
-            diverged = iter_num + 1
-            if master:
-                where = f"{out_dir / 'ckpt.pt'} (iter {last_saved})" if last_saved is not None else "none yet"
-                print(f"iter {iter_num + 1}: non-finite {nonfinite} (loss {lossf}, gradient norm {normf}); "
-                      f"stopping without saving. The last good checkpoint: {where}")
-            break
         diag.after_update()
         stable_gpt.tvr_after_step(raw_model, iter_num + 1)  # TVR (arXiv 2503.17500), when on
         iter_num += 1
         iters_since_log += 1
         tokens_trained += tokens_per_iter
-        median = detector.update(lossf)
-        if median is not None:
+        if (median := detector.update(lossf)) is not None:
             spikes.append(iter_num)
             if master:
                 print(f"spike at iter {iter_num}: loss {lossf:.4f} > {cfg['spike_factor']} x median {median:.4f}")
@@ -617,33 +662,11 @@ def train(cfg, resume_ckpt=None, stop=None):
             if master:
                 # MFU against the detected GPU's bf16 peak (per GPU: each rank does 1/world of the sequences)
                 mfu = raw_model.estimate_mfu(grad_accum * cfg["batch_size"], dt, peak_flops) if peak_flops else None
-                print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {lossf:.4f} | lr {lr:.2e} | "
-                      f"{dt * 1000:.1f} ms/iter | {tokens_per_iter / dt:,.0f} tok/s"
-                      + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
-                      + f" | ETA {fmt_time(dt * (cfg['max_iters'] - iter_num))}")
-                log.write(iter=iter_num, loss=lossf, lr=lr, grad_norm=normf, ms=dt * 1000,
-                          **({"mfu": mfu} if mfu is not None else {}))
+                log_progress(log, cfg, iter_num, lossf, lr, normf, dt, tokens_per_iter, mfu)
 
-    wall = time.time() - t_start
-    replica_diff = replica_max_diff(raw_model, proc)
-    summary = None
-    if master:
-        summary = dict(config=cfg, model_args=asdict(config), techniques=config.techniques(),
-                       best_val_loss=best_val, final_val_loss=last_eval["val"] if last_eval else None,
-                       iters=iter_num, wall_s=round(wall, 2), tokens_per_s=round(tokens_trained / max(wall, 1e-9)),
-                       diverged=diverged is not None, diverged_at=diverged, interrupted_at=interrupted,
-                       skipped_updates=skipped, spikes=len(spikes), spike_iters=spikes[:100],
-                       diag_s=round(diag.seconds, 2), world_size=proc.world, replica_max_diff=replica_diff)
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"done: best val {best_val:.4f}, {iter_num} iters in {wall:.1f} s "
-              f"({summary['tokens_per_s']:,} tok/s), {len(spikes)} loss spikes; wrote {out_dir}/summary.json")
-        if cfg["plot"]:
-            import plots
-
-            print("plots: " + ", ".join(str(p) for p in plots.plot_run(out_dir)))
-    if proc.ddp:  # leave together: a rank that tears down while another still talks to it can abort in gloo
-        dist.barrier()
-        dist.destroy_process_group()
+    summary = finish_run(cfg, raw_model, proc, time.time() - t_start, tokens_trained, best_val=best_val,
+                         final_val_loss=last_eval["val"] if last_eval else None, iters=iter_num, diverged_at=diverged,
+                         interrupted_at=interrupted, skipped_updates=skipped, spike_iters=spikes, diag_s=diag.seconds)
     return raw_model, Codec(meta), summary
 
 
