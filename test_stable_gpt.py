@@ -55,11 +55,15 @@ def text_file(tmp_path_factory):
     return path
 
 
+def prepared(tmp_path_factory, text_file, tokenizer):
+    out = tmp_path_factory.mktemp(f"data_{tokenizer}")
+    prepare_data.prepare(text_file, out, tokenizer)
+    return out
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory, text_file):
-    out = tmp_path_factory.mktemp("data")
-    prepare_data.prepare(text_file, out, "char")
-    return out
+    return prepared(tmp_path_factory, text_file, "char")
 
 
 def train_args(data_dir, out_dir, *extra):
@@ -395,9 +399,7 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path, data_dir, capsys):
 
 @pytest.fixture(scope="module")
 def gpt2_data_dir(tmp_path_factory, text_file):
-    out = tmp_path_factory.mktemp("data_gpt2")
-    prepare_data.prepare(text_file, out, "gpt2")
-    return out
+    return prepared(tmp_path_factory, text_file, "gpt2")
 
 
 def gpt2_args(data_dir, out_dir, *extra):
