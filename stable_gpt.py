@@ -71,39 +71,39 @@ class GPTConfig:
     tvr_threshold: float = 1.0  # rescale a matrix only when std > tvr_threshold * tvr_target
 
     def __post_init__(self):
-        def bad(msg):
+        def refuse(msg):
             raise ValueError(f"GPTConfig: {msg}")
 
         for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tvr_interval"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                bad(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                refuse(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head != 0:
-            bad(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+            refuse(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 f"e.g. n_head in {[h for h in range(1, 17) if self.n_embd % h == 0]}")
         if self.norm not in NORMS:
-            bad(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
+            refuse(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
         if self.norm_position not in NORM_POSITIONS:
-            bad(f"unknown norm_position {self.norm_position!r}; valid: {', '.join(NORM_POSITIONS)}")
+            refuse(f"unknown norm_position {self.norm_position!r}; valid: {', '.join(NORM_POSITIONS)}")
         if not 0.0 <= self.dropout < 1.0:
-            bad(f"dropout must be in [0, 1), got {self.dropout}")
+            refuse(f"dropout must be in [0, 1), got {self.dropout}")
         if not 0.0 <= self.mix_fraction <= 1.0:
-            bad(f"mix_fraction must be in [0, 1], got {self.mix_fraction}")
+            refuse(f"mix_fraction must be in [0, 1], got {self.mix_fraction}")
         for name in ("init_std", "wesar_sigma", "tvr_target", "tvr_threshold"):
             if not getattr(self, name) > 0:
-                bad(f"{name} must be > 0, got {getattr(self, name)}")
+                refuse(f"{name} must be > 0, got {getattr(self, name)}")
         # Combinations that make no sense are refused here, with the reason.
         if self.lns and self.norm_position in ("post", "deepnorm"):
-            bad(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {self.norm_position!r} has "
+            refuse(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {self.norm_position!r} has "
                 "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or 'mix'")
         if self.lir and self.norm_position == "deepnorm":
-            bad("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
+            refuse("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
         if self.scaled_init:
             for flag, why in (("sdd", "SDD moves the 1/sqrt(2L) residual scaling into its output gains"),
                               ("lir", "LIR replaces it (applying both gives neither scheme)")):
                 if getattr(self, flag):
-                    bad(f"scaled_init=True with {flag}: {why}")
+                    refuse(f"scaled_init=True with {flag}: {why}")
             if self.norm_position == "deepnorm":
-                bad("scaled_init=True with deepnorm: DeepNet has its own init gain")
+                refuse("scaled_init=True with deepnorm: DeepNet has its own init gain")
 
     def depth_scaled_init(self) -> bool:
         """GPT-2's residual-projection init 0.02/sqrt(2*n_layer): on by default only for the nanoGPT block
