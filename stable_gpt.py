@@ -37,8 +37,10 @@ from torch.nn import functional as F
 
 NORMS = ("layernorm", "rmsnorm")
 # OpenAI's GPT-2 sizes (124M, 350M, 774M, 1558M parameters), for GPT.from_pretrained
-GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768), "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
-              "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280), "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}
+GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),
+              "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
+              "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
+              "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}
 NORM_POSITIONS = ("pre", "post", "mix", "deepnorm")
 
 
@@ -606,8 +608,8 @@ class GPT(nn.Module):
 def fold_wesar(model):
     """A plain GPT (wesar=False) that computes the same function as a WeSaR model: W <- gate * W everywhere
     (the reparameterization folds away after training), e.g. to export to nanoGPT. The tied embedding and
-    head share one raw tensor but have two gates; the folded tensor takes the embedding's gate, and the head's extra factor
-    gate_head / gate_emb goes into the gain and bias of the last norm before the head (the logits are
+    head share one raw tensor but have two gates; the folded tensor takes the embedding's gate, and the
+    head's extra factor gate_head / gate_emb goes into the gain and bias of the last norm before the head (the logits are
     linear in them, and nothing else reads that norm's output)."""
     plain = GPT(GPTConfig(**dict(vars(model.config), wesar=False))).to(model.lm_head.weight.device)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(".gate")}
@@ -640,11 +642,11 @@ def _block_linears(model):
 
 def block_matrices(model):
     """Yield (layer, kind, rows, gate) for every weight matrix inside the blocks: rows is a view of the raw
-    weight (q, k, v each their own), gate its WeSaR gate or None; effective_rows(rows, gate) is the matrix
-    in use."""
+    weight (q, k, v each their own), gate its WeSaR gate or None (the matrix in use is gate * rows)."""
     for layer, kinds, module in _block_linears(model):
         gates = module.gate if isinstance(module, WESAR_MODULES) else [None] * len(kinds)
-        yield from ((layer, kind, w, gate) for kind, w, gate in zip(kinds, split_rows(module.weight, len(kinds)), gates))
+        rows = split_rows(module.weight, len(kinds))
+        yield from ((layer, kind, w, gate) for kind, w, gate in zip(kinds, rows, gates))
 
 
 @torch.no_grad()
@@ -751,15 +753,22 @@ def layer_importance(model, idx, targets):
     return [loss_without_blocks(model, idx, targets, skip=(l,)) - full for l in range(len(model.transformer.h))]
 
 
-def effective_rows(rows, gate):
-    """The matrix in use, gate * W under WeSaR (as WeSaRLinear.effective_weight, for one row block)."""
-    return rows if gate is None else rows * gate
+def effective_weight(module):
+    """The weight a linear uses: gate * W for a WeSaR module (its effective_weight()), else W."""
+    return module.effective_weight() if isinstance(module, WESAR_MODULES) else module.weight
+
+
+def matrices_in_use(model):
+    """Yield ("<layer>.<kind>", matrix) for every block matrix as the forward uses it (q, k, v each their own)."""
+    for layer, kinds, module in _block_linears(model):
+        rows = split_rows(effective_weight(module), len(kinds))
+        yield from ((f"{layer}.{kind}", w) for kind, w in zip(kinds, rows))
 
 
 @torch.no_grad()
 def weight_stds(model):
     """{"<layer>.<kind>": std} of every block matrix in use (gate * W under WeSaR): what TVR controls."""
-    return {f"{l}.{k}": effective_rows(w, g).float().std().item() for l, k, w, g in block_matrices(model)}
+    return {name: w.float().std().item() for name, w in matrices_in_use(model)}
 
 
 @torch.no_grad()
@@ -773,7 +782,7 @@ def grad_norms(model):
 @torch.no_grad()
 def matrix_snapshot(model):
     """A copy of every block matrix in use, for update_ratios."""
-    return {f"{l}.{k}": effective_rows(w, g).detach().float().clone() for l, k, w, g in block_matrices(model)}
+    return {name: w.detach().float().clone() for name, w in matrices_in_use(model)}
 
 
 @torch.no_grad()

@@ -492,7 +492,8 @@ BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
 def block_linears(model):
-    return [(i, name, block.get_submodule(name)) for i, block in enumerate(model.transformer.h) for name in BLOCK_LINEARS]
+    return [(i, name, block.get_submodule(name)) for i, block in enumerate(model.transformer.h)
+            for name in BLOCK_LINEARS]
 
 
 @pytest.mark.parametrize("position", ["pre", "post", "mix"])
@@ -572,8 +573,8 @@ def test_sdd_weight_decay_groups_follow_the_official_configs(wesar):
 def test_sdd_embedding_norm_starts_the_stream_at_unit_rms():
     """SDD's embedding norm (official dense code): the stream entering block 0 has RMS 1 (gain 1, eps 0), and
     block 0's branches (each of RMS 1/sqrt(2L)) no longer swamp it: the stream after block 0 keeps the direction
-    of the embeddings (cosine ~1/sqrt(1 + 1/L) = 0.89 at L=4; ~0.1 without the norm), in every placement. With --init-std 0.002 (the
-    released scripts' 0.1x) the SDD norms of a Post-LN model still normalize (output RMS > 0.9 x gain), which they
+    of the embeddings (cosine ~1/sqrt(1 + 1/L) = 0.89 at L=4; ~0.1 without the norm), in every placement.
+    With --init-std 0.002 (the released scripts' 0.1x) the SDD norms of a Post-LN model still normalize (output RMS > 0.9 x gain), which they
     did not without the embedding norm."""
     idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
     for position in ("pre", "post", "mix"):
@@ -1289,8 +1290,8 @@ def test_mfu_formula():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc malloc settings")
 def test_keep_freed_memory_stops_the_page_faults_of_each_step():
     """After keep_freed_memory(), a training step with 0.5-2 MB activations reuses freed memory instead of
-    faulting fresh pages in (~500 per step here with glibc's defaults, ~8,000 at the CPU preset's size). In a fresh process, so that the
-    setting starts from glibc's defaults."""
+    faulting fresh pages in (~500 per step here with glibc's defaults, ~8,000 at the CPU preset's size). In a
+    fresh process, so that the setting starts from glibc's defaults."""
     code = """if True:
         import resource, sys, torch, support
         from stable_gpt import GPT, GPTConfig

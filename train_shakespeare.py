@@ -48,7 +48,8 @@ DEFAULTS = dict(
     {f.name: f.default for f in fields(GPTConfig) if f.name != "vocab_size"},
     bias=False, tokenizer="char", data=None, batch_size=12, grad_accum=1, max_iters=5000, lr=6e-4,
     min_lr=None, warmup_iters=100, lr_decay_iters=None, weight_decay=0.1, beta1=0.9, beta2=0.95,
-    grad_clip=1.0, sdd_official_decay=True, init_from=None, eval_interval=250, eval_iters=200, log_interval=10, seed=1337,
+    grad_clip=1.0, sdd_official_decay=True, init_from=None, eval_interval=250, eval_iters=200, log_interval=10,
+    seed=1337,
     device="auto", dtype="auto", compile=None, out_dir=None, diag_interval=100, spike_factor=1.2, spike_window=50,
     plot=False, grad_checkpoint=False, skip_nonfinite=False,
 )
@@ -490,7 +491,8 @@ def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data
 
 
 def report_eval(log, out_dir, iter_num, losses, improved, state):
-    print(f"eval  {iter_num:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}" + (" (best)" if improved else ""))
+    print(f"eval  {iter_num:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+          + (" (best)" if improved else ""))
     log.write(iter=iter_num, type="eval", train_loss=losses["train"], val_loss=losses["val"])
     save_checkpoint(out_dir / "ckpt.pt", state)
     if improved:
@@ -511,7 +513,8 @@ def log_progress(log, cfg, iter_num, loss, lr, grad_norm, dt, tokens_per_iter, m
     print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
           f"{tokens_per_iter / dt:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
           + f" | ETA {fmt_time(dt * (cfg['max_iters'] - iter_num))}")
-    log.write(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000, **({"mfu": mfu} if mfu is not None else {}))
+    log.write(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000,
+              **({"mfu": mfu} if mfu is not None else {}))
 
 
 def finish_run(cfg, model, proc, wall, tokens_trained, best_val, final_val_loss, iters, diverged_at, interrupted_at,
@@ -554,7 +557,8 @@ def train(cfg, resume_ckpt=None, stop=None):
     data_dir, meta = load_data(cfg)
     raw_model, optimizer, scaler = build_model(cfg, meta, data_dir, resume_ckpt, proc, dtype)
     config = raw_model.config
-    batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device, cfg["seed"] + 1000 + proc.rank)
+    batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device,
+                      cfg["seed"] + 1000 + proc.rank)
     iter_num, best_val, spikes, recent_losses = restore(resume_ckpt, meta, raw_model, optimizer, scaler, batches, proc)
     model = torch.compile(raw_model) if compiled else raw_model
     if proc.ddp:
