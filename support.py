@@ -7,6 +7,7 @@ setting that bench.py shares. Imports torch, numpy and stable_gpt only.
 import ctypes
 import json
 import os
+import pickle
 import signal
 import statistics
 import sys
@@ -70,10 +71,16 @@ def load_checkpoint(path):
         raise TrainError(f"no checkpoint at {path}; train first (python train_shakespeare.py --out-dir "
                          f"{path.parent}), or point --out-dir at a finished run")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: unpickle tensors, numbers, strings, lists and dicts only (all a checkpoint holds), so
+        # that a crafted file cannot run code while it is read
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainError(f"refused to load {path}: it holds objects other than tensors, numbers, strings, lists "
+                         "and dicts, which a stable-gpt checkpoint never does (loading it could run code)") from None
     except Exception as e:  # truncated or corrupted file: torch raises a variety of errors
-        raise TrainError(f"cannot read checkpoint {path} ({type(e).__name__}: {e}); it is truncated or not a "
-                         "stable-gpt checkpoint") from None
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise TrainError(f"cannot read checkpoint {path} ({type(e).__name__}: {first_line}); it is truncated or "
+                         "not a stable-gpt checkpoint") from None
     missing = {"model", "model_args", "config", "meta"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:
         raise TrainError(f"{path} is not a stable-gpt checkpoint (missing {', '.join(sorted(missing))})")

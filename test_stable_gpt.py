@@ -1439,6 +1439,27 @@ def test_bad_sampling_and_resume_input(finished_run, bad_texts, data_dir, tmp_pa
     assert "is not a stable-gpt checkpoint" in capsys.readouterr().err
 
 
+class _WritesAFile:
+    """A pickle payload that, if unpickled by plain pickle, creates the file at self.path."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path, capsys):
+    run, victim = tmp_path / "run", tmp_path / "pwned"
+    run.mkdir()
+    torch.save({"model": {}, "model_args": {}, "config": {}, "meta": _WritesAFile(victim)}, run / "ckpt.pt")
+    for mode in ("--sample", "--resume"):
+        assert train_shakespeare.main(["--out-dir", str(run), mode, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: refused to load {run / 'ckpt.pt'}") and err.count("\n") == 1, err
+    assert not victim.exists()
+
+
 def test_atomic_checkpoint_survives_a_crash_mid_write(finished_run, monkeypatch, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes((finished_run / "ckpt.pt").read_bytes())
