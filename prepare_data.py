@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_LOCAL = ROOT / "data" / "shakespeare" / "input.txt"
+CACHE = ROOT / "data" / "cache"  # token files of texts given with --data, one folder per text and tokenizer
 SHARED = ROOT.parent / "shared"  # a sibling folder some set-ups provide (the text and an offline BPE cache)
 TOKENIZERS = ("char", "gpt2")
 
@@ -177,7 +178,7 @@ def ensure_prepared(data=None, tokenizer="char"):
     else:
         text_path = find_shakespeare(data, flag="--data")
         key = hashlib.sha1(str(text_path.resolve()).encode()).hexdigest()[:8]
-        out_dir = ROOT / "data" / "cache" / f"{text_path.stem}-{key}-{tokenizer}"
+        out_dir = CACHE / f"{text_path.stem}-{key}-{tokenizer}"
     meta_path = out_dir / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())

@@ -581,16 +581,17 @@ class GPT(nn.Module):
         return model
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None):
         """Take a conditioning sequence of indices idx (LongTensor of shape (b, t)) and complete it
-        max_new_tokens times, feeding each prediction back in. Call model.eval() first."""
+        max_new_tokens times, feeding each prediction back in. Call model.eval() first. vocab_limit: sample
+        only ids below it (a vocabulary padded for speed, 50257 -> 50304, has ids no tokenizer knows)."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         for _ in range(max_new_tokens):
             # crop the context to block_size if it is too long
             idx_cond = idx if idx.size(1) <= self.config.block_size else idx[:, -self.config.block_size:]
             logits, _ = self(idx_cond)
-            logits = logits[:, -1, :] / temperature  # (b, vocab_size)
+            logits = logits[:, -1, :vocab_limit] / temperature  # (b, vocab_limit or vocab_size)
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("Inf")

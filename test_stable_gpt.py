@@ -48,6 +48,15 @@ def synthetic_text(n_chars=60_000, seed=0):
     return "".join(out)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def data_cache_in_a_temporary_folder(tmp_path_factory):
+    """Texts given with --data are tokenized into prepare_data.CACHE: a temporary folder, not the work tree."""
+    saved = prepare_data.CACHE
+    prepare_data.CACHE = tmp_path_factory.mktemp("data_cache")
+    yield
+    prepare_data.CACHE = saved
+
+
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "synthetic.txt"
@@ -233,6 +242,18 @@ def test_loads_nanogpt_state_dict_and_matches_its_logits(bias):
     ref = nanogpt_reference_logits(sd, idx, config.n_head)
     torch.testing.assert_close(logits, ref, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(loss, F.cross_entropy(ref.view(-1, 40), targets.view(-1)), atol=1e-5, rtol=1e-5)
+
+
+def test_generate_never_samples_ids_beyond_the_tokenizer():
+    """A vocabulary padded for speed (50257 -> 50304) has ids no tokenizer can decode: vocab_limit keeps
+    them out, even when the model prefers them."""
+    torch.manual_seed(0)
+    model = GPT(tiny(vocab_size=48)).eval()
+    with torch.no_grad():
+        model.lm_head.weight[40:] = model.transformer.ln_f.weight * 5  # logits of ids 40..47 dominate
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    assert (model.generate(prompt, 20)[0, 1:] >= 40).any()
+    assert (model.generate(prompt, 20, vocab_limit=40)[0, 1:] < 40).all()
 
 
 def test_nanogpt_train_py_call_sequence():
@@ -443,6 +464,15 @@ def test_init_from_gpt2_starts_from_its_weights(tmp_path, gpt2_data_dir, monkeyp
     capsys.readouterr()
     assert train_shakespeare.main(gpt2_args(gpt2_data_dir, tmp_path / "r2", "--sdd")) == 2
     assert "cannot be combined with --sdd" in capsys.readouterr().err
+
+
+def test_a_text_without_newlines_trains_and_samples(tmp_path, capsys):
+    """The default prompt is a newline; where the vocabulary has none, its first token (a run that trained
+    must not end in an error at the sample)."""
+    text = tmp_path / "one_line.txt"
+    text.write_text(synthetic_text(20_000).replace("\n", " "))
+    assert train_shakespeare.main(train_args(text, tmp_path / "run", "--max-iters", "10")) == 0
+    assert "--- sample ---" in capsys.readouterr().out
 
 
 def test_resume_continues_exactly(tmp_path, data_dir):

@@ -199,7 +199,8 @@ def build_parser():
 
     g = p.add_argument_group("sampling")
     flag(g, "--sample", "only sample from --out-dir/ckpt.pt")
-    g.add_argument("--prompt", default="\n", help="start of the sample (default: a newline)")
+    g.add_argument("--prompt", help="start of the sample (default: a newline, or where the vocabulary has none, "
+                   "its first token)")
     g.add_argument("--num-samples", type=int, default=1, help="number of samples (default: %(default)s)")
     g.add_argument("--max-new-tokens", type=int, default=500, help="tokens per sample (default: %(default)s)")
     g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, > 0 (default: %(default)s)")
@@ -348,14 +349,19 @@ def estimate_loss(model, cfg, data_dir, device, autocast):
 
 
 def generate_text(model, codec, prompt, num_samples, max_new_tokens, temperature, top_k, device):
-    ids = codec.encode(prompt)
+    """num_samples texts from prompt (None: a newline, or the vocabulary's first token where there is none)."""
+    if prompt is None:
+        ids = codec.encode("\n") if codec.name == "gpt2" or "\n" in codec.chars else [0]
+    else:
+        ids = codec.encode(prompt)
     if not ids:
         raise TrainError("the prompt is empty after tokenization; give at least one character")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     model.eval()
     texts = []
     for _ in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                           vocab_limit=codec.vocab_size)
         texts.append(codec.decode(y[0].tolist()))
     return texts
 
