@@ -81,7 +81,7 @@ class GPTConfig:
                 refuse(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_embd % self.n_head != 0:
             refuse(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                f"e.g. n_head in {[h for h in range(1, 17) if self.n_embd % h == 0]}")
+                   f"e.g. n_head in {[h for h in range(1, 17) if self.n_embd % h == 0]}")
         if self.norm not in NORMS:
             refuse(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
         if self.norm_position not in NORM_POSITIONS:
@@ -91,12 +91,12 @@ class GPTConfig:
         if not 0.0 <= self.mix_fraction <= 1.0:
             refuse(f"mix_fraction must be in [0, 1], got {self.mix_fraction}")
         for name in ("init_std", "wesar_sigma", "tvr_target", "tvr_threshold"):
-            if not getattr(self, name) > 0:
-                refuse(f"{name} must be > 0, got {getattr(self, name)}")
+            if not 0 < getattr(self, name) < math.inf:
+                refuse(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         # Combinations that make no sense are refused here, with the reason.
         if self.lns and self.norm_position in ("post", "deepnorm"):
             refuse(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {self.norm_position!r} has "
-                "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or 'mix'")
+                   "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or 'mix'")
         if self.lir and self.norm_position == "deepnorm":
             refuse("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
         if self.scaled_init:

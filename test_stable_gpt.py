@@ -1403,10 +1403,28 @@ BAD_TRAINING_INPUT = [
     (["--n-embd", "30", "--n-head", "4"], "n_embd (30) must be divisible by n_head (4)"),
     (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["--max-iters", "-5"], "--max-iters must be a positive integer, got -5"),
-    (["--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["--lr", "0"], "--lr must be a finite number > 0, got 0.0"),
     (["--lns", "--norm-position", "post"], "lns scales the output of a *pre*-norm"),
     (["--lir", "--norm-position", "deepnorm"], "lir and deepnorm both define the block init"),
     (["--block-size", "100000"], "fewer than one block of 100000 + 1"),
+    (["--beta1", "-1"], "--beta1 must be in [0, 1), got -1.0"),
+    (["--beta2", "1.5"], "--beta2 must be in [0, 1), got 1.5"),
+    (["--beta2", "nan"], "--beta2 must be in [0, 1), got nan"),
+    (["--min-lr=-1e-4"], "--min-lr must be a finite number >= 0, got -0.0001"),
+    (["--min-lr", "nan"], "--min-lr must be a finite number >= 0, got nan"),
+    (["--min-lr", "1"], "--min-lr (1.0) must not exceed --lr (0.003)"),
+    (["--lr", "inf"], "--lr must be a finite number > 0, got inf"),
+    (["--weight-decay", "-5"], "--weight-decay must be a finite number >= 0, got -5.0"),
+    (["--grad-clip", "-1"], "--grad-clip must be a finite number >= 0 (0: off), got -1.0"),
+    (["--grad-clip", "nan"], "--grad-clip must be a finite number >= 0 (0: off), got nan"),
+    (["--init-std", "inf"], "init_std must be a finite number > 0, got inf"),
+    (["--temperature", "0"], "--temperature must be a finite number > 0, got 0.0"),
+    (["--temperature", "-1"], "--temperature must be a finite number > 0, got -1.0"),
+    (["--temperature", "nan"], "--temperature must be a finite number > 0, got nan"),
+    (["--top-k", "-1"], "--top-k must be >= 0 (0: all tokens), got -1"),
+    (["--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
+    (["--num-samples", "-1"], "--num-samples must be a positive integer, got -1"),
+    (["--max-new-tokens", "-5"], "--max-new-tokens must be a positive integer, got -5"),
 ]
 
 
@@ -1542,6 +1560,25 @@ def test_skip_nonfinite_skips_one_bad_update(tmp_path, data_dir, monkeypatch):
     assert [r["iter"] for r in read_log(out) if r.get("type") == "skipped"] == [10]
     model = train_shakespeare.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_skip_nonfinite_stops_when_every_update_is_skipped(tmp_path, data_dir, monkeypatch, capsys):
+    """From step 10 on every loss is NaN: --skip-nonfinite skips 10 in a row, then reports a divergence."""
+    real_forward, calls = GPT.forward, []
+
+    def forward(self, idx, targets=None):
+        logits, loss = real_forward(self, idx, targets)
+        if targets is not None and self.training:
+            calls.append(1)
+            loss = loss * float("nan") if len(calls) >= 10 else loss
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", forward)
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--skip-nonfinite")) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged"] and summary["diverged_at"] == 20 and summary["skipped_updates"] == 10
+    assert "10 updates in a row skipped before it; stopping without saving" in capsys.readouterr().out
 
 
 def test_sigint_writes_a_resumable_checkpoint(tmp_path, data_dir):

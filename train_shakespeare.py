@@ -163,8 +163,8 @@ def build_parser():
                    + default("grad_accum"))
     g.add_argument("--max-iters", type=int, help="optimizer steps" + default("max_iters"))
     g.add_argument("--lr", type=float, help="peak learning rate" + default("lr"))
-    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: the preset's, "
-                   "else --lr/10)")
+    g.add_argument("--min-lr", type=float, help="final learning rate of the cosine decay (default: the preset's "
+                   "ratio to its --lr, 1/10, times --lr)")
     g.add_argument("--warmup-iters", type=int, help="linear warmup steps" + default("warmup_iters"))
     g.add_argument("--lr-decay-iters", type=int, help="steps of the cosine decay (default: --max-iters)")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (which tensors: see README)"
@@ -224,6 +224,8 @@ def resolve_config(args, base=None):
     cfg = dict(base, **explicit)
     if cfg["min_lr"] is None:
         cfg["min_lr"] = cfg["lr"] / 10
+    elif "lr" in explicit and "min_lr" not in explicit:  # the preset's final/peak ratio, at the new peak
+        cfg["min_lr"] = base["min_lr"] * cfg["lr"] / base["lr"]
     cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
     if cfg["init_from"]:
         # GPT-2's weights fix the architecture: flags that would change it (or its init) are refused
@@ -239,15 +241,33 @@ def resolve_config(args, base=None):
         flags = [t for t in TECHNIQUES if cfg[t]] + [cfg["norm_position"]] * (cfg["norm_position"] != "pre") \
             + [cfg["norm"]] * (cfg["norm"] != "layernorm") + [cfg["init_from"]] * bool(cfg["init_from"])
         cfg["out_dir"] = str(Path("out") / "-".join([cfg["preset"]] + flags))
-    for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval", "spike_window"):
-        if not isinstance(cfg[key], int) or cfg[key] <= 0:
-            raise TrainError(f"--{key.replace('_', '-')} must be a positive integer, got {cfg[key]}")
-    if not cfg["lr"] > 0:
-        raise TrainError(f"--lr must be > 0, got {cfg['lr']}")
-    for key in ("warmup_iters", "diag_interval"):
-        if cfg[key] < 0:
-            raise TrainError(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    check_ranges(cfg, RANGES)
+    if cfg["min_lr"] > cfg["lr"]:
+        raise TrainError(f"--min-lr ({cfg['min_lr']}) must not exceed --lr ({cfg['lr']})")
     return cfg, explicit
+
+
+# The allowed range of each numeric setting (NaN fails every comparison, so it is refused too)
+POSITIVE_INT = (lambda v: isinstance(v, int) and v > 0, "a positive integer")
+RANGES = dict(
+    {k: POSITIVE_INT for k in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
+                               "spike_window")},
+    warmup_iters=(lambda v: v >= 0, ">= 0"), diag_interval=(lambda v: v >= 0, ">= 0"),
+    lr=(lambda v: 0 < v < math.inf, "a finite number > 0"), min_lr=(lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    weight_decay=(lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    beta1=(lambda v: 0 <= v < 1, "in [0, 1)"), beta2=(lambda v: 0 <= v < 1, "in [0, 1)"),
+    grad_clip=(lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: off)"),
+    spike_factor=(lambda v: 1 < v < math.inf, "a finite number > 1"),
+)
+SAMPLING_RANGES = dict(num_samples=POSITIVE_INT, max_new_tokens=POSITIVE_INT,
+                       temperature=(lambda v: 0 < v < math.inf, "a finite number > 0"),
+                       top_k=(lambda v: v >= 0, ">= 0 (0: all tokens)"))
+
+
+def check_ranges(values, ranges):
+    for key, (ok, what) in ranges.items():
+        if values[key] is not None and not ok(values[key]):
+            raise TrainError(f"--{key.replace('_', '-')} must be {what}, got {values[key]}")
 
 
 def resume_config(args, ckpt):
@@ -496,6 +516,9 @@ def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data
           f"data {data_dir}, out {out_dir}" + (f", resuming at iter {resumed_at}" if resumed_at is not None else ""))
 
 
+MAX_SKIPS_IN_A_ROW = 10  # --skip-nonfinite: more non-finite steps in a row than this is a divergence
+
+
 def report_eval(log, out_dir, iter_num, losses, improved, state):
     print(f"eval  {iter_num:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}"
           + (" (best)" if improved else ""))
@@ -505,14 +528,15 @@ def report_eval(log, out_dir, iter_num, losses, improved, state):
         save_checkpoint(out_dir / "best.pt", state)
 
 
-def report_nonfinite(log, cfg, out_dir, iter_num, what, loss, grad_norm, skipped, last_saved):
-    if cfg["skip_nonfinite"]:
+def report_nonfinite(log, out_dir, iter_num, what, loss, grad_norm, skip, skipped, last_saved):
+    if skip:
         print(f"iter {iter_num}: non-finite {what} ({loss}, {grad_norm}); update skipped ({skipped} so far)")
         log.write(iter=iter_num, type="skipped", loss=loss, grad_norm=grad_norm)
     else:
         where = f"{out_dir / 'ckpt.pt'} (iter {last_saved})" if last_saved is not None else "none yet"
-        print(f"iter {iter_num}: non-finite {what} (loss {loss}, gradient norm {grad_norm}); stopping without "
-              f"saving. The last good checkpoint: {where}")
+        print(f"iter {iter_num}: non-finite {what} (loss {loss}, gradient norm {grad_norm})"
+              + (f", {MAX_SKIPS_IN_A_ROW} updates in a row skipped before it" if skipped else "")
+              + f"; stopping without saving. The last good checkpoint: {where}")
 
 
 def log_progress(log, cfg, iter_num, loss, lr, grad_norm, dt, tokens_per_iter, mfu):
@@ -592,7 +616,7 @@ def train(cfg, resume_ckpt=None, stop=None):
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
     x, y = batches.next()
     diverged = last_eval = interrupted = None
-    iters_since_log, tokens_trained, skipped, last_saved = 0, 0, 0, resumed_at
+    iters_since_log, tokens_trained, skipped, skips_in_a_row, last_saved = 0, 0, 0, 0, resumed_at
     while True:
         if any_rank(stop.signum is not None, proc):
             state = checkpoint(data_state)
@@ -644,12 +668,13 @@ def train(cfg, resume_ckpt=None, stop=None):
         optimizer.zero_grad(set_to_none=True)
 
         # --- what follows from the step ----------------------------------------------------------------
-        if nonfinite:  # no update was made: stop without saving, or (--skip-nonfinite) count it and go on
-            if cfg["skip_nonfinite"]:
-                skipped += 1
+        skips_in_a_row = skips_in_a_row + 1 if nonfinite else 0
+        if nonfinite:  # no update was made: with --skip-nonfinite count it and go on, else stop without saving
+            skip = cfg["skip_nonfinite"] and skips_in_a_row <= MAX_SKIPS_IN_A_ROW
+            skipped += skip
             if master:
-                report_nonfinite(log, cfg, out_dir, iter_num + 1, nonfinite, lossf, normf, skipped, last_saved)
-            if not cfg["skip_nonfinite"]:
+                report_nonfinite(log, out_dir, iter_num + 1, nonfinite, lossf, normf, skip, skipped, last_saved)
+            if not skip:
                 diverged = iter_num + 1
                 break
             iter_num += 1
@@ -778,6 +803,7 @@ def main(argv=None):
             return 2
     args = build_parser().parse_args(argv)
     try:
+        check_ranges(vars(args), SAMPLING_RANGES)  # before training, so that a run never ends in a bad sample
         if args.sample:
             cfg, _ = resolve_config(args)
             ckpt = load_checkpoint(Path(cfg["out_dir"]) / "ckpt.pt")
