@@ -63,7 +63,7 @@ def plot_run(out_dir):
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    steps = [r for r in log if "loss" in r]
+    steps = [r for r in log if isinstance(r.get("loss"), (int, float))]  # a skipped step's loss is null
     evals = [r for r in log if r.get("type") == "eval"]
     spikes = [r for r in log if r.get("type") == "spike"]
     ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.5, label="train (step)")

@@ -5,7 +5,9 @@ setting that bench.py shares. Imports torch, numpy and stable_gpt only.
 """
 
 import ctypes
+import fcntl
 import json
+import math
 import os
 import pickle
 import signal
@@ -168,6 +170,15 @@ class SpikeDetector:
         return median if median is not None and loss > self.factor * median else None
 
 
+def parses(line):
+    """Whether a log line is whole JSON (a crash mid-write can leave a partial last line)."""
+    try:
+        json.loads(line)
+        return True
+    except ValueError:
+        return False
+
+
 class JsonlLog:
     """log.jsonl: one JSON object per line; a step line's iter counts the steps done, an eval line's the steps
     before it. On resume, what the resumed run will write again (later steps, the eval at resume_iter) is dropped."""
@@ -177,12 +188,23 @@ class JsonlLog:
         lines = []
         if resume_iter is not None and self.path.is_file():
             keep = lambda r: r["iter"] < resume_iter or (r["iter"] == resume_iter and r.get("type") != "eval")
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and keep(json.loads(ln))]
+            lines = [ln for ln in self.path.read_text().splitlines() if ln and parses(ln) and keep(json.loads(ln))]
         self.path.write_text("".join(ln + "\n" for ln in lines))
 
     def write(self, **record):
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+
+
+def finite_or_null(value):
+    """value with every NaN or infinity replaced by None: JSON has no NaN, so a diverged step logs null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
 
 
 class DiagnosticsRecorder:
@@ -224,6 +246,39 @@ class DiagnosticsRecorder:
         if self.record is not None:
             self.log.write(**self.record)
             self.record = None
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on <folder>/.lock, released when the process ends in any way),
+    so that two runs never write into one folder at once. The holder's process id is in the file."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise TrainError(f"{folder} is in use by another run (process {holder}); wait for it to finish, or "
+                             "use another --out-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self):
+        self.file.close()  # closing the file releases the lock
+
+
+def clear_outputs(folder):
+    """Before a fresh run (--overwrite) in a folder that held one: remove the old run's files, so that no
+    stale plot or summary is taken for the new run's."""
+    for name in ("ckpt.pt", "best.pt", "summary.json", "log.jsonl", "diag.jsonl"):
+        (Path(folder) / name).unlink(missing_ok=True)
+    for png in Path(folder).glob("*.png"):
+        png.unlink()
 
 
 class StopRequest:

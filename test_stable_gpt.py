@@ -1535,6 +1535,7 @@ def test_divergence_is_caught_at_its_step_and_keeps_the_checkpoint(tmp_path, dat
     assert all(math.isfinite(r["loss"]) for r in steps) and summary["diverged_at"] <= 5
     printed = capsys.readouterr().out
     assert f"iter {summary['diverged_at']}: non-finite" in printed and "(iter 0)" in printed
+    assert f"diverged at iter {summary['diverged_at']}: best val" in printed and "done:" not in printed
     ckpt = train_shakespeare.load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 0
     model = train_shakespeare.model_from_checkpoint(ckpt)
@@ -1579,6 +1580,51 @@ def test_skip_nonfinite_stops_when_every_update_is_skipped(tmp_path, data_dir, m
     summary = json.loads((out / "summary.json").read_text())
     assert summary["diverged"] and summary["diverged_at"] == 20 and summary["skipped_updates"] == 10
     assert "10 updates in a row skipped before it; stopping without saving" in capsys.readouterr().out
+
+
+def test_a_run_folder_in_use_is_refused_with_the_holder(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = support.RunLock(out)  # another run holds the folder
+    try:
+        assert train_shakespeare.main(train_args(data_dir, out)) == 2
+        err = capsys.readouterr().err
+        assert f"is in use by another run (process {os.getpid()})" in err and err.count("\n") == 1
+        assert not (out / "ckpt.pt").exists()
+    finally:
+        lock.release()
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "2")) == 0  # free again
+
+
+def test_overwrite_clears_the_old_run_and_a_finished_run_is_not_resumed(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "4", "--plot")) == 0
+    assert (out / "loss.png").exists()
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "4", "--resume")) == 2
+    assert f"is finished (4 of 4 iters); raise --max-iters to train on, or plot it with: python plots.py {out}" \
+        in capsys.readouterr().err
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "4", "--overwrite")) == 0
+    assert not list(out.glob("*.png"))  # the old run's plots are gone with it
+
+
+def test_default_out_dir_is_named_after_the_data(text_file):
+    parse = lambda *argv: train_shakespeare.resolve_config(train_shakespeare.build_parser().parse_args(argv))[0]
+    assert parse()["out_dir"] == str(Path("out") / "cpu")
+    assert parse("--sdd", "--lns")["out_dir"] == str(Path("out") / "cpu-sdd-lns")
+    assert parse("--data", str(text_file))["out_dir"] == str(Path("out") / f"cpu-{text_file.stem}")
+    assert parse("--data", str(text_file), "--tokenizer", "gpt2")["out_dir"].endswith(f"-{text_file.stem}-bpe")
+
+
+def test_logs_are_json_without_nan_and_survive_a_partial_line(tmp_path):
+    log = support.JsonlLog(tmp_path / "log.jsonl")
+    log.write(iter=1, loss=float("nan"), grad_norm=float("inf"), nested={"a": [1.0, float("-inf")]})
+    log.write(iter=2, loss=1.5)
+    with (tmp_path / "log.jsonl").open("a") as f:
+        f.write('{"iter": 3, "lo')  # a crash mid-write
+    assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0]) == \
+        {"iter": 1, "loss": None, "grad_norm": None, "nested": {"a": [1.0, None]}}
+    support.JsonlLog(tmp_path / "log.jsonl", resume_iter=5)  # resuming drops the partial line only
+    assert [r["iter"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
 
 
 def test_sigint_writes_a_resumable_checkpoint(tmp_path, data_dir):

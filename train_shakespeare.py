@@ -36,9 +36,9 @@ import prepare_data
 import stable_gpt
 from prepare_data import Codec, DataError
 from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig
-from support import (Batches, DiagnosticsRecorder, JsonlLog, SpikeDetector, StopRequest, TrainError,
-                     checkpoint_model_state, fmt_time, gpu_peak_flops, keep_freed_memory, load_checkpoint,
-                     pick_device, pick_dtype, save_checkpoint)
+from support import (Batches, DiagnosticsRecorder, JsonlLog, RunLock, SpikeDetector, StopRequest, TrainError,
+                     checkpoint_model_state, clear_outputs, finite_or_null, fmt_time, gpu_peak_flops, keep_freed_memory,
+                     load_checkpoint, pick_device, pick_dtype, save_checkpoint)
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
 TECHNIQUES = ("sdd", "lns", "wesar", "lir", "tvr")
@@ -238,9 +238,7 @@ def resolve_config(args, base=None):
             raise TrainError(f"--init-from {cfg['init_from']} needs --tokenizer gpt2 (GPT-2's vocabulary)")
         cfg.update(fixed, tokenizer="gpt2")
     if cfg["out_dir"] is None:
-        flags = [t for t in TECHNIQUES if cfg[t]] + [cfg["norm_position"]] * (cfg["norm_position"] != "pre") \
-            + [cfg["norm"]] * (cfg["norm"] != "layernorm") + [cfg["init_from"]] * bool(cfg["init_from"])
-        cfg["out_dir"] = str(Path("out") / "-".join([cfg["preset"]] + flags))
+        cfg["out_dir"] = default_out_dir(cfg)
     check_ranges(cfg, RANGES)
     if cfg["min_lr"] > cfg["lr"]:
         raise TrainError(f"--min-lr ({cfg['min_lr']}) must not exceed --lr ({cfg['lr']})")
@@ -268,6 +266,19 @@ def check_ranges(values, ranges):
     for key, (ok, what) in ranges.items():
         if values[key] is not None and not ok(values[key]):
             raise TrainError(f"--{key.replace('_', '-')} must be {what}, got {values[key]}")
+
+
+def default_out_dir(cfg):
+    """out/<preset>[-<flags>][-<data>][-bpe], e.g. out/cpu-sdd-lns, or out/cpu-my for --data my.txt."""
+    parts = [cfg["preset"]] + [t for t in TECHNIQUES if cfg[t]]
+    parts += [cfg[k] for k in ("norm_position", "norm") if cfg[k] != DEFAULTS[k]]
+    if cfg["init_from"]:
+        parts.append(cfg["init_from"])
+    if cfg["data"]:
+        parts.append(Path(cfg["data"]).stem)
+    if cfg["tokenizer"] != "char" and not cfg["init_from"]:
+        parts.append("bpe")
+    return str(Path("out") / "-".join(parts))
 
 
 def resume_config(args, ckpt):
@@ -561,8 +572,10 @@ def finish_run(cfg, model, proc, wall, tokens_trained, best_val, final_val_loss,
                        spikes=len(spike_iters), spike_iters=spike_iters[:100], diag_s=round(diag_s, 2),
                        world_size=proc.world, replica_max_diff=replica_diff)
         out_dir = Path(cfg["out_dir"])
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        print(f"done: best val {best_val:.4f}, {iters} iters in {wall:.1f} s ({summary['tokens_per_s']:,} tok/s), "
+        (out_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2))
+        ended = f"diverged at iter {diverged_at}" if diverged_at is not None else \
+            f"interrupted at iter {interrupted_at}" if interrupted_at is not None else "done"
+        print(f"{ended}: best val {best_val:.4f}, {iters} iters in {wall:.1f} s ({summary['tokens_per_s']:,} tok/s), "
               f"{len(spike_iters)} loss spikes; wrote {out_dir}/summary.json")
         if cfg["plot"]:
             import plots
@@ -597,6 +610,9 @@ def train(cfg, resume_ckpt=None, stop=None):
     tokens_per_iter = grad_accum * proc.world * cfg["batch_size"] * cfg["block_size"]
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out_dir)
+        if resume_ckpt is None:
+            clear_outputs(out_dir)
         print_start(cfg, config, raw_model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at)
         log = JsonlLog(out_dir / "log.jsonl", resume_iter=resumed_at)
     # diagnostics read one fixed validation batch (up to 8 sequences), the same at every record
@@ -702,6 +718,8 @@ def train(cfg, resume_ckpt=None, stop=None):
     summary = finish_run(cfg, raw_model, proc, time.time() - t_start, tokens_trained, best_val=best_val,
                          final_val_loss=last_eval["val"] if last_eval else None, iters=iter_num, diverged_at=diverged,
                          interrupted_at=interrupted, skipped_updates=skipped, spike_iters=spikes, diag_s=diag.seconds)
+    if master:
+        lock.release()
     return raw_model, Codec(meta), summary
 
 
@@ -820,11 +838,15 @@ def main(argv=None):
             cfg0, _ = resolve_config(args)
             resume_ckpt = load_checkpoint(Path(cfg0["out_dir"]) / "ckpt.pt")
             cfg = resume_config(args, resume_ckpt)
+            if resume_ckpt["iter_num"] >= cfg["max_iters"]:
+                raise TrainError(f"the run in {cfg['out_dir']} is finished ({resume_ckpt['iter_num']} of "
+                                 f"{cfg['max_iters']} iters); raise --max-iters to train on, or plot it with: "
+                                 f"python plots.py {cfg['out_dir']}")
         else:
             cfg, _ = resolve_config(args)
             if (Path(cfg["out_dir"]) / "ckpt.pt").is_file() and not args.overwrite:
                 raise TrainError(f"{cfg['out_dir']} already holds a run; --resume to continue it, --overwrite to "
-                                 "start afresh there, or --out-dir elsewhere")
+                                 f"start afresh there, --out-dir elsewhere, or plot it: python plots.py {cfg['out_dir']}")
         with StopRequest() as stop:
             model, codec, summary = train(cfg, resume_ckpt, stop)
         if summary is not None:
