@@ -4,6 +4,7 @@ the text is train, the last 10% val) and meta.json (tokenizer, vocab size, and f
 
     python prepare_data.py                                 # tiny Shakespeare, char level -> data/shakespeare_char/
     python prepare_data.py --tokenizer gpt2                # GPT-2 BPE                     -> data/shakespeare_gpt2/
+    python prepare_data.py --input my.txt                  # -> the folder train_shakespeare.py --data my.txt reuses
     python prepare_data.py --input my.txt --out-dir data/my_char
 
 Tiny Shakespeare is found at --input, else data/shakespeare/input.txt, else ../shared/data/tinyshakespeare/input.txt
@@ -141,12 +142,15 @@ def prepare(text_path, out_dir, tokenizer="char"):
                 train_tokens=n_train, val_tokens=len(ids) - n_train)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # meta.json is written last (and atomically): a folder with a meta.json is complete
+    # meta.json is written last: a folder with a meta.json is complete. Each file is written under a name of
+    # this process's own and renamed into place atomically, so two processes preparing the same text at once
+    # (two runs, or torchrun's ranks) each rename a complete file, and the last one wins.
+    part = f"{os.getpid()}.part"
     for name, arr in (("train.bin", ids[:n_train]), ("val.bin", ids[n_train:])):
-        arr.tofile(out_dir / f"{name}.part")
-        os.replace(out_dir / f"{name}.part", out_dir / name)
-    (out_dir / "meta.json.part").write_text(json.dumps(meta))
-    os.replace(out_dir / "meta.json.part", out_dir / "meta.json")
+        arr.tofile(out_dir / f"{name}.{part}")
+        os.replace(out_dir / f"{name}.{part}", out_dir / name)
+    (out_dir / f"meta.json.{part}").write_text(json.dumps(meta))
+    os.replace(out_dir / f"meta.json.{part}", out_dir / "meta.json")
     return meta
 
 
@@ -155,11 +159,23 @@ def load_meta(data_dir):
     meta) is taken as GPT-2 BPE."""
     data_dir = Path(data_dir)
     if (data_dir / "meta.json").is_file():
-        return json.loads((data_dir / "meta.json").read_text())
+        try:
+            meta = json.loads((data_dir / "meta.json").read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DataError(f"{data_dir / 'meta.json'} is not valid JSON ({e}); prepare the folder again") from None
+        if not isinstance(meta, dict) or not {"tokenizer", "vocab_size"} <= set(meta):
+            raise DataError(f"{data_dir / 'meta.json'} lacks tokenizer and vocab_size; prepare the folder again")
+        return meta
     if (data_dir / "train.bin").is_file() and (data_dir / "val.bin").is_file():
         return {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257}
     raise DataError(f"{data_dir} is not a prepared data folder (no meta.json, train.bin and val.bin); "
                     "run prepare_data.py --input TEXT --out-dir DIR, or pass a text file")
+
+
+def cache_dir(text_path, tokenizer):
+    """Where the tokens of a text given by path are kept (and found again by train_shakespeare.py --data)."""
+    key = hashlib.sha1(str(Path(text_path).resolve()).encode()).hexdigest()[:8]
+    return CACHE / f"{Path(text_path).stem}-{key}-{tokenizer}"
 
 
 def ensure_prepared(data=None, tokenizer="char"):
@@ -177,8 +193,7 @@ def ensure_prepared(data=None, tokenizer="char"):
             raise
     else:
         text_path = find_shakespeare(data, flag="--data")
-        key = hashlib.sha1(str(text_path.resolve()).encode()).hexdigest()[:8]
-        out_dir = CACHE / f"{text_path.stem}-{key}-{tokenizer}"
+        out_dir = cache_dir(text_path, tokenizer)
     meta_path = out_dir / "meta.json"
     if meta_path.is_file():
         meta = json.loads(meta_path.read_text())
@@ -193,12 +208,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", help="UTF-8 text file (default: tiny Shakespeare, found or downloaded)")
     p.add_argument("--tokenizer", choices=TOKENIZERS, default="char", help="char level or GPT-2 BPE (tiktoken)")
-    p.add_argument("--out-dir", help="output folder (default data/shakespeare_<tokenizer> for tiny Shakespeare)")
+    p.add_argument("--out-dir", help="output folder (default: data/shakespeare_<tokenizer> for tiny Shakespeare; "
+                   "for --input, the cache folder that train_shakespeare.py --data reuses)")
     args = p.parse_args(argv)
     try:
         text_path = find_shakespeare(args.input)
         out_dir = args.out_dir or (ROOT / "data" / f"shakespeare_{args.tokenizer}" if args.input is None
-                                   else ROOT / "data" / f"{Path(args.input).stem}_{args.tokenizer}")
+                                   else cache_dir(text_path, args.tokenizer))
         meta = prepare(text_path, out_dir, args.tokenizer)
     except DataError as e:
         sys.exit(f"error: {e}")

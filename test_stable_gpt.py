@@ -1439,6 +1439,49 @@ def test_bad_training_input_is_one_clear_line_and_writes_nothing(finished_run, b
     assert snapshot(finished_run) == before
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes() + b"x"), "has an odd number of bytes"),
+    (lambda d: (d / "val.bin").write_bytes(b""), "the val split has 0 tokens, fewer than one block"),
+    (lambda d: (d / "meta.json").write_text("{not json"), "meta.json is not valid JSON"),
+    (lambda d: (d / "meta.json").write_text("[1, 2]"), "meta.json lacks tokenizer and vocab_size"),
+])
+def test_damaged_token_files_are_one_clear_line(tmp_path, data_dir, capsys, damage, message):
+    broken = tmp_path / "data"
+    broken.mkdir()
+    for f in data_dir.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    damage(broken)
+    assert train_shakespeare.main(train_args(broken, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_prepare_data_input_writes_the_folder_that_data_reuses(tmp_path, text_file, capsys):
+    prepare_data.main(["--input", str(text_file)])
+    capsys.readouterr()
+    assert prepare_data.ensure_prepared(str(text_file)) == prepare_data.cache_dir(text_file, "char")
+    assert "tokenizing" not in capsys.readouterr().out  # reused, not tokenized again
+
+
+def test_processes_preparing_one_text_at_once(tmp_path):
+    """Four processes tokenize the same new text at the same moment, three times over: all succeed, and the
+    folder is whole (with one shared temporary name, about one round in four crashed here)."""
+    text = tmp_path / "big.txt"
+    text.write_text(synthetic_text(2_000_000))
+    code = ("import sys, prepare_data; prepare_data.CACHE = __import__('pathlib').Path(sys.argv[2]); "
+            "print(prepare_data.ensure_prepared(sys.argv[1]))")
+    for round_ in range(3):
+        cache = tmp_path / f"cache{round_}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(text), str(cache)], cwd=Path(__file__).parent,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 for p in procs), outs
+        folder = Path(outs[0][0].strip().splitlines()[-1])
+        meta = prepare_data.load_meta(folder)
+        assert (folder / "train.bin").stat().st_size == 2 * meta["train_tokens"] and not list(folder.glob("*.part"))
+
+
 def test_bad_choices_are_listed(finished_run, capsys):
     before = snapshot(finished_run)
     for flag, value, listed in (("--preset", "huge", "'cpu'"), ("--norm-position", "sandwich", "'deepnorm'")):

@@ -304,10 +304,12 @@ def load_data(cfg):
         path = data_dir / f"{split}.bin"
         if not path.is_file():
             raise DataError(f"{path} is missing")
-        data = np.memmap(path, dtype=np.uint16, mode="r")
-        if len(data) <= cfg["block_size"] + 1:
-            raise DataError(f"the {split} split has {len(data)} tokens, fewer than one block of "
+        if path.stat().st_size % 2:
+            raise DataError(f"{path} has an odd number of bytes: not a file of uint16 token ids")
+        if path.stat().st_size <= 2 * (cfg["block_size"] + 1):
+            raise DataError(f"the {split} split has {path.stat().st_size // 2} tokens, fewer than one block of "
                             f"{cfg['block_size']} + 1; use a longer text or a smaller --block-size")
+        data = np.memmap(path, dtype=np.uint16, mode="r")
         if len(data) < 200_000_000 and int(data.max()) >= meta["vocab_size"]:  # a full scan, small data only
             raise DataError(f"{path} holds token id {int(data.max())}, outside the vocabulary of {meta['vocab_size']}")
     return data_dir, meta
