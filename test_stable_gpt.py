@@ -1280,6 +1280,23 @@ def test_ddp_two_cpu_processes(tmp_path, data_dir):
     assert "2 processes" in proc.stdout and proc.stdout.count("--- sample ---") == 1  # rank 0 alone prints
 
 
+def test_any_grad_accum_runs_on_two_processes(tmp_path, data_dir):
+    """--grad-accum 1 (the CPU preset's) on 2 processes: one micro-batch per process, said at start-up and in
+    the summary; a bad input is one line from rank 0 alone."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_shakespeare.py"]
+    out = tmp_path / "ddp"
+    proc = subprocess.run(torchrun + train_args(data_dir, out, "--max-iters", "4", "--eval-interval", "4",
+                                                "--grad-accum", "1"),
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "note: --grad-accum 1 on 2 processes: 1 micro-batch(es) per process, 2 per step" in proc.stdout
+    assert json.loads((out / "summary.json").read_text())["tokens_per_step"] == 2 * 8 * 32
+    proc = subprocess.run(torchrun + train_args(data_dir, tmp_path / "bad", "--beta2", "1.5"),
+                          cwd=Path(__file__).parent, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.stderr.count("error: --beta2 must be in [0, 1)") == 1
+
+
 @pytest.mark.parametrize("kw", [{}, dict(sdd=True), dict(lns=True), dict(wesar=True), dict(norm="rmsnorm"),
                                 dict(norm_position="mix"), dict(norm_position="deepnorm"), ALL_FLAGS],
                          ids=lambda kw: "+".join(kw) or "baseline")

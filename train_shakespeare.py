@@ -424,9 +424,14 @@ def setup_process(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    if cfg["grad_accum"] % world:
-        raise TrainError(f"--grad-accum {cfg['grad_accum']} must be divisible by the {world} processes")
     return Process(rank, world, device, ddp=True)
+
+
+def micro_steps_per_rank(grad_accum, world):
+    """--grad-accum is the micro-batches of one optimizer step over all processes: each of N processes does
+    grad_accum / N of them, and at least one, so any preset runs on any N (with more processes than
+    micro-batches, a step holds N micro-batches and the tokens per step grow; the start-up line says so)."""
+    return max(1, grad_accum // world)
 
 
 def build_model(cfg, meta, data_dir, resume_ckpt, proc, dtype):
@@ -508,6 +513,16 @@ def replica_max_diff(model, proc):
     return (high - low).max().item()
 
 
+def open_run_folder(out_dir, resumed_at):
+    """Rank 0's run folder: created, locked against a second run, cleared of an old run's files on a fresh
+    start; returns (lock, log.jsonl, diag.jsonl), the logs cut back to resumed_at on a resume."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out_dir)
+    if resumed_at is None:
+        clear_outputs(out_dir)
+    return lock, JsonlLog(out_dir / "log.jsonl", resumed_at), JsonlLog(out_dir / "diag.jsonl", resumed_at)
+
+
 def setup_precision(cfg, device):
     """(autocast dtype, autocast context, whether to compile): bf16 and compile on CUDA, fp32 eager elsewhere."""
     dtype = pick_dtype(cfg["dtype"], device)
@@ -518,7 +533,8 @@ def setup_precision(cfg, device):
     return dtype, autocast, cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
 
 
-def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at):
+def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at,
+                resumed_world):
     print(f"model: {config.techniques()} | {model.get_num_params() / 1e6:.2f}M params | "
           f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, "
           f"vocab {config.vocab_size}")
@@ -527,9 +543,28 @@ def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data
     print(f"training: {cfg['max_iters']} iters x {tokens_per_iter:,} tokens on {proc.device} ({str(dtype)[6:]}"
           f"{', compiled' if compiled else ''}{f', {proc.world} processes' if proc.ddp else ''}), "
           f"data {data_dir}, out {out_dir}" + (f", resuming at iter {resumed_at}" if resumed_at is not None else ""))
+    micro = micro_steps_per_rank(cfg["grad_accum"], proc.world)
+    if micro * proc.world != cfg["grad_accum"]:
+        print(f"note: --grad-accum {cfg['grad_accum']} on {proc.world} processes: {micro} micro-batch(es) per "
+              f"process, {micro * proc.world} per step, {tokens_per_iter:,} tokens per step")
+    if resumed_world not in (None, proc.world):
+        print(f"warning: resuming a run of {resumed_world} process(es) on {proc.world}: the data order and the "
+              "tokens per step differ from the first part, so the losses will not continue as they would have")
 
 
 MAX_SKIPS_IN_A_ROW = 10  # --skip-nonfinite: more non-finite steps in a row than this is a divergence
+
+
+def report_stop(out_dir, iter_num, state, proc):
+    save_checkpoint(out_dir / "ckpt.pt", state)
+    launcher = f"torchrun --standalone --nproc_per_node={proc.world}" if proc.ddp else "python"
+    print(f"stopped at iter {iter_num}; wrote {out_dir / 'ckpt.pt'}. Resume with:\n"
+          f"  {launcher} train_shakespeare.py --resume --out-dir {out_dir}")
+
+
+def report_spike(log, cfg, iter_num, loss, median):
+    print(f"spike at iter {iter_num}: loss {loss:.4f} > {cfg['spike_factor']} x median {median:.4f}")
+    log.write(iter=iter_num, type="spike", loss=loss, median=median)
 
 
 def report_eval(log, out_dir, iter_num, losses, improved, state):
@@ -572,7 +607,9 @@ def finish_run(cfg, model, proc, wall, tokens_trained, best_val, final_val_loss,
                        tokens_per_s=round(tokens_trained / max(wall, 1e-9)), diverged=diverged_at is not None,
                        diverged_at=diverged_at, interrupted_at=interrupted_at, skipped_updates=skipped_updates,
                        spikes=len(spike_iters), spike_iters=spike_iters[:100], diag_s=round(diag_s, 2),
-                       world_size=proc.world, replica_max_diff=replica_diff)
+                       world_size=proc.world, replica_max_diff=replica_diff,
+                       tokens_per_step=micro_steps_per_rank(cfg["grad_accum"], proc.world) * proc.world
+                       * cfg["batch_size"] * cfg["block_size"])
         out_dir = Path(cfg["out_dir"])
         (out_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2))
         ended = f"diverged at iter {diverged_at}" if diverged_at is not None else \
@@ -590,12 +627,11 @@ def finish_run(cfg, model, proc, wall, tokens_trained, best_val, final_val_loss,
 
 
 def train(cfg, resume_ckpt=None, stop=None):
-    """Train with the resolved config cfg (continuing resume_ckpt if given). stop: a StopRequest whose
-    signal ends the run at the next step boundary with a checkpoint. Returns (model, codec, summary),
-    the summary on rank 0 only."""
+    """Train with the resolved config cfg (continuing resume_ckpt if given); stop's signal ends the run at a
+    step boundary with a checkpoint. Returns (model, codec, summary), the summary on rank 0 only."""
     stop = stop or StopRequest()
     proc = setup_process(cfg)
-    device, master, grad_accum = proc.device, proc.master, cfg["grad_accum"] // proc.world
+    device, master, grad_accum = proc.device, proc.master, micro_steps_per_rank(cfg["grad_accum"], proc.world)
     keep_freed_memory()
     dtype, autocast, compiled = setup_precision(cfg, device)
 
@@ -611,17 +647,13 @@ def train(cfg, resume_ckpt=None, stop=None):
     out_dir, resumed_at = Path(cfg["out_dir"]), iter_num if resume_ckpt else None
     tokens_per_iter = grad_accum * proc.world * cfg["batch_size"] * cfg["block_size"]
     if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        lock = RunLock(out_dir)
-        if resume_ckpt is None:
-            clear_outputs(out_dir)
-        print_start(cfg, config, raw_model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at)
-        log = JsonlLog(out_dir / "log.jsonl", resume_iter=resumed_at)
+        lock, log, diag_log = open_run_folder(out_dir, resumed_at)
+        print_start(cfg, config, raw_model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at,
+                    len(resume_ckpt["rng"]) if resume_ckpt else None)
     # diagnostics read one fixed validation batch (up to 8 sequences), the same at every record
     diag = DiagnosticsRecorder(raw_model, Batches(data_dir / "val.bin", cfg["block_size"], min(8, cfg["batch_size"]),
                                                   device, cfg["seed"] + 7).next(),
-                               JsonlLog(out_dir / "diag.jsonl", resume_iter=resumed_at) if master else None,
-                               cfg["diag_interval"] if master else 0)
+                               diag_log if master else None, cfg["diag_interval"] if master else 0)
     detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], recent_losses)
     peak_flops = gpu_peak_flops(device)
 
@@ -639,9 +671,7 @@ def train(cfg, resume_ckpt=None, stop=None):
         if any_rank(stop.signum is not None, proc):
             state = checkpoint(data_state)
             if master:
-                save_checkpoint(out_dir / "ckpt.pt", state)
-                print(f"stopped at iter {iter_num}; wrote {out_dir / 'ckpt.pt'}. Resume with:\n"
-                      f"  python train_shakespeare.py --resume --out-dir {out_dir}")
+                report_stop(out_dir, iter_num, state, proc)
             interrupted = iter_num
             break
         lr = get_lr(iter_num, cfg)
@@ -706,8 +736,7 @@ def train(cfg, resume_ckpt=None, stop=None):
         if (median := detector.update(lossf)) is not None:
             spikes.append(iter_num)
             if master:
-                print(f"spike at iter {iter_num}: loss {lossf:.4f} > {cfg['spike_factor']} x median {median:.4f}")
-                log.write(iter=iter_num, type="spike", loss=lossf, median=median)
+                report_spike(log, cfg, iter_num, lossf, median)
         diag.end_step()
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
             dt = (time.time() - t_log) / iters_since_log
@@ -863,7 +892,8 @@ def main(argv=None):
                                 device)[0])
         return 0
     except (TrainError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one line, not one per process
+            print(f"error: {e}", file=sys.stderr)
         return 2
 
 
