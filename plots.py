@@ -8,6 +8,7 @@ Plots of a training run (log.jsonl, diag.jsonl) and of a comparison of runs, as 
 Layer-indexed panels put the block index (1 = first block) on the x axis.
 """
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -170,9 +171,24 @@ def plot_compare(runs, out_dir, path=None, dpi=90):
     axes[0, 3].set(title="Largest weight std of the block matrices", xlabel="iteration", ylabel="std")
     axes[1, 3].set(title="Kurtosis of the stream (Gaussian = 3)", xlabel="block", ylabel="kurtosis")
     axes[0, 0].legend(fontsize=8)
+    seeds = sorted({len(dirs) for dirs in runs.values()})
+    fig.suptitle(f"every line: the mean over each configuration's {' or '.join(map(str, seeds))} seed(s); "
+                 "per-block panels at the last diagnostics record", fontsize=10)
     return [save(fig, Path(path) if path else out_dir / "compare.png", dpi)]
 
 
-if __name__ == "__main__":
-    for folder in sys.argv[1:] or ["out/cpu"]:
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dirs", nargs="*", default=["out/cpu"], metavar="RUN_DIR",
+                        help="a run folder written by train_shakespeare.py (default: out/cpu)")
+    for folder in parser.parse_args(argv).run_dirs:
+        if not (Path(folder) / "log.jsonl").is_file():
+            print(f"error: {folder} holds no run (no log.jsonl); give a folder train_shakespeare.py wrote",
+                  file=sys.stderr)
+            return 2
         print("\n".join(str(p) for p in plot_run(folder)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

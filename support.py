@@ -10,6 +10,7 @@ import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import statistics
 import sys
@@ -65,6 +66,19 @@ def save_checkpoint(path, state):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def link_checkpoint(src, dst):
+    """dst becomes the same file as src (a hard link, atomically; a copy where the file system has none): best.pt
+    costs no second write or disk space while it is the latest state, and keeps it when ckpt.pt moves on
+    (save_checkpoint replaces ckpt.pt with a new file rather than writing into it)."""
+    tmp = Path(f"{dst}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
 
 
 def load_checkpoint(path):

@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import plots
 import prepare_data
 import stable_gpt
 import support
@@ -1568,6 +1569,14 @@ def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path, capsys):
     assert not victim.exists()
 
 
+def test_best_checkpoint_is_a_link_that_keeps_its_state(tmp_path):
+    support.save_checkpoint(tmp_path / "ckpt.pt", {"iter_num": 1})
+    support.link_checkpoint(tmp_path / "ckpt.pt", tmp_path / "best.pt")
+    assert os.path.samefile(tmp_path / "best.pt", tmp_path / "ckpt.pt")
+    support.save_checkpoint(tmp_path / "ckpt.pt", {"iter_num": 2})  # a later, worse state
+    assert torch.load(tmp_path / "best.pt")["iter_num"] == 1 and torch.load(tmp_path / "ckpt.pt")["iter_num"] == 2
+
+
 def test_atomic_checkpoint_survives_a_crash_mid_write(finished_run, monkeypatch, tmp_path):
     ckpt = tmp_path / "ckpt.pt"
     ckpt.write_bytes((finished_run / "ckpt.pt").read_bytes())
@@ -1660,6 +1669,8 @@ def test_overwrite_clears_the_old_run_and_a_finished_run_is_not_resumed(tmp_path
     out = tmp_path / "run"
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "4", "--plot")) == 0
     assert (out / "loss.png").exists()
+    assert os.path.samefile(out / "best.pt", out / "ckpt.pt")  # the last eval was the best: one file, two names
+    assert plots.main([str(out)]) == 0 and plots.main([str(tmp_path / "nothing")]) == 2
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "4", "--resume")) == 2
     assert f"is finished (4 of 4 iters); raise --max-iters to train on, or plot it with: python plots.py {out}" \
         in capsys.readouterr().err

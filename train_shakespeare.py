@@ -37,8 +37,8 @@ import stable_gpt
 from prepare_data import Codec, DataError
 from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig
 from support import (Batches, DiagnosticsRecorder, JsonlLog, RunLock, SpikeDetector, StopRequest, TrainError,
-                     checkpoint_model_state, clear_outputs, finite_or_null, fmt_time, gpu_peak_flops, keep_freed_memory,
-                     load_checkpoint, pick_device, pick_dtype, save_checkpoint)
+                     checkpoint_model_state, clear_outputs, finite_or_null, fmt_time, gpu_peak_flops,
+                     keep_freed_memory, link_checkpoint, load_checkpoint, pick_device, pick_dtype, save_checkpoint)
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab comes from the data
 TECHNIQUES = ("sdd", "lns", "wesar", "lir", "tvr")
@@ -573,7 +573,7 @@ def report_eval(log, out_dir, iter_num, losses, improved, state):
     log.write(iter=iter_num, type="eval", train_loss=losses["train"], val_loss=losses["val"])
     save_checkpoint(out_dir / "ckpt.pt", state)
     if improved:
-        save_checkpoint(out_dir / "best.pt", state)
+        link_checkpoint(out_dir / "ckpt.pt", out_dir / "best.pt")
 
 
 def report_nonfinite(log, out_dir, iter_num, what, loss, grad_norm, skip, skipped, last_saved):
