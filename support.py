@@ -64,6 +64,9 @@ def save_checkpoint(path, state):
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows as either, depending on where torch.save fails
+        raise TrainError(f"could not write {path} ({e}); the previous checkpoint there is kept. Free disk space, "
+                         "then --resume") from None
     finally:
         tmp.unlink(missing_ok=True)
 

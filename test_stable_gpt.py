@@ -1500,6 +1500,28 @@ def test_processes_preparing_one_text_at_once(tmp_path):
         assert (folder / "train.bin").stat().st_size == 2 * meta["train_tokens"] and not list(folder.glob("*.part"))
 
 
+def test_unwritable_out_dirs_are_one_line(tmp_path, data_dir, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir(mode=0o500)
+    cases = [a_file, a_file / "below"] + ([read_only / "run"] if os.geteuid() != 0 else [])  # root may write anyway
+    for out in cases:
+        assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "2")) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: cannot write into --out-dir {out}") and err.count("\n") == 1, err
+
+
+def test_compare_checks_every_configuration_before_training(tmp_path, data_dir, capsys):
+    for bad, message in (('--frob', "unknown flag(s) --frob"), ("--lns --norm-position post", "lns scales"),
+                         ("--n-head 5", "must be divisible by n_head")):
+        argv = train_args(data_dir, tmp_path / "cmp") + ["--compare", "baseline", bad]
+        assert train_shakespeare.main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: --compare configuration"), err
+        assert not (tmp_path / "cmp").exists()  # the baseline did not train first
+
+
 def test_bad_choices_are_listed(finished_run, capsys):
     before = snapshot(finished_run)
     for flag, value, listed in (("--preset", "huge", "'cpu'"), ("--norm-position", "sandwich", "'deepnorm'")):
@@ -1587,7 +1609,7 @@ def test_atomic_checkpoint_survives_a_crash_mid_write(finished_run, monkeypatch,
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(OSError):
+    with pytest.raises(support.TrainError, match="disk full.*the previous checkpoint there is kept"):
         support.save_checkpoint(ckpt, {"model": {}})
     assert ckpt.read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
     assert train_shakespeare.load_checkpoint(ckpt)["iter_num"] == 20

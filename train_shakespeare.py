@@ -516,8 +516,11 @@ def replica_max_diff(model, proc):
 def open_run_folder(out_dir, resumed_at):
     """Rank 0's run folder: created, locked against a second run, cleared of an old run's files on a fresh
     start; returns (lock, log.jsonl, diag.jsonl), the logs cut back to resumed_at on a resume."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out_dir)
+    except OSError as e:  # a file in the way, a file above it, no permission, a read-only disk
+        raise TrainError(f"cannot write into --out-dir {out_dir} ({e.strerror or e}); choose another folder") from None
     if resumed_at is None:
         clear_outputs(out_dir)
     return lock, JsonlLog(out_dir / "log.jsonl", resumed_at), JsonlLog(out_dir / "diag.jsonl", resumed_at)
@@ -786,6 +789,8 @@ def compare(argv):
     base_args = parser.parse_args(common)
     seed0 = base_args.seed if base_args.seed is not None else DEFAULTS["seed"]
     root = Path(base_args.out_dir or Path("out") / "compare")
+    for config in configs:  # every configuration checked before any trains
+        check_compare_config(parser, common, config)
     plan = [(config, seed, root / config_slug(config) / f"seed{seed}")
             for config in configs for seed in range(seed0, seed0 + n_seeds)]
     with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
@@ -802,6 +807,22 @@ def compare(argv):
 
     print("plots: " + ", ".join(str(p) for p in plots.plot_compare(runs, root)))
     return 0
+
+
+def check_compare_config(parser, common, config):
+    """A configuration of --compare that would fail is refused before any run starts, with its reason."""
+    extra = [] if config_slug(config) == "baseline" else shlex.split(config)
+    try:
+        args, unknown = parser.parse_known_args(common + extra)
+    except SystemExit:  # argparse has printed why (e.g. an invalid choice)
+        raise TrainError(f"--compare configuration {config!r} is not valid (see above)") from None
+    if unknown:
+        raise TrainError(f"--compare configuration {config!r}: unknown flag(s) {' '.join(unknown)}")
+    cfg, _ = resolve_config(args)
+    try:
+        GPTConfig(**{k: cfg[k] for k in MODEL_KEYS})  # the vocabulary comes later, from the data
+    except ValueError as e:
+        raise TrainError(f"--compare configuration {config!r}: {e}") from None
 
 
 def run_one(parser, common, config, seed, run_dir, stop, progress):
