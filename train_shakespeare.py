@@ -590,10 +590,11 @@ def report_nonfinite(log, out_dir, iter_num, what, loss, grad_norm, skip, skippe
               + f"; stopping without saving. The last good checkpoint: {where}")
 
 
-def log_progress(log, cfg, iter_num, loss, lr, grad_norm, dt, tokens_per_iter, mfu):
+def log_progress(log, cfg, iter_num, loss, lr, grad_norm, dt, smooth_dt, tokens_per_iter, mfu):
+    """The progress line and its log.jsonl record; the ETA from the smoothed step time, so it does not swing."""
     print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
           f"{tokens_per_iter / dt:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
-          + f" | ETA {fmt_time(dt * (cfg['max_iters'] - iter_num))}")
+          + f" | ETA {fmt_time(smooth_dt * (cfg['max_iters'] - iter_num))}")
     log.write(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000,
               **({"mfu": mfu} if mfu is not None else {}))
 
@@ -668,7 +669,7 @@ def train(cfg, resume_ckpt=None, stop=None):
     t_start = t_log = time.time()
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
     x, y = batches.next()
-    diverged = last_eval = interrupted = None
+    diverged = last_eval = interrupted = smooth_dt = None
     iters_since_log, tokens_trained, skipped, skips_in_a_row, last_saved = 0, 0, 0, 0, resumed_at
     while True:
         if any_rank(stop.signum is not None, proc):
@@ -744,10 +745,11 @@ def train(cfg, resume_ckpt=None, stop=None):
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
             dt = (time.time() - t_log) / iters_since_log
             t_log, iters_since_log = time.time(), 0
+            smooth_dt = dt if smooth_dt is None else 0.8 * smooth_dt + 0.2 * dt  # a steady ETA
             if master:
                 # MFU against the detected GPU's bf16 peak (per GPU: each rank does 1/world of the sequences)
                 mfu = raw_model.estimate_mfu(grad_accum * cfg["batch_size"], dt, peak_flops) if peak_flops else None
-                log_progress(log, cfg, iter_num, lossf, lr, normf, dt, tokens_per_iter, mfu)
+                log_progress(log, cfg, iter_num, lossf, lr, normf, dt, smooth_dt, tokens_per_iter, mfu)
 
     summary = finish_run(cfg, raw_model, proc, time.time() - t_start, tokens_trained, best_val=best_val,
                          final_val_loss=last_eval["val"] if last_eval else None, iters=iter_num, diverged_at=diverged,
