@@ -764,7 +764,7 @@ def test_lns_on_mix_scales_only_the_pre_ln_blocks():
     (dict(lir=True, norm_position="deepnorm"), "lir and deepnorm"),
     (dict(sdd=True, scaled_init=True), "SDD moves the 1/sqrt\\(2L\\)"),
     (dict(lir=True, scaled_init=True), "LIR replaces it"),
-    (dict(wesar_sigma=0.0), "wesar_sigma must be > 0"),
+    (dict(wesar_sigma=0.0), "wesar_sigma must be a finite number > 0"),
 ])
 def test_conflicting_flags_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
