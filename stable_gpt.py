@@ -96,7 +96,8 @@ class GPTConfig:
         # Combinations that make no sense are refused here, with the reason.
         if self.lns and self.norm_position in ("post", "deepnorm"):
             refuse(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {self.norm_position!r} has "
-                   "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or 'mix'")
+                   "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or "
+                   "'mix'")
         if self.lir and self.norm_position == "deepnorm":
             refuse("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
         if self.scaled_init:
@@ -610,8 +611,8 @@ def fold_wesar(model):
     """A plain GPT (wesar=False) that computes the same function as a WeSaR model: W <- gate * W everywhere
     (the reparameterization folds away after training), e.g. to export to nanoGPT. The tied embedding and
     head share one raw tensor but have two gates; the folded tensor takes the embedding's gate, and the
-    head's extra factor gate_head / gate_emb goes into the gain and bias of the last norm before the head (the logits are
-    linear in them, and nothing else reads that norm's output)."""
+    head's extra factor gate_head / gate_emb goes into the gain and bias of the last norm before the head (the
+    logits are linear in them, and nothing else reads that norm's output)."""
     plain = GPT(GPTConfig(**dict(vars(model.config), wesar=False))).to(model.lm_head.weight.device)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith(".gate")}
     for name, module in model.named_modules():

@@ -605,8 +605,8 @@ def test_sdd_embedding_norm_starts_the_stream_at_unit_rms():
     """SDD's embedding norm (official dense code): the stream entering block 0 has RMS 1 (gain 1, eps 0), and
     block 0's branches (each of RMS 1/sqrt(2L)) no longer swamp it: the stream after block 0 keeps the direction
     of the embeddings (cosine ~1/sqrt(1 + 1/L) = 0.89 at L=4; ~0.1 without the norm), in every placement.
-    With --init-std 0.002 (the released scripts' 0.1x) the SDD norms of a Post-LN model still normalize (output RMS > 0.9 x gain), which they
-    did not without the embedding norm."""
+    With --init-std 0.002 (the released scripts' 0.1x) the SDD norms of a Post-LN model still normalize (output
+    RMS > 0.9 x gain), which they did not without the embedding norm."""
     idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
     for position in ("pre", "post", "mix"):
         torch.manual_seed(0)
@@ -1285,7 +1285,8 @@ def test_any_grad_accum_runs_on_two_processes(tmp_path, data_dir):
     """--grad-accum 1 (the CPU preset's) on 2 processes: one micro-batch per process, said at start-up and in
     the summary; a bad input is one line from rank 0 alone."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_shakespeare.py"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "train_shakespeare.py"]
     out = tmp_path / "ddp"
     proc = subprocess.run(torchrun + train_args(data_dir, out, "--max-iters", "4", "--eval-interval", "4",
                                                 "--grad-accum", "1"),

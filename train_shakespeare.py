@@ -251,7 +251,8 @@ RANGES = dict(
     {k: POSITIVE_INT for k in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval",
                                "spike_window")},
     warmup_iters=(lambda v: v >= 0, ">= 0"), diag_interval=(lambda v: v >= 0, ">= 0"),
-    lr=(lambda v: 0 < v < math.inf, "a finite number > 0"), min_lr=(lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+    lr=(lambda v: 0 < v < math.inf, "a finite number > 0"),
+    min_lr=(lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     weight_decay=(lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     beta1=(lambda v: 0 <= v < 1, "in [0, 1)"), beta2=(lambda v: 0 <= v < 1, "in [0, 1)"),
     grad_clip=(lambda v: 0 <= v < math.inf, "a finite number >= 0 (0: off)"),
@@ -900,7 +901,8 @@ def main(argv=None):
             cfg, _ = resolve_config(args)
             if (Path(cfg["out_dir"]) / "ckpt.pt").is_file() and not args.overwrite:
                 raise TrainError(f"{cfg['out_dir']} already holds a run; --resume to continue it, --overwrite to "
-                                 f"start afresh there, --out-dir elsewhere, or plot it: python plots.py {cfg['out_dir']}")
+                                 "start afresh there, --out-dir elsewhere, or plot it: "
+                                 f"python plots.py {cfg['out_dir']}")
         with StopRequest() as stop:
             model, codec, summary = train(cfg, resume_ckpt, stop)
         if summary is not None:
