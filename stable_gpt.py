@@ -775,7 +775,8 @@ def weight_stds(model):
 
 @torch.no_grad()
 def grad_norms(model):
-    """{"<layer>.<kind>": norm of the gradient of the raw matrix}, after backward (SDD Fig. 7's metric)."""
+    """{"<layer>.<kind>": norm of the gradient of the raw matrix} (SDD Fig. 7's metric). Call it after backward
+    and *before* gradient clipping, as OLMo's logs and SDD's Fig. 7 report them (clipping rescales them all)."""
     return {f"{layer}.{kind}": g.float().norm().item()
             for layer, kinds, module in _block_linears(model) if module.weight.grad is not None
             for kind, g in zip(kinds, split_rows(module.weight.grad, len(kinds)))}

@@ -527,6 +527,21 @@ def open_run_folder(out_dir, resumed_at):
     return lock, JsonlLog(out_dir / "log.jsonl", resumed_at), JsonlLog(out_dir / "diag.jsonl", resumed_at)
 
 
+def diagnostics_recorder(cfg, model, data_dir, device, diag_log):
+    """Rank 0's diagnostics (diag_log None elsewhere) on one fixed validation batch of up to 8 sequences, the
+    same at every record."""
+    batch = Batches(data_dir / "val.bin", cfg["block_size"], min(8, cfg["batch_size"]), device, cfg["seed"] + 7).next()
+    return DiagnosticsRecorder(model, batch, diag_log, cfg["diag_interval"] if diag_log else 0)
+
+
+def wrap_model(model, compiled, proc):
+    """The model the step runs: torch.compile'd (CUDA default), in DistributedDataParallel under torchrun."""
+    model = torch.compile(model) if compiled else model
+    if proc.ddp:
+        model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+    return model
+
+
 def setup_precision(cfg, device):
     """(autocast dtype, autocast context, whether to compile): bf16 and compile on CUDA, fp32 eager elsewhere."""
     dtype = pick_dtype(cfg["dtype"], device)
@@ -646,21 +661,16 @@ def train(cfg, resume_ckpt=None, stop=None):
     batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device,
                       cfg["seed"] + 1000 + proc.rank)
     iter_num, best_val, spikes, recent_losses = restore(resume_ckpt, meta, raw_model, optimizer, scaler, batches, proc)
-    model = torch.compile(raw_model) if compiled else raw_model
-    if proc.ddp:
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    model = wrap_model(raw_model, compiled, proc)
     out_dir, resumed_at = Path(cfg["out_dir"]), iter_num if resume_ckpt else None
     tokens_per_iter = grad_accum * proc.world * cfg["batch_size"] * cfg["block_size"]
+    log = diag_log = None
     if master:
         lock, log, diag_log = open_run_folder(out_dir, resumed_at)
         print_start(cfg, config, raw_model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at,
                     len(resume_ckpt["rng"]) if resume_ckpt else None)
-    # diagnostics read one fixed validation batch (up to 8 sequences), the same at every record
-    diag = DiagnosticsRecorder(raw_model, Batches(data_dir / "val.bin", cfg["block_size"], min(8, cfg["batch_size"]),
-                                                  device, cfg["seed"] + 7).next(),
-                               diag_log if master else None, cfg["diag_interval"] if master else 0)
-    detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], recent_losses)
-    peak_flops = gpu_peak_flops(device)
+    diag = diagnostics_recorder(cfg, raw_model, data_dir, device, diag_log if master else None)
+    detector, peak_flops = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], recent_losses), gpu_peak_flops(device)
 
     def checkpoint(data_state):  # every rank joins rng_states' gather; rank 0 writes
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
@@ -730,8 +740,7 @@ def train(cfg, resume_ckpt=None, stop=None):
             if not skip:
                 diverged = iter_num + 1
                 break
-            iter_num += 1
-            iters_since_log += 1
+            iter_num, iters_since_log = iter_num + 1, iters_since_log + 1
             continue
         diag.after_update()
         stable_gpt.tvr_after_step(raw_model, iter_num + 1)  # TVR (arXiv 2503.17500), when on
