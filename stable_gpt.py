@@ -15,7 +15,7 @@ model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, fr
                   (under sdd: Block.lns_branch_scale, this project's adaptation)
   wesar           Weight Scaling as Reparameterization, arXiv 2410.05052 -> WeSaRLinear, WeSaREmbedding
   lir             Layer Index Rescaling init, arXiv 2503.17500           -> GPT._init_stds
-  tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale()
+  tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale(), tvr_after_step()
 
 and diagnostics of what happens inside (per-layer residual variance, angular distance, layer importance,
 update ratios, activation outliers, weight std): activation_stats(), layer_importance(), update_ratios(), ...
