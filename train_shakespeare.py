@@ -305,10 +305,11 @@ def load_data(cfg):
         path = data_dir / f"{split}.bin"
         if not path.is_file():
             raise DataError(f"{path} is missing")
-        if path.stat().st_size % 2:
+        size = path.stat().st_size
+        if size % 2:
             raise DataError(f"{path} has an odd number of bytes: not a file of uint16 token ids")
-        if path.stat().st_size <= 2 * (cfg["block_size"] + 1):
-            raise DataError(f"the {split} split has {path.stat().st_size // 2} tokens, fewer than one block of "
+        if size <= 2 * (cfg["block_size"] + 1):
+            raise DataError(f"the {split} split has {size // 2} tokens, fewer than one block of "
                             f"{cfg['block_size']} + 1; use a longer text or a smaller --block-size")
         data = np.memmap(path, dtype=np.uint16, mode="r")
         if len(data) < 200_000_000 and int(data.max()) >= meta["vocab_size"]:  # a full scan, small data only
@@ -552,8 +553,8 @@ def setup_precision(cfg, device):
     return dtype, autocast, cfg["compile"] if cfg["compile"] is not None else device.type == "cuda"
 
 
-def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at,
-                resumed_world):
+def print_start(cfg, model, proc, grad_accum, tokens_per_iter, dtype, compiled, data_dir, resume_ckpt):
+    config, out_dir = model.config, Path(cfg["out_dir"])
     print(f"model: {config.techniques()} | {model.get_num_params() / 1e6:.2f}M params | "
           f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, "
           f"vocab {config.vocab_size}")
@@ -561,11 +562,12 @@ def print_start(cfg, config, model, proc, tokens_per_iter, dtype, compiled, data
         print(f"note: {note}")
     print(f"training: {cfg['max_iters']} iters x {tokens_per_iter:,} tokens on {proc.device} ({str(dtype)[6:]}"
           f"{', compiled' if compiled else ''}{f', {proc.world} processes' if proc.ddp else ''}), "
-          f"data {data_dir}, out {out_dir}" + (f", resuming at iter {resumed_at}" if resumed_at is not None else ""))
-    micro = micro_steps_per_rank(cfg["grad_accum"], proc.world)
-    if micro * proc.world != cfg["grad_accum"]:
-        print(f"note: --grad-accum {cfg['grad_accum']} on {proc.world} processes: {micro} micro-batch(es) per "
-              f"process, {micro * proc.world} per step, {tokens_per_iter:,} tokens per step")
+          f"data {data_dir}, out {out_dir}"
+          + (f", resuming at iter {resume_ckpt['iter_num']}" if resume_ckpt else ""))
+    if grad_accum * proc.world != cfg["grad_accum"]:
+        print(f"note: --grad-accum {cfg['grad_accum']} on {proc.world} processes: {grad_accum} micro-batch(es) per "
+              f"process, {grad_accum * proc.world} per step, {tokens_per_iter:,} tokens per step")
+    resumed_world = len(resume_ckpt["rng"]) if resume_ckpt else None  # one RNG state per rank
     if resumed_world not in (None, proc.world):
         print(f"warning: resuming a run of {resumed_world} process(es) on {proc.world}: the data order and the "
               "tokens per step differ from the first part, so the losses will not continue as they would have")
@@ -615,21 +617,21 @@ def log_progress(log, cfg, iter_num, loss, lr, grad_norm, dt, smooth_dt, tokens_
               **({"mfu": mfu} if mfu is not None else {}))
 
 
-def finish_run(cfg, model, proc, wall, tokens_trained, best_val, final_val_loss, iters, diverged_at, interrupted_at,
-               skipped_updates, spike_iters, diag_s):
+def finish_run(cfg, model, proc, t_start, tokens_per_step, tokens_trained, best_val, last_eval, iters, diverged_at,
+               interrupted_at, skipped_updates, spike_iters, diag_s):
     """The end of a run: the DDP replica self-check, summary.json and the plots (rank 0), the process group
     closed. Returns the summary (None on the other ranks)."""
+    wall = time.time() - t_start
     replica_diff = replica_max_diff(model, proc)
     summary = None
     if proc.master:
         summary = dict(config=cfg, model_args=asdict(model.config), techniques=model.config.techniques(),
-                       best_val_loss=best_val, final_val_loss=final_val_loss, iters=iters, wall_s=round(wall, 2),
+                       best_val_loss=best_val, final_val_loss=last_eval["val"] if last_eval else None, iters=iters,
+                       wall_s=round(wall, 2),
                        tokens_per_s=round(tokens_trained / max(wall, 1e-9)), diverged=diverged_at is not None,
                        diverged_at=diverged_at, interrupted_at=interrupted_at, skipped_updates=skipped_updates,
                        spikes=len(spike_iters), spike_iters=spike_iters[:100], diag_s=round(diag_s, 2),
-                       world_size=proc.world, replica_max_diff=replica_diff,
-                       tokens_per_step=micro_steps_per_rank(cfg["grad_accum"], proc.world) * proc.world
-                       * cfg["batch_size"] * cfg["block_size"])
+                       world_size=proc.world, replica_max_diff=replica_diff, tokens_per_step=tokens_per_step)
         out_dir = Path(cfg["out_dir"])
         (out_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2))
         ended = f"diverged at iter {diverged_at}" if diverged_at is not None else \
@@ -667,10 +669,10 @@ def train(cfg, resume_ckpt=None, stop=None):
     log = diag_log = None
     if master:
         lock, log, diag_log = open_run_folder(out_dir, resumed_at)
-        print_start(cfg, config, raw_model, proc, tokens_per_iter, dtype, compiled, data_dir, out_dir, resumed_at,
-                    len(resume_ckpt["rng"]) if resume_ckpt else None)
-    diag = diagnostics_recorder(cfg, raw_model, data_dir, device, diag_log if master else None)
-    detector, peak_flops = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], recent_losses), gpu_peak_flops(device)
+        print_start(cfg, raw_model, proc, grad_accum, tokens_per_iter, dtype, compiled, data_dir, resume_ckpt)
+    diag = diagnostics_recorder(cfg, raw_model, data_dir, device, diag_log)
+    detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], recent_losses)
+    peak_flops = gpu_peak_flops(device)
 
     def checkpoint(data_state):  # every rank joins rng_states' gather; rank 0 writes
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
@@ -756,14 +758,13 @@ def train(cfg, resume_ckpt=None, stop=None):
             dt = (time.time() - t_log) / iters_since_log
             t_log, iters_since_log = time.time(), 0
             smooth_dt = dt if smooth_dt is None else 0.8 * smooth_dt + 0.2 * dt  # a steady ETA
-            if master:
-                # MFU against the detected GPU's bf16 peak (per GPU: each rank does 1/world of the sequences)
+            if master:  # MFU against the detected GPU's bf16 peak, per GPU: each rank runs grad_accum micro-batches
                 mfu = raw_model.estimate_mfu(grad_accum * cfg["batch_size"], dt, peak_flops) if peak_flops else None
                 log_progress(log, cfg, iter_num, lossf, lr, normf, dt, smooth_dt, tokens_per_iter, mfu)
 
-    summary = finish_run(cfg, raw_model, proc, time.time() - t_start, tokens_trained, best_val=best_val,
-                         final_val_loss=last_eval["val"] if last_eval else None, iters=iter_num, diverged_at=diverged,
-                         interrupted_at=interrupted, skipped_updates=skipped, spike_iters=spikes, diag_s=diag.seconds)
+    summary = finish_run(cfg, raw_model, proc, t_start, tokens_per_iter, tokens_trained, best_val=best_val,
+                         last_eval=last_eval, iters=iter_num, diverged_at=diverged, interrupted_at=interrupted,
+                         skipped_updates=skipped, spike_iters=spikes, diag_s=diag.seconds)
     if master:
         lock.release()
     return raw_model, Codec(meta), summary
