@@ -516,16 +516,17 @@ class GPT(nn.Module):
         the head, and wpe). WeSaR gates are never decayed: decay would pull a whole matrix's scale toward 0,
         which the gate exists to set (arXiv 2410.05052, Sec. 3)."""
         embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
+        gates = {id(m.gate) for m in self.modules() if isinstance(m, WESAR_MODULES)}
         official_sdd = self.config.sdd and sdd_official_decay
 
-        def decayed(name, p):
-            if name.endswith(".gate"):
+        def decayed(p):
+            if id(p) in gates:
                 return False
             return id(p) not in embeddings if official_sdd else p.dim() >= 2
 
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]  # a tied tensor comes once
-        groups = [{"params": [p for n, p in params if decayed(n, p)], "weight_decay": weight_decay},
-                  {"params": [p for n, p in params if not decayed(n, p)], "weight_decay": 0.0}]
+        params = [p for p in self.parameters() if p.requires_grad]  # a tied tensor comes once
+        groups = [{"params": [p for p in params if decayed(p)], "weight_decay": weight_decay},
+                  {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
         # the fused AdamW kernel is much faster on CUDA
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
