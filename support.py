@@ -187,13 +187,13 @@ class SpikeDetector:
         return median if median is not None and loss > self.factor * median else None
 
 
-def parses(line):
-    """Whether a log line is whole JSON (a crash mid-write can leave a partial last line)."""
+def parse_or_none(line):
+    """A log line's record, or None for a line that is not whole JSON (a crash mid-write can leave a partial
+    last line)."""
     try:
-        json.loads(line)
-        return True
+        return json.loads(line)
     except ValueError:
-        return False
+        return None
 
 
 class JsonlLog:
@@ -205,7 +205,8 @@ class JsonlLog:
         lines = []
         if resume_iter is not None and self.path.is_file():
             keep = lambda r: r["iter"] < resume_iter or (r["iter"] == resume_iter and r.get("type") != "eval")
-            lines = [ln for ln in self.path.read_text().splitlines() if ln and parses(ln) and keep(json.loads(ln))]
+            lines = [ln for ln in self.path.read_text().splitlines()
+                     if (record := parse_or_none(ln)) is not None and keep(record)]
         self.path.write_text("".join(ln + "\n" for ln in lines))
 
     def write(self, **record):
