@@ -1634,18 +1634,22 @@ def test_divergence_is_caught_at_its_step_and_keeps_the_checkpoint(tmp_path, dat
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_skip_nonfinite_skips_one_bad_update(tmp_path, data_dir, monkeypatch):
+def nan_loss_at(monkeypatch, bad):
+    """Make the training loss NaN at the training forwards whose 1-based count satisfies bad(count)."""
     real_forward, calls = GPT.forward, []
 
     def forward(self, idx, targets=None):
         logits, loss = real_forward(self, idx, targets)
         if targets is not None and self.training:
             calls.append(1)
-            if len(calls) == 10:
-                loss = loss * float("nan")
+            loss = loss * float("nan") if bad(len(calls)) else loss
         return logits, loss
 
     monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_skip_nonfinite_skips_one_bad_update(tmp_path, data_dir, monkeypatch):
+    nan_loss_at(monkeypatch, lambda count: count == 10)
     out = tmp_path / "run"
     assert train_shakespeare.main(train_args(data_dir, out, "--skip-nonfinite")) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -1657,16 +1661,7 @@ def test_skip_nonfinite_skips_one_bad_update(tmp_path, data_dir, monkeypatch):
 
 def test_skip_nonfinite_stops_when_every_update_is_skipped(tmp_path, data_dir, monkeypatch, capsys):
     """From step 10 on every loss is NaN: --skip-nonfinite skips 10 in a row, then reports a divergence."""
-    real_forward, calls = GPT.forward, []
-
-    def forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
-        if targets is not None and self.training:
-            calls.append(1)
-            loss = loss * float("nan") if len(calls) >= 10 else loss
-        return logits, loss
-
-    monkeypatch.setattr(GPT, "forward", forward)
+    nan_loss_at(monkeypatch, lambda count: count >= 10)
     out = tmp_path / "run"
     assert train_shakespeare.main(train_args(data_dir, out, "--skip-nonfinite")) == 1
     summary = json.loads((out / "summary.json").read_text())
