@@ -10,14 +10,17 @@ model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, fr
   norm_position   "pre" (GPT-2) | "post" (Vaswani et al. 2017) | "mix" (Mix-LN, arXiv 2412.13795)
                   | "deepnorm" (DeepNet, arXiv 2203.00555)
   sdd             Scale-Distribution Decoupling, arXiv 2502.15499        -> SDDNorm, CausalSelfAttention, MLP,
-                                                                            GPT (emb_norm)
+                                                     GPT (emb_norm), GPT.configure_optimizers (decay groups)
   lns             LayerNorm Scaling ("The Curse of Depth"), arXiv 2502.05795 -> Block.lns_scale
                   (under sdd: Block.lns_branch_scale, this project's adaptation)
-  wesar           Weight Scaling as Reparameterization, arXiv 2410.05052 -> WeSaRLinear, WeSaREmbedding
+  wesar           Weight Scaling as Reparameterization, arXiv 2410.05052 -> WeSaRLinear, WeSaREmbedding,
+                                                     make_linear, GPT._init_matrix (gates), fold_wesar
   lir             Layer Index Rescaling init, arXiv 2503.17500           -> GPT._init_stds
   tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale(), tvr_after_step()
 
-and diagnostics of what happens inside (per-layer residual variance, angular distance, layer importance,
+Where a technique must touch several places (SDD wraps linears inside two modules), each place names the
+paper at the point of use; GPTConfig.combination_notes() says how the flags act together. Diagnostics of
+what happens inside (per-layer residual variance, angular distance, layer importance,
 update ratios, activation outliers, weight std): activation_stats(), layer_importance(), update_ratios(), ...
 
 References:
