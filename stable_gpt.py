@@ -8,7 +8,7 @@ model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, fr
 
   norm            "layernorm" | "rmsnorm"
   norm_position   "pre" (GPT-2) | "post" (Vaswani et al. 2017) | "mix" (Mix-LN, arXiv 2412.13795)
-                  | "deepnorm" (DeepNet, arXiv 2203.00555)
+                  | "deepnorm" (DeepNet, arXiv 2203.00555) | "peri" (Peri-LN, arXiv 2502.02732)  -> Block
   sdd             Scale-Distribution Decoupling, arXiv 2502.15499        -> SDDNorm, CausalSelfAttention, MLP,
                                                      GPT (emb_norm), GPT.configure_optimizers (decay groups)
   lns             LayerNorm Scaling ("The Curse of Depth"), arXiv 2502.05795 -> Block.lns_scale
@@ -17,6 +17,10 @@ model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, fr
                                                      make_linear, GPT._init_matrix (gates), fold_wesar
   lir             Layer Index Rescaling init, arXiv 2503.17500           -> GPT._init_stds
   tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale(), tvr_after_step()
+The fixes practitioners already use, to weigh the papers against:
+  qk_norm         a norm on q and k per head (OLMo 2; Wortsman et al., arXiv 2309.14322)  -> CausalSelfAttention
+  z_loss          PaLM's auxiliary loss z_loss * mean(log^2 Z), arXiv 2204.02311          -> GPT.forward
+  logit_softcap   C * tanh(logits / C) (Gemma 2, arXiv 2408.00118)                        -> GPT.forward
 
 Where a technique must touch several places (SDD wraps linears inside two modules), each place names the
 paper at the point of use; GPTConfig.combination_notes() says how the flags act together. Diagnostics of
@@ -44,7 +48,7 @@ GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),
               "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
               "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
               "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}
-NORM_POSITIONS = ("pre", "post", "mix", "deepnorm")
+NORM_POSITIONS = ("pre", "post", "mix", "deepnorm", "peri")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,6 +78,9 @@ class GPTConfig:
     tvr_target: float = 0.04  # target std of every block matrix
     tvr_interval: int = 50  # rescale after every tvr_interval optimizer steps
     tvr_threshold: float = 1.0  # rescale a matrix only when std > tvr_threshold * tvr_target
+    qk_norm: bool = False  # a norm (of type `norm`, with a gain) on q and k per head
+    z_loss: float = 0.0  # coefficient of PaLM's z-loss in the training loss (0: off; Wortsman et al. use 1e-4)
+    logit_softcap: float = 0.0  # cap the output logits at +-logit_softcap with a tanh (0: off; Gemma 2 uses 30)
 
     def __post_init__(self):
         def refuse(msg):
@@ -96,11 +103,19 @@ class GPTConfig:
         for name in ("init_std", "wesar_sigma", "tvr_target", "tvr_threshold"):
             if not 0 < getattr(self, name) < math.inf:
                 refuse(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        for name in ("z_loss", "logit_softcap"):
+            if not 0 <= getattr(self, name) < math.inf:
+                refuse(f"{name} must be a finite number >= 0 (0: off), got {getattr(self, name)}")
         # Combinations that make no sense are refused here, with the reason.
         if self.lns and self.norm_position in ("post", "deepnorm"):
             refuse(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {self.norm_position!r} has "
                    "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or "
                    "'mix'")
+        if self.sdd and self.qk_norm:
+            refuse("qk_norm with sdd: SDD already normalizes q and k per head (its q_norm and k_norm); drop one")
+        if self.sdd and self.norm_position == "peri":
+            refuse("sdd with norm_position 'peri': SDD already normalizes every branch output (its out_norm, gain "
+                   "1/sqrt(2L)); Peri-LN's output norm on top would undo that gain. Use 'pre' or 'post' with sdd")
         if self.lir and self.norm_position == "deepnorm":
             refuse("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
         if self.scaled_init:
@@ -116,7 +131,7 @@ class GPTConfig:
         (Pre-LN with no technique that replaces it). Post-LN and Mix-LN use nanoGPT's plain N(0, 0.02), as
         the LNS repository's Post-LN and Mix-LN baselines (the original Transformer used Xavier init); the
         norm after every residual add already bounds the stream, and a depth-scaled Post-LN is DeepNorm's job
-        (norm_position="deepnorm")."""
+        (norm_position="deepnorm"). Peri-LN: off, as its output norm removes c_proj's scale anyway."""
         if self.scaled_init is not None:
             return self.scaled_init
         return self.norm_position == "pre" and not (self.lns or self.sdd or self.lir)
@@ -128,13 +143,19 @@ class GPTConfig:
             return layer_idx < math.floor(self.mix_fraction * self.n_layer + 1e-9)
         return self.norm_position in ("post", "deepnorm")
 
+    def branch_output_normed(self) -> bool:
+        """Whether a norm follows every branch (SDD's out_norm, Peri-LN's output norm), which makes each branch
+        invariant to the scale of its input and of c_proj."""
+        return self.sdd or self.norm_position == "peri"
+
     def combination_notes(self) -> list:
         """One line for each flag that, in this combination, acts differently from its paper (printed by
         the training script at start-up; the README's "How the flags combine" table lists every pair)."""
         notes = []
-        if self.sdd and self.lns:
-            notes.append("lns under sdd: 1/sqrt(l) multiplies each branch's output (after SDD's output norm and gain), "
-                         "since SDD's norms would cancel it on the pre-norm output (this project's adaptation)")
+        if self.lns and self.branch_output_normed():
+            by = "sdd" if self.sdd else "peri"
+            notes.append(f"lns under {by}: 1/sqrt(l) multiplies each branch's output (after its output norm), "
+                         f"since {by}'s norms would cancel it on the pre-norm output (this project's adaptation)")
         for flag in ("lir", "tvr"):
             if self.sdd and getattr(self, flag):
                 notes.append(f"{flag} under sdd: SDD's output norms hide a block matrix's scale from the forward "
@@ -142,6 +163,11 @@ class GPTConfig:
         if self.sdd and self.wesar:
             notes.append("wesar under sdd: only the embeddings and the head are gated (SDD's gains already "
                          "carry the block matrices' scale)")
+        for flag, on, which in (("qk_norm", self.qk_norm, "q and k"), ("peri", self.norm_position == "peri",
+                                                                       "attn.c_proj and mlp.c_proj")):
+            if self.wesar and on:
+                notes.append(f"wesar under {flag}: the gates of {which} get no gradient (the norm after them "
+                             "removes their scale); they stay at their init")
         return notes
 
     def scale_for_depth(self, x: float) -> float:
@@ -151,7 +177,8 @@ class GPTConfig:
 
     def techniques(self) -> str:
         """One line that says what is on, e.g. 'pre-layernorm + sdd + lns'."""
-        on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr") if getattr(self, name)]
+        on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr", "qk_norm") if getattr(self, name)]
+        on += [f"{name}({getattr(self, name):g})" for name in ("z_loss", "logit_softcap") if getattr(self, name)]
         place = f"mix({self.mix_fraction:g})" if self.norm_position == "mix" else self.norm_position
         return " + ".join([f"{place}-{self.norm}"] + on + (["scaled_init"] if self.depth_scaled_init() else []))
 
@@ -311,8 +338,13 @@ class CausalSelfAttention(nn.Module):
         # normalized with a gain starting at 1/sqrt(2*n_layer) (official code; the paper text says 1/sqrt(L)),
         # which replaces GPT-2's depth-scaled c_proj init.
         sdd = config.sdd
-        self.q_norm = SDDNorm(head_size) if sdd else nn.Identity()
-        self.k_norm = SDDNorm(head_size) if sdd else nn.Identity()
+        # QK-norm (--qk-norm): the model's norm type with a gain, per head, on q and k before attention, so the
+        # attention logits q.k/sqrt(hs) cannot grow with the weights' scale (Dehghani et al. 2023, arXiv
+        # 2302.05442; Wortsman et al., arXiv 2309.14322, Sec. 3.1; the SDD paper's OLMo 2 baselines use it).
+        # SDD's q_norm and k_norm sit in the same place; GPTConfig refuses the pair.
+        qk_norm = (lambda: SDDNorm(head_size)) if sdd else (lambda: make_norm(config, head_size)) \
+            if config.qk_norm else nn.Identity
+        self.q_norm, self.k_norm = qk_norm(), qk_norm()
         self.context_norm = SDDNorm(config.n_embd) if sdd else nn.Identity()
         self.out_norm = SDDNorm(config.n_embd, gain=config.scale_for_depth(1.0)) if sdd else nn.Identity()
 
@@ -365,17 +397,29 @@ class Block(nn.Module):
         # adaptation keeps LNS's intent (damp deep blocks' contributions so the residual variance stops
         # growing with depth) by putting the same constant where scale survives: on each branch's output,
         # after SDD's output norm and gain. Not the paper's placement; see the README, "How the flags combine".
-        self.lns_scale = lns_scale if not config.sdd else None  # on the pre-norm output (Eq. 12)
-        self.lns_branch_scale = lns_scale if config.sdd else None  # on the branch output (under SDD)
+        # (Peri-LN's output norms cancel it in the same way; the same adaptation applies there.)
+        normed = config.branch_output_normed()
+        self.lns_scale = lns_scale if not normed else None  # on the pre-norm output (Eq. 12)
+        self.lns_branch_scale = lns_scale if normed else None  # on the branch output (under SDD or Peri-LN)
+        # Peri-LN (arXiv 2502.02732, Sec. 3; Gemma 2's "sandwich"): a second norm on each sublayer's output,
+        # x = x + norm_out(f(norm_in(x))), gain 1 at init. The stream itself is never normalized, so ln_f stays,
+        # and GPT-2's 1/sqrt(2L) c_proj init is off (depth_scaled_init): the output norm would remove it.
+        peri = config.norm_position == "peri"
+        self.attn_out_norm = make_norm(config, config.n_embd) if peri else nn.Identity()
+        self.mlp_out_norm = make_norm(config, config.n_embd) if peri else nn.Identity()
 
     def forward(self, x):  # x: (B, T, C)
         if self.post_norm:  # Post-LN (Vaswani et al. 2017): x = norm(x + sublayer(x))
             x = self.ln_1(self._times(x, self.deepnorm_alpha) + self.attn(x))
             x = self.ln_2(self._times(x, self.deepnorm_alpha) + self.mlp(x))
-        else:  # Pre-LN (GPT-2): x = x + sublayer(norm(x))
-            x = x + self._times(self.attn(self._times(self.ln_1(x), self.lns_scale)), self.lns_branch_scale)
-            x = x + self._times(self.mlp(self._times(self.ln_2(x), self.lns_scale)), self.lns_branch_scale)
+        else:  # Pre-LN (GPT-2): x = x + sublayer(norm(x)); Peri-LN: x = x + norm_out(sublayer(norm(x)))
+            x = x + self._branch(self.ln_1, self.attn, self.attn_out_norm, x)
+            x = x + self._branch(self.ln_2, self.mlp, self.mlp_out_norm, x)
         return x
+
+    def _branch(self, norm_in, sublayer, norm_out, x):
+        """One Pre-LN (or Peri-LN) residual branch, with LNS's constant where it applies."""
+        return self._times(norm_out(sublayer(self._times(norm_in(x), self.lns_scale))), self.lns_branch_scale)
 
     @staticmethod
     def _times(x, scale):
@@ -501,13 +545,22 @@ class GPT(nn.Module):
             else:
                 x = block(x)
         x = self.transformer.ln_f(x)
-        if targets is not None:
-            logits = self.lm_head(x)  # (b, t, vocab_size)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-        else:  # inference-time mini-optimization: only forward the lm_head on the very last position
-            logits = self.lm_head(x[:, [-1], :])  # note: using list [-1] to preserve the time dim
-            loss = None
+        if targets is None:  # inference-time mini-optimization: only forward the lm_head on the very last position
+            return self.softcap(self.lm_head(x[:, [-1], :])), None  # note: using list [-1] to preserve the time dim
+        logits = self.softcap(self.lm_head(x))  # (b, t, vocab_size)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        if self.training and self.config.z_loss > 0:
+            # z-loss (PaLM, arXiv 2204.02311, Sec. 5; Wortsman et al., arXiv 2309.14322, Sec. 3.2): pulls log Z
+            # towards 0 so the output logits cannot drift to huge values. Training only: in eval mode the loss
+            # is the cross-entropy alone, so val losses compare across runs with and without it.
+            loss = loss + z_loss_term(logits, self.config.z_loss, targets)
         return logits, loss
+
+    def softcap(self, logits):
+        """Logit soft-capping (Gemma 2, arXiv 2408.00118, Sec. 2; nanochat): C * tanh(logits / C) keeps every
+        logit in (-C, C) and is ~ the identity well inside it. A no-op when logit_softcap is 0 (off)."""
+        c = self.config.logit_softcap
+        return c * torch.tanh(logits / c) if c > 0 else logits
 
     # --- training -----------------------------------------------------------------------------------
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, sdd_official_decay=True):
@@ -610,6 +663,19 @@ class GPT(nn.Module):
 # Functions a training loop calls
 
 
+def log_z(logits):
+    """log Z = logsumexp of the output logits at each position, in fp32: (..., vocab) -> (...). The softmax is
+    exp(logit - log Z); the logits can drift up together with no effect on it, which z-loss prevents."""
+    return torch.logsumexp(logits.float(), dim=-1)
+
+
+def z_loss_term(logits, coef, targets=None):
+    """PaLM's z-loss, coef * mean(log^2 Z) over the positions (those whose target is not -1, the positions the
+    cross-entropy counts, when targets are given)."""
+    z2 = log_z(logits).square()  # (b, t)
+    return coef * (z2[targets != -1].mean() if targets is not None else z2.mean())
+
+
 @torch.no_grad()
 def fold_wesar(model):
     """A plain GPT (wesar=False) that computes the same function as a WeSaR model: W <- gate * W everywhere
@@ -705,15 +771,30 @@ def kurtosis(x):
     return (d.pow(4).mean() / d.pow(2).mean().pow(2)).item()
 
 
+def attention_logit_max(q, k):
+    """The largest |q_i . k_j| / sqrt(head size) over heads and causal pairs j <= i: the attention logits whose
+    growth makes the softmax one-hot and training diverge (Dehghani et al. 2023, arXiv 2302.05442; Wortsman et
+    al., arXiv 2309.14322, Sec. 3.1). q, k: (B, T, n_head, head_size), as they enter attention."""
+    T, hs = q.shape[1], q.shape[-1]
+    logits = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()).abs() / math.sqrt(hs)  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    return logits.masked_fill(~causal, 0.0).max().item()
+
+
 @torch.no_grad()
-def activation_stats(model, idx):
+def activation_stats(model, idx, targets=None):
     """Per-block statistics of one forward pass over idx (B, T), in eval mode, for block l = 0..L-1:
     variance: the residual stream's variance after block l, over features, averaged over tokens (Curse
       of Depth Fig. 4; before ln_f); rms: its root mean square;
     angular_distance: between the stream entering and leaving block l (0 = the block does nothing);
-    max_abs, kurtosis: of the stream after block l; mlp_in_max_abs, mlp_in_kurtosis: of the MLP's input."""
+    max_abs, kurtosis: of the stream after block l; mlp_in_max_abs, mlp_in_kurtosis: of the MLP's input;
+    attn_logit_max: attention_logit_max() of block l (q and k after any q/k norm).
+    With targets (the forward then computes every position's logits), also, over all positions:
+    logit_lse_mean, logit_lse_std: of log Z of the output logits (output-logit divergence, Wortsman et al.,
+      arXiv 2309.14322, Sec. 3.2: what z-loss controls)."""
     stats = {k: [] for k in ("variance", "rms", "angular_distance", "max_abs", "kurtosis", "mlp_in_max_abs",
-                             "mlp_in_kurtosis")}
+                             "mlp_in_kurtosis", "attn_logit_max")}
+    queries = []
 
     def after_block(module, args, out):
         stats["variance"].append(out.float().var(-1).mean().item())
@@ -726,16 +807,27 @@ def activation_stats(model, idx):
         stats["mlp_in_max_abs"].append(args[0].abs().max().item())
         stats["mlp_in_kurtosis"].append(kurtosis(args[0]))
 
+    def after_q_norm(module, args, q):  # called before k_norm in every block
+        queries.append(q)
+
+    def after_k_norm(module, args, k):
+        stats["attn_logit_max"].append(attention_logit_max(queries.pop(), k))
+
     hooks = [h for b in model.transformer.h for h in (b.register_forward_hook(after_block),
-                                                      b.mlp.register_forward_pre_hook(before_mlp))]
+                                                      b.mlp.register_forward_pre_hook(before_mlp),
+                                                      b.attn.q_norm.register_forward_hook(after_q_norm),
+                                                      b.attn.k_norm.register_forward_hook(after_k_norm))]
     was_training = model.training
     model.eval()
     try:
-        model(idx)
+        logits, _ = model(idx, targets)
     finally:
         model.train(was_training)
         for h in hooks:
             h.remove()
+    if targets is not None:
+        lse = log_z(logits)
+        stats.update(logit_lse_mean=lse.mean().item(), logit_lse_std=lse.std().item())
     return stats
 
 

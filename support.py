@@ -187,6 +187,36 @@ class SpikeDetector:
         return median if median is not None and loss > self.factor * median else None
 
 
+class OLMoSpikeScore:
+    """Loss spikes as OLMo counts them (the "spike score" of OLMo 2, arXiv 2501.00656; the numbers of
+    OLMo-core's stability monitor): a step whose loss is more than `sigmas` standard deviations above the mean
+    of the previous `window` steps. `score` is the percentage of scored steps (those with a full window
+    before them) that spiked, comparable across runs of different lengths; the state survives a resume."""
+
+    def __init__(self, sigmas=6.0, window=128, recent=(), spike_iters=(), scored=0):
+        self.sigmas, self.recent = sigmas, deque(recent, maxlen=window)
+        self.spike_iters, self.scored = list(spike_iters), scored
+
+    def update(self, iter_num, loss):
+        """Feed step iter_num's loss; returns whether it is a spike."""
+        spike = False
+        if len(self.recent) == self.recent.maxlen:
+            self.scored += 1
+            spike = loss > statistics.fmean(self.recent) + self.sigmas * statistics.pstdev(self.recent)
+            if spike:
+                self.spike_iters.append(iter_num)
+        self.recent.append(loss)
+        return spike
+
+    @property
+    def score(self):
+        return 100.0 * len(self.spike_iters) / self.scored if self.scored else None
+
+    def state(self):
+        return dict(sigmas=self.sigmas, window=self.recent.maxlen, recent=list(self.recent),
+                    spike_iters=list(self.spike_iters), scored=self.scored)
+
+
 def parse_or_none(line):
     """A log line's record, or None for a line that is not whole JSON (a crash mid-write can leave a partial
     last line)."""
@@ -258,7 +288,7 @@ class DiagnosticsRecorder:
         self._timed(lambda r: r.update(update_ratio=stable_gpt.update_ratios(r.pop("before"), self.model)))
 
     def end_step(self):
-        self._timed(lambda r: r.update(stable_gpt.activation_stats(self.model, self.x),
+        self._timed(lambda r: r.update(stable_gpt.activation_stats(self.model, self.x, self.y),
                                        layer_importance=stable_gpt.layer_importance(self.model, self.x, self.y),
                                        weight_std=stable_gpt.weight_stds(self.model)))
         if self.record is not None:

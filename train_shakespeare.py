@@ -36,7 +36,8 @@ import prepare_data
 import stable_gpt
 from prepare_data import Codec, DataError
 from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig
-from support import (Batches, DiagnosticsRecorder, JsonlLog, RunLock, SpikeDetector, StopRequest, TrainError,
+from support import (Batches, DiagnosticsRecorder, JsonlLog, OLMoSpikeScore, RunLock, SpikeDetector, StopRequest,
+                     TrainError,
                      checkpoint_model_state, clear_outputs, finite_or_null, fmt_time, gpu_peak_flops,
                      keep_freed_memory, link_checkpoint, load_checkpoint, pick_device, pick_dtype, save_checkpoint)
 
@@ -130,7 +131,8 @@ def build_parser():
     g.add_argument("--norm", choices=NORMS, help="normalization layer" + default("norm"))
     g.add_argument("--norm-position", choices=NORM_POSITIONS,
                    help="pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (Vaswani); mix: first --mix-fraction "
-                   "of blocks post, rest pre (Mix-LN); deepnorm: norm(alpha x + f(x)) with DeepNet's init"
+                   "of blocks post, rest pre (Mix-LN); deepnorm: norm(alpha x + f(x)) with DeepNet's init; "
+                   "peri: x + norm(f(norm(x))) (Peri-LN, Gemma 2)"
                    + default("norm_position"))
     g.add_argument("--mix-fraction", type=float, help="Mix-LN: fraction of Post-LN blocks at the bottom"
                    + default("mix_fraction"))
@@ -156,6 +158,15 @@ def build_parser():
     g.add_argument("--tvr-interval", type=int, help="TVR interval in optimizer steps" + default("tvr_interval"))
     g.add_argument("--tvr-threshold", type=float, help="rescale only when std > threshold * target"
                    + default("tvr_threshold"))
+
+    g = p.add_argument_group("the fixes practitioners use (off by default), to weigh the papers against")
+    flag(g, "--qk-norm", "a norm (--norm's type, with a gain) on q and k per head before attention (OLMo 2; "
+         "Wortsman et al., arXiv 2309.14322); refused with --sdd, which already normalizes q and k")
+    g.add_argument("--z-loss", type=float, metavar="COEF", help="add COEF * mean(log^2 Z) of the output logits to "
+                   "the training loss (PaLM, arXiv 2204.02311; Wortsman et al. use 1e-4); logged apart, never in "
+                   "the val loss" + default("z_loss"))
+    g.add_argument("--logit-softcap", type=float, metavar="C", help="C * tanh(logits / C) on the output logits "
+                   "(Gemma 2; 0: off)" + default("logit_softcap"))
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, help="sequences per micro-batch" + default("batch_size"))
@@ -211,7 +222,7 @@ def build_parser():
 
 # model settings that --init-from takes from GPT-2 (its sizes come from stable_gpt.GPT2_SIZES)
 GPT2_MODEL = dict(bias=True, norm="layernorm", norm_position="pre", sdd=False, lns=False, wesar=False, lir=False,
-                  init_std=DEFAULTS["init_std"], scaled_init=None)
+                  init_std=DEFAULTS["init_std"], scaled_init=None, qk_norm=False, logit_softcap=0.0)
 
 
 def resolve_config(args, base=None):
@@ -271,7 +282,8 @@ def check_ranges(values, ranges):
 
 def default_out_dir(cfg):
     """out/<preset>[-<flags>][-<data>][-bpe], e.g. out/cpu-sdd-lns, or out/cpu-my for --data my.txt."""
-    parts = [cfg["preset"]] + [t for t in TECHNIQUES if cfg[t]]
+    parts = [cfg["preset"]] + [t for t in TECHNIQUES if cfg[t]] + (["qknorm"] if cfg["qk_norm"] else [])
+    parts += [f"{k.replace('_', '')}{cfg[k]:g}" for k in ("z_loss", "logit_softcap") if cfg[k]]
     parts += [cfg[k] for k in ("norm_position", "norm") if cfg[k] != DEFAULTS[k]]
     if cfg["init_from"]:
         parts.append(cfg["init_from"])
@@ -464,9 +476,9 @@ def build_model(cfg, meta, data_dir, resume_ckpt, proc, dtype):
 def restore(ckpt, meta, model, optimizer, scaler, batches, proc):
     """Put a checkpoint back into the model, optimizer, loss scaler and this rank's random streams (dropout
     and data order), so that the run continues bit for bit. Returns the run's state: iter_num, best val loss,
-    spikes so far, the spike detector's recent losses."""
+    spikes so far, the spike detector's recent losses, the OLMo spike score's state."""
     if ckpt is None:
-        return 0, float("inf"), [], []
+        return 0, float("inf"), [], [], {}
     if any(ckpt["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
         raise TrainError("the checkpoint was trained on another tokenizer or vocabulary "
                          f"({ckpt['meta'].get('tokenizer')}, {ckpt['meta'].get('vocab_size')} "
@@ -480,7 +492,8 @@ def restore(ckpt, meta, model, optimizer, scaler, batches, proc):
     if proc.device.type == "cuda" and rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"])
     batches.gen.set_state(rng["data"])
-    return ckpt["iter_num"], ckpt["best_val_loss"], list(ckpt.get("spikes", [])), ckpt.get("recent_losses", [])
+    return (ckpt["iter_num"], ckpt["best_val_loss"], list(ckpt.get("spikes", [])), ckpt.get("recent_losses", []),
+            ckpt.get("olmo_spikes", {}))
 
 
 def rng_states(data_state, proc):
@@ -608,17 +621,19 @@ def report_nonfinite(log, out_dir, iter_num, what, loss, grad_norm, skip, skippe
               + f"; stopping without saving. The last good checkpoint: {where}")
 
 
-def log_progress(log, cfg, iter_num, loss, lr, grad_norm, dt, smooth_dt, tokens_per_iter, mfu):
-    """The progress line and its log.jsonl record; the ETA from the smoothed step time, so it does not swing."""
-    print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {loss:.4f} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
+def log_progress(log, cfg, iter_num, loss, z_loss, lr, grad_norm, dt, smooth_dt, tokens_per_iter, mfu):
+    """The progress line and its log.jsonl record; the ETA from the smoothed step time, so it does not swing.
+    loss is the cross-entropy; z_loss the z-loss term the step added to it (None when off)."""
+    z_part = f" + z-loss {z_loss:.2e}" if z_loss is not None else ""
+    print(f"iter {iter_num:>6}/{cfg['max_iters']} | loss {loss:.4f}{z_part} | lr {lr:.2e} | {dt * 1000:.1f} ms/iter | "
           f"{tokens_per_iter / dt:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
           + f" | ETA {fmt_time(smooth_dt * (cfg['max_iters'] - iter_num))}")
     log.write(iter=iter_num, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000,
-              **({"mfu": mfu} if mfu is not None else {}))
+              **({"z_loss": z_loss} if z_loss is not None else {}), **({"mfu": mfu} if mfu is not None else {}))
 
 
 def finish_run(cfg, model, proc, t_start, tokens_per_step, tokens_trained, best_val, last_eval, iters, diverged_at,
-               interrupted_at, skipped_updates, spike_iters, diag_s):
+               interrupted_at, skipped_updates, spike_iters, olmo, diag_s):
     """The end of a run: the DDP replica self-check, summary.json and the plots (rank 0), the process group
     closed. Returns the summary (None on the other ranks)."""
     wall = time.time() - t_start
@@ -630,7 +645,8 @@ def finish_run(cfg, model, proc, t_start, tokens_per_step, tokens_trained, best_
                        wall_s=round(wall, 2),
                        tokens_per_s=round(tokens_trained / max(wall, 1e-9)), diverged=diverged_at is not None,
                        diverged_at=diverged_at, interrupted_at=interrupted_at, skipped_updates=skipped_updates,
-                       spikes=len(spike_iters), spike_iters=spike_iters[:100], diag_s=round(diag_s, 2),
+                       spikes=len(spike_iters), spike_iters=spike_iters[:100], olmo_spikes=len(olmo.spike_iters),
+                       olmo_spike_score=olmo.score, olmo_spike_iters=olmo.spike_iters[:100], diag_s=round(diag_s, 2),
                        world_size=proc.world, replica_max_diff=replica_diff, tokens_per_step=tokens_per_step)
         out_dir = Path(cfg["out_dir"])
         (out_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2))
@@ -662,7 +678,8 @@ def train(cfg, resume_ckpt=None, stop=None):
     config = raw_model.config
     batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device,
                       cfg["seed"] + 1000 + proc.rank)
-    iter_num, best_val, spikes, recent_losses = restore(resume_ckpt, meta, raw_model, optimizer, scaler, batches, proc)
+    iter_num, best_val, spikes, recent_losses, olmo_state = restore(resume_ckpt, meta, raw_model, optimizer, scaler,
+                                                                    batches, proc)
     model = wrap_model(raw_model, compiled, proc)
     out_dir, resumed_at = Path(cfg["out_dir"]), iter_num if resume_ckpt else None
     tokens_per_iter = grad_accum * proc.world * cfg["batch_size"] * cfg["block_size"]
@@ -672,12 +689,14 @@ def train(cfg, resume_ckpt=None, stop=None):
         print_start(cfg, raw_model, proc, grad_accum, tokens_per_iter, dtype, compiled, data_dir, resume_ckpt)
     diag = diagnostics_recorder(cfg, raw_model, data_dir, device, diag_log)
     detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], recent_losses)
+    olmo = OLMoSpikeScore(**olmo_state)
     peak_flops = gpu_peak_flops(device)
 
     def checkpoint(data_state):  # every rank joins rng_states' gather; rank 0 writes
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     model_args=asdict(config), config=cfg, meta=meta, iter_num=iter_num, best_val_loss=best_val,
-                    spikes=list(spikes), recent_losses=list(detector.recent), rng=rng_states(data_state, proc))
+                    spikes=list(spikes), recent_losses=list(detector.recent), olmo_spikes=olmo.state(),
+                    rng=rng_states(data_state, proc))
 
     t_start = t_log = time.time()
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
@@ -706,13 +725,15 @@ def train(cfg, resume_ckpt=None, stop=None):
 
         # --- the step: forward and backward over the micro-batches, clip, update -----------------------
         diag.before_step(iter_num)
-        loss_sum = 0.0
+        loss_sum = z_sum = 0.0
         for micro_step in range(grad_accum):
             if proc.ddp:  # all-reduce the gradients only on the last micro-step
                 model.require_backward_grad_sync = micro_step == grad_accum - 1
             with autocast:
-                _, loss = model(x, y)
+                logits, loss = model(x, y)
                 loss = loss / grad_accum
+            if config.z_loss:  # the loss includes the z-loss; its share is logged apart from the cross-entropy
+                z_sum = z_sum + stable_gpt.z_loss_term(logits.detach(), config.z_loss, y) / grad_accum
             if micro_step == grad_accum - 1:
                 data_state = batches.gen.get_state()
             x, y = batches.next()  # prefetch the next batch while the backward runs
@@ -724,7 +745,7 @@ def train(cfg, resume_ckpt=None, stop=None):
                                                    cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
         # checked every step: a non-finite value is a single-step event (one device sync per step). With
         # fp16, an inf gradient is the GradScaler's business (it skips the step and lowers its scale).
-        lossf, normf = float(loss_sum), float(grad_norm)
+        lossf, normf, zf = float(loss_sum), float(grad_norm), float(z_sum)
         nonfinite = "loss" if not math.isfinite(lossf) else \
             "gradient norm" if not (math.isfinite(normf) or scaler.is_enabled()) else None
         if nonfinite is None:
@@ -749,10 +770,11 @@ def train(cfg, resume_ckpt=None, stop=None):
         iter_num += 1
         iters_since_log += 1
         tokens_trained += tokens_per_iter
-        if (median := detector.update(lossf)) is not None:
+        olmo.update(iter_num, lossf - zf)
+        if (median := detector.update(lossf - zf)) is not None:
             spikes.append(iter_num)
             if master:
-                report_spike(log, cfg, iter_num, lossf, median)
+                report_spike(log, cfg, iter_num, lossf - zf, median)
         diag.end_step()
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
             dt = (time.time() - t_log) / iters_since_log
@@ -760,11 +782,12 @@ def train(cfg, resume_ckpt=None, stop=None):
             smooth_dt = dt if smooth_dt is None else 0.8 * smooth_dt + 0.2 * dt  # a steady ETA
             if master:  # MFU against the detected GPU's bf16 peak, per GPU: each rank runs grad_accum micro-batches
                 mfu = raw_model.estimate_mfu(grad_accum * cfg["batch_size"], dt, peak_flops) if peak_flops else None
-                log_progress(log, cfg, iter_num, lossf, lr, normf, dt, smooth_dt, tokens_per_iter, mfu)
+                log_progress(log, cfg, iter_num, lossf - zf, zf if config.z_loss else None, lr, normf, dt, smooth_dt,
+                             tokens_per_iter, mfu)
 
     summary = finish_run(cfg, raw_model, proc, t_start, tokens_per_iter, tokens_trained, best_val=best_val,
                          last_eval=last_eval, iters=iter_num, diverged_at=diverged, interrupted_at=interrupted,
-                         skipped_updates=skipped, spike_iters=spikes, diag_s=diag.seconds)
+                         skipped_updates=skipped, spike_iters=spikes, olmo=olmo, diag_s=diag.seconds)
     if master:
         lock.release()
     return raw_model, Codec(meta), summary
