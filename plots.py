@@ -177,6 +177,29 @@ def plot_compare(runs, out_dir, path=None, dpi=90):
     return [save(fig, Path(path) if path else out_dir / "compare.png", dpi)]
 
 
+def plot_lr_sweep(sweep, out_dir, dpi=90):
+    """lr_sweep.png: final val loss against the peak learning rate (log axis), one line per configuration (the
+    mean over seeds, their spread as error bars), diverged runs marked x at the loss they count (their loss at
+    init), as Wortsman et al.'s Fig. 1 (arXiv 2309.14322). sweep: train_shakespeare.lr_sweep_results()."""
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    colors = plt.get_cmap("tab20").colors
+    for i, (config, c) in enumerate(sweep["configs"].items()):
+        lrs = sorted(c["runs"], key=float)
+        losses = [[o["counted_loss"] for o in c["runs"][lr]] for lr in lrs]
+        mean = [sum(v) / len(v) for v in losses]
+        spread = [(max(v) - min(v)) / 2 for v in losses]
+        style = dict(color=colors[i % len(colors)], linestyle=("-", "--", ":")[i // len(colors) % 3])
+        ax.errorbar([float(lr) for lr in lrs], mean, yerr=spread, marker="o", ms=4, capsize=3,
+                    label=f"{config} (sens. {c['lr_sensitivity']:.3f})", **style)
+        diverged = [(float(lr), o["counted_loss"]) for lr in lrs for o in c["runs"][lr] if o["diverged"]]
+        if diverged:
+            ax.plot(*zip(*diverged), "x", ms=10, mew=2, color=style["color"])
+    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (nats/token)",
+           title="Stability map: final loss against learning rate (x: diverged, counted at the loss at init)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return [save(fig, Path(out_dir) / "lr_sweep.png", dpi)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", default=["out/cpu"], metavar="RUN_DIR",

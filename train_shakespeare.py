@@ -37,7 +37,7 @@ import stable_gpt
 from prepare_data import Codec, DataError
 from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig
 from support import (Batches, DiagnosticsRecorder, JsonlLog, OLMoSpikeScore, RunLock, SpikeDetector, StopRequest,
-                     TrainError,
+                     TrainError, parse_or_none,
                      checkpoint_model_state, clear_outputs, finite_or_null, fmt_time, gpu_peak_flops,
                      keep_freed_memory, link_checkpoint, load_checkpoint, pick_device, pick_dtype, save_checkpoint)
 
@@ -204,9 +204,14 @@ def build_parser():
     g.add_argument("--compare", nargs="+", metavar="CONFIG", help="run several configurations (each a quoted string "
                    "of flags, or 'baseline') on the same data, seeds and budget; every other flag is common to all. "
                    "Writes compare.md and compare.png into --out-dir (default out/compare). Finished runs are "
-                   "not redone. Put --compare after the common flags; its configurations run up to --seeds or the end")
-    g.add_argument("--seeds", type=int, default=1, help="with --compare: seeds per configuration (seed, seed+1, "
-                   "...) (default: %(default)s)")
+                   "not redone. Its configurations run up to --seeds, --lrs or the end of the command")
+    g.add_argument("--seeds", type=int, default=1, help="with --compare or --lrs: seeds per configuration (seed, "
+                   "seed+1, ...) (default: %(default)s)")
+    g.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="learning-rate sweep (Wortsman et al., arXiv "
+                   "2309.14322): every configuration of --compare (or the one on the command line) at each of these "
+                   "peak learning rates (--min-lr follows at the preset's ratio unless given). Writes lr_sweep.json, "
+                   "lr_sweep.md (final val loss per learning rate, LR sensitivity) and lr_sweep.png into --out-dir "
+                   "(default out/lr_sweep)")
 
     g = p.add_argument_group("sampling")
     flag(g, "--sample", "only sample from --out-dir/ckpt.pt")
@@ -797,59 +802,99 @@ def train(cfg, resume_ckpt=None, stop=None):
 # Compare runner
 
 
+RUNNER_OPTIONS = ("--compare", "--seeds", "--lrs")
+
+
 def split_compare(argv):
-    """(common flags, configurations, seeds) from a command line with --compare. The configurations are the
-    words after --compare up to --seeds or the end; each is 'baseline' or a string of flags ("--lns")."""
-    i = argv.index("--compare")
-    j = argv.index("--seeds", i) if "--seeds" in argv[i:] else len(argv)
-    configs = argv[i + 1:j]
-    if not configs:
-        raise TrainError("--compare needs at least one configuration, e.g. --compare baseline \"--lns\"")
-    seeds, rest = 1, argv[j:]
-    if rest:
-        if len(rest) < 2 or not rest[1].isdigit() or int(rest[1]) < 1:
-            raise TrainError("--seeds needs a positive whole number")
-        seeds, rest = int(rest[1]), rest[2:]
-    return argv[:i] + rest, configs, seeds
+    """(common flags, configurations, seeds, learning rates or None) from a command line with --compare or --lrs.
+    --compare takes the words after it up to the next runner option or the end, each 'baseline' or a string of
+    flags ("--lns"); --seeds one whole number; --lrs the numbers after it. Every other word is a common flag."""
+    common, configs, seeds, lrs = [], None, 1, None
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if word == "--compare":
+            configs = []
+            while words and words[0] not in RUNNER_OPTIONS:
+                configs.append(words.pop(0))
+            if not configs:
+                raise TrainError("--compare needs at least one configuration, e.g. --compare baseline \"--lns\"")
+        elif word == "--seeds":
+            if not words or not words[0].isdigit() or int(words[0]) < 1:
+                raise TrainError("--seeds needs a positive whole number")
+            seeds = int(words.pop(0))
+        elif word == "--lrs":
+            lrs = []
+            while words and parse_or_none_float(words[0]) is not None:
+                lrs.append(float(words.pop(0)))
+            if not lrs or not all(0 < lr < math.inf for lr in lrs):
+                raise TrainError("--lrs needs one or more learning rates > 0, e.g. --lrs 1e-3 3e-3 1e-2")
+        else:
+            common.append(word)
+    return common, configs or ["baseline"], seeds, lrs
+
+
+def parse_or_none_float(word):
+    try:
+        return float(word)
+    except ValueError:
+        return None
 
 
 def config_slug(config):
     return "baseline" if config.strip() in ("", "baseline") else re.sub(r"[^A-Za-z0-9.]+", "-", config).strip("-")
 
 
+def config_flags(config):
+    return [] if config_slug(config) == "baseline" else shlex.split(config)
+
+
 def compare(argv):
-    """Run every configuration x seed (in this process, one after another), skip the finished ones, then
-    write the table (compare.md) and overlaid plots (compare.png)."""
-    common, configs, n_seeds = split_compare(argv)
+    """Run every configuration x learning rate x seed (in this process, one after another), skip the finished
+    ones, then write the table and the plots: compare.md and compare.png, or with --lrs the learning-rate
+    sweep's lr_sweep.json, lr_sweep.md and lr_sweep.png."""
+    common, configs, n_seeds, lrs = split_compare(argv)
     parser = build_parser()
     base_args = parser.parse_args(common)
     seed0 = base_args.seed if base_args.seed is not None else DEFAULTS["seed"]
-    root = Path(base_args.out_dir or Path("out") / "compare")
-    for config in configs:  # every configuration checked before any trains
-        check_compare_config(parser, common, config)
-    plan = [(config, seed, root / config_slug(config) / f"seed{seed}")
-            for config in configs for seed in range(seed0, seed0 + n_seeds)]
+    root = Path(base_args.out_dir or Path("out") / ("lr_sweep" if lrs else "compare"))
+    lr_args = [["--lr", f"{lr:g}"] for lr in lrs] if lrs else [[]]
+    for config in configs:  # every configuration (at every learning rate) checked before any trains
+        if lrs and "--lr" in common + config_flags(config):
+            raise TrainError(f"--lrs sets the peak learning rate of every run; drop --lr from {config!r} or the "
+                             "common flags")
+        for extra in lr_args:
+            check_compare_config(parser, common + extra, config)
+    plan = [(config, extra, seed, root / config_slug(config) / (f"lr{extra[1]}" if extra else "") / f"seed{seed}")
+            for config in configs for extra in lr_args for seed in range(seed0, seed0 + n_seeds)]
     with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
-        for k, (config, seed, run_dir) in enumerate(plan, start=1):
-            run_one(parser, common, config, seed, run_dir, stop, progress=f"[{k}/{len(plan)}]")
+        for k, (config, extra, seed, run_dir) in enumerate(plan, start=1):
+            run_one(parser, common + extra, config, seed, run_dir, stop, progress=f"[{k}/{len(plan)}]")
             if stop.signum is not None:
                 print("compare: interrupted; run the same command again to continue")
                 return 130
-    runs = {config: [run_dir for c, _, run_dir in plan if c == config] for config in configs}
+    import plots
+
+    if lrs:
+        sweep = lr_sweep_results({config: {float(extra[1]): [d for c, e, _, d in plan if c == config and e == extra]
+                                           for extra in lr_args} for config in configs})
+        (root / "lr_sweep.json").write_text(json.dumps(finite_or_null(sweep), indent=2))
+        (root / "lr_sweep.md").write_text(table := lr_sweep_table(sweep))
+        print("\n" + table)
+        print("plots: " + ", ".join(str(p) for p in plots.plot_lr_sweep(sweep, root)))
+        return 0
+    runs = {config: [run_dir for c, _, _, run_dir in plan if c == config] for config in configs}
     table = compare_table(runs)
     (root / "compare.md").write_text(table)
     print("\n" + table)
-    import plots
-
     print("plots: " + ", ".join(str(p) for p in plots.plot_compare(runs, root)))
     return 0
 
 
 def check_compare_config(parser, common, config):
     """A configuration of --compare that would fail is refused before any run starts, with its reason."""
-    extra = [] if config_slug(config) == "baseline" else shlex.split(config)
     try:
-        args, unknown = parser.parse_known_args(common + extra)
+        args, unknown = parser.parse_known_args(common + config_flags(config))
     except SystemExit:  # argparse has printed why (e.g. an invalid choice)
         raise TrainError(f"--compare configuration {config!r} is not valid (see above)") from None
     if unknown:
@@ -868,13 +913,79 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
         print(f"{progress} {config} seed {seed}: done already ({summary_path})")
         return
     print(f"\n{progress} {config} seed {seed} -> {run_dir}")
-    extra = [] if config_slug(config) == "baseline" else shlex.split(config)
-    run_args = parser.parse_args(common + extra + ["--seed", str(seed), "--out-dir", str(run_dir)])
+    run_args = parser.parse_args(common + config_flags(config) + ["--seed", str(seed), "--out-dir", str(run_dir)])
     if (run_dir / "ckpt.pt").is_file():  # interrupted earlier: continue it
         resume_ckpt = load_checkpoint(run_dir / "ckpt.pt")
         train(resume_config(run_args, resume_ckpt), resume_ckpt, stop)
     else:
         train(resolve_config(run_args)[0], None, stop)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The learning-rate sweep (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training
+# instabilities", arXiv 2309.14322): a configuration's final loss against the learning rate
+
+
+def run_outcome(run_dir):
+    """One run of a sweep: its final and best val loss, the val loss at init (the eval at iter 0), whether it
+    diverged, and the loss the sweep counts: the final val loss, or the loss at init for a run that diverged
+    (a non-finite loss), never more than the loss at init (Wortsman et al., Sec. 2.3)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = [r for r in map(parse_or_none, (run_dir / "log.jsonl").read_text().splitlines())
+             if r and r.get("type") == "eval"]
+    init = next(r["val_loss"] for r in evals if r["iter"] == 0)
+    final = summary["final_val_loss"]
+    diverged = summary["diverged"] or final is None or not math.isfinite(final)
+    return dict(seed=summary["config"]["seed"], final_val_loss=final, best_val_loss=summary["best_val_loss"],
+                init_val_loss=init, diverged=diverged, counted_loss=init if diverged else min(final, init))
+
+
+def lr_sensitivity(losses):
+    """Wortsman et al. (arXiv 2309.14322, Sec. 2.3): E_lr[min(loss(lr), loss at init)] - min_lr loss(lr) over
+    the grid; losses {lr: loss already capped at the loss at init}. 0: every learning rate of the grid trains
+    as well as the best one; large: the configuration is sensitive to its learning rate."""
+    values = list(losses.values())
+    return statistics.fmean(values) - min(values)
+
+
+def lr_sweep_results(runs):
+    """lr_sweep.json's content from {config: {lr: [run folders, one per seed]}}: per configuration, per
+    learning rate the outcome of each seed and the mean counted loss; the best learning rate and loss, and
+    the LR sensitivity of the mean curve."""
+    configs = {}
+    for config, by_lr in runs.items():
+        outcomes = {lr: [run_outcome(d) for d in dirs] for lr, dirs in by_lr.items()}
+        mean_loss = {lr: statistics.fmean(o["counted_loss"] for o in runs_) for lr, runs_ in outcomes.items()}
+        best_lr = min(mean_loss, key=mean_loss.get)
+        first = json.loads((next(iter(by_lr.values()))[0] / "summary.json").read_text())
+        configs[config] = dict(model=first["techniques"], runs={f"{lr:g}": o for lr, o in outcomes.items()},
+                               mean_loss={f"{lr:g}": v for lr, v in mean_loss.items()}, best_lr=best_lr,
+                               best_loss=mean_loss[best_lr], lr_sensitivity=lr_sensitivity(mean_loss))
+    return dict(reference="Wortsman et al. 2023, arXiv 2309.14322",
+                loss="final val loss; a diverged run counts at its val loss at init, and no run above it",
+                lrs=sorted({lr for by_lr in runs.values() for lr in by_lr}), configs=configs)
+
+
+def lr_sweep_table(sweep):
+    """lr_sweep.md: the mean counted loss of each configuration at each learning rate (+- std over seeds,
+    with a dagger per diverged run), its best learning rate and LR sensitivity."""
+    lrs = [f"{lr:g}" for lr in sweep["lrs"]]
+    rows = ["| config | model | " + " | ".join(f"lr {lr}" for lr in lrs) + " | best lr | best loss | LR sensitivity |",
+            "|---|---|" + "---|" * len(lrs) + "---|---|---|"]
+    for config, c in sweep["configs"].items():
+        cells = []
+        for lr in lrs:
+            outcomes = c["runs"][lr]
+            values = [o["counted_loss"] for o in outcomes]
+            spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            cells.append(f"{statistics.fmean(values):.3f}{spread}" + "†" * sum(o["diverged"] for o in outcomes))
+        rows.append(f"| {config} | {c['model']} | " + " | ".join(cells) +
+                    f" | {c['best_lr']:g} | {c['best_loss']:.4f} | {c['lr_sensitivity']:.4f} |")
+    seeds = sorted({len(o) for c in sweep["configs"].values() for o in c["runs"].values()})
+    return "\n".join(rows) + (f"\n\nFinal val loss, the mean over {' or '.join(map(str, seeds))} seed(s). \u2020: a "
+                              "run that diverged (non-finite loss), counted at its loss at init, as is any run "
+                              "that ends above it (Wortsman et al., arXiv 2309.14322). LR sensitivity: the mean "
+                              "over the grid of those losses minus the best one.\n")
 
 
 def compare_table(runs):
@@ -901,7 +1012,7 @@ def compare_table(runs):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--compare" in argv:
+    if "--compare" in argv or "--lrs" in argv:
         try:
             return compare(argv)
         except (TrainError, DataError) as e:
