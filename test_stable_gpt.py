@@ -985,12 +985,20 @@ def test_every_flag_keeps_causality_and_round_trips_checkpoints(kw):
 # read off the dataclass: a new bool or choice field fails test_every_config_field_is_in_the_matrix until it
 # is classified here, so no flag can join the config without a test that it does something.
 FLAG_EFFECT = {"bias": "function", "norm": "function", "norm_position": "function", "sdd": "function",
-               "lns": "function", "wesar": "function", "lir": "init", "scaled_init": "init", "tvr": "step"}
-MATRIX_OFF = {"norm": "layernorm", "norm_position": "pre", "scaled_init": False}  # else False
+               "lns": "function", "wesar": "function", "lir": "init", "scaled_init": "init", "tvr": "step",
+               "qk_norm": "function", "z_loss": "step", "logit_softcap": "function"}
+MATRIX_OFF = {"norm": "layernorm", "norm_position": "pre", "scaled_init": False, "z_loss": 0.0,
+              "logit_softcap": 0.0}  # else False
+# The float fields that switch a technique on (0: off), with the value the matrix tries; every other float
+# field is a setting of a technique (a std, a fraction) and listed in SETTINGS, so that a new float field must
+# be classified too.
+FLOAT_FLAGS = {"z_loss": (0.0, 0.5), "logit_softcap": (0.0, 0.2)}
+SETTINGS = {"dropout", "mix_fraction", "init_std", "wesar_sigma", "tvr_target", "tvr_threshold"}
 
 
 def discrete_fields():
-    """{field: the values the matrix tries} for every bool, Optional[bool] and choice field of GPTConfig."""
+    """{field: the values the matrix tries} for every bool, Optional[bool], choice and on/off float field of
+    GPTConfig."""
     choices = {"norm": stable_gpt.NORMS, "norm_position": stable_gpt.NORM_POSITIONS}
     out = {}
     for f in fields(GPTConfig):
@@ -1000,11 +1008,15 @@ def discrete_fields():
             out[f.name] = (None, False, True)
         elif f.type is str:
             out[f.name] = choices[f.name]  # a KeyError here: a new choice field, add its values
+        elif f.type is float:
+            assert f.name in SETTINGS or f.name in FLOAT_FLAGS, f"classify the float field {f.name}"
+            if f.name in FLOAT_FLAGS:
+                out[f.name] = FLOAT_FLAGS[f.name]
     return out
 
 
-# pruned to run in seconds: these fields keep one value, except in their own test (the full product is 1536)
-MATRIX_FIXED = {"bias": False, "scaled_init": None}
+# pruned to run in seconds: these fields keep one value, except in their own test (the full product is ~25,000)
+MATRIX_FIXED = {"bias": False, "scaled_init": None, "z_loss": 0.0, "logit_softcap": 0.0, "qk_norm": False}
 
 
 def accepted_configs(vary=()):
@@ -1040,7 +1052,7 @@ def matrix_model(kw, seed=0):
 
 def test_every_config_field_is_in_the_matrix():
     assert set(discrete_fields()) == set(FLAG_EFFECT)
-    assert len(accepted_configs()) > 100 and len(accepted_configs(vary=MATRIX_FIXED)) > 600  # not vacuous
+    assert len(accepted_configs()) > 100 and len(accepted_configs(vary={"bias", "qk_norm"})) > 300  # not vacuous
 
 
 def relative_change(a, b):
@@ -1117,6 +1129,7 @@ def test_sdd_embedding_norm_acts_in_every_accepted_combination(one_thread):
 
 
 FLAG_ARGS = [["--sdd"], ["--lns"], ["--wesar"], ["--lir"], ["--tvr", "--tvr-interval", "10", "--tvr-target", "0.03"],
+             ["--qk-norm"], ["--z-loss", "1e-3"], ["--logit-softcap", "5"], ["--norm-position", "peri", "--lns"],
              ["--norm-position", "post", "--sdd"], ["--norm-position", "mix"], ["--norm-position", "deepnorm"],
              ["--sdd", "--lns", "--wesar", "--lir", "--tvr", "--tvr-interval", "10"]]
 
@@ -1745,3 +1758,224 @@ def test_sigint_writes_a_resumable_checkpoint(tmp_path, data_dir):
         torch.set_num_threads(threads)
     losses = lambda o: [(r["iter"], r.get("loss")) for r in read_log(o) if r.get("type") != "eval"]
     assert losses(out) == losses(ref)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The practitioners' fixes (QK-norm, z-loss, Peri-LN, logit soft-capping) and the diagnostics of a blow-up
+
+
+def outputs_of(module_path, model, idx):
+    """The outputs of the submodule at module_path in every block, from one forward over idx."""
+    outs = []
+    hooks = [b.get_submodule(module_path).register_forward_hook(lambda m, a, out: outs.append(out.detach()))
+             for b in model.transformer.h]
+    with torch.no_grad():
+        model(idx)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+def test_qk_norm_gives_q_and_k_unit_scale_per_head_before_the_gain(norm):
+    model = perturbed(GPT(tiny(qk_norm=True, norm=norm, init_std=0.5))).eval()
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    for name in ("attn.q_norm", "attn.k_norm"):
+        gains = [b.get_submodule(name).weight.detach().clone() for b in model.transformer.h]
+        for b in model.transformer.h:
+            b.get_submodule(name).weight.data.fill_(1.0)
+        for out in outputs_of(name, model, idx):  # (B, T, n_head, head_size): per head, over its 8 features
+            assert out.shape == (2, 16, 4, 8)
+            if norm == "rmsnorm":
+                assert torch.allclose(out.pow(2).mean(-1), torch.ones(2, 16, 4), atol=1e-3)
+            else:
+                assert torch.allclose(out.mean(-1), torch.zeros(2, 16, 4), atol=1e-5)
+                assert torch.allclose(out.var(-1, unbiased=False), torch.ones(2, 16, 4), atol=1e-3)
+        for b, gain in zip(model.transformer.h, gains):  # the gain then sets each feature's scale
+            b.get_submodule(name).weight.data.copy_(gain)
+    plain = GPT(tiny(norm=norm))
+    assert all(isinstance(b.attn.q_norm, torch.nn.Identity) for b in plain.transformer.h)
+    with pytest.raises(ValueError, match="SDD already normalizes q and k"):
+        tiny(qk_norm=True, sdd=True)
+
+
+def test_z_loss_adds_exactly_coef_times_mean_log_z_squared_and_never_the_val_loss():
+    coef = 0.3
+    model = perturbed(GPT(tiny(z_loss=coef)))
+    plain = GPT(tiny())
+    plain.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(0))
+    logits, train_loss = model.train()(idx, idx)
+    ce = F.cross_entropy(logits.view(-1, 40), idx.view(-1))
+    lse = torch.logsumexp(logits.double(), dim=-1)
+    assert torch.allclose(train_loss.double(), ce.double() + coef * lse.pow(2).mean(), atol=1e-5)
+    assert abs(train_loss.item() - plain.train()(idx, idx)[1].item()) > 1e-3  # the term is there in training
+    # eval mode (estimate_loss, the val loss): the cross-entropy alone, as a model without z-loss reports
+    assert model.eval()(idx, idx)[1].item() == pytest.approx(plain.eval()(idx, idx)[1].item(), abs=1e-6)
+
+
+def test_z_loss_is_logged_apart_from_the_cross_entropy(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--z-loss", "0.01", "--max-iters", "20")) == 0
+    steps = [r for r in read_log(out) if "lr" in r]
+    assert all(r["z_loss"] > 0 for r in steps)
+    # the logged loss is the cross-entropy: at step 1 (the model at init) ~ log(vocab), z-loss not added
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    assert abs(steps[0]["loss"] - math.log(vocab)) < 0.05 and steps[0]["z_loss"] == pytest.approx(
+        0.01 * math.log(vocab) ** 2, rel=0.05)
+
+
+def test_peri_ln_normalizes_every_sublayer_output():
+    model = perturbed(GPT(tiny(norm_position="peri", norm="rmsnorm", init_std=0.3))).eval()
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    block = model.transformer.h[1]
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():  # x + norm_out(f(norm_in(x))), twice
+        h = x + block.attn_out_norm(block.attn(block.ln_1(x)))
+        assert torch.allclose(block(x), h + block.mlp_out_norm(block.mlp(block.ln_2(h))), atol=1e-6)
+        for name in ("attn_out_norm", "mlp_out_norm"):
+            norm = block.get_submodule(name)
+            out = outputs_of(name, model, idx)[1]
+            assert torch.allclose(out / norm.weight, torch.nn.functional.rms_norm(out / norm.weight, (32,)), atol=1e-4)
+    assert not isinstance(model.transformer.ln_f, torch.nn.Identity)  # the stream is never normalized: ln_f stays
+    # the embeddings enter the stream normalized, else the branches' RMS ~1 outputs would swamp them
+    model.transformer.emb_norm.weight.data.fill_(1.0)
+    seen = {}
+    model.transformer.emb_norm.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    model(idx)
+    assert torch.allclose(seen["out"].pow(2).mean(-1), torch.ones(2, 16), atol=1e-3)
+    assert not model.config.depth_scaled_init()  # the output norm would remove the 1/sqrt(2L) c_proj init
+    with pytest.raises(ValueError, match="SDD already normalizes every branch output"):
+        tiny(norm_position="peri", sdd=True)
+
+
+def test_logit_softcap_bounds_the_logits_and_is_the_identity_well_inside():
+    model = GPT(tiny(logit_softcap=3.0))
+    with torch.no_grad():
+        model.lm_head.weight.mul_(500)  # raw logits in the hundreds
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = model(idx, idx)[0]
+    assert 2.9 < logits.abs().max() <= 3.0  # (tanh rounds to exactly 1 in fp32 far out)
+    assert model(idx)[0].abs().max() <= 3.0  # the sampling path too
+    small = torch.linspace(-0.1, 0.1, 11)
+    assert torch.allclose(GPT(tiny(logit_softcap=30.0)).softcap(small), small, atol=1e-6)
+
+
+def test_attention_logit_max_on_a_known_case():
+    q, k = torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2, 4)  # (B, T, n_head, head_size)
+    q[0, 2, 1, 0], k[0, 1, 1, 0] = 3.0, -4.0  # head 1, query 2 . key 1 = -12: |.| / sqrt(4) = 6
+    assert stable_gpt.attention_logit_max(q, k) == pytest.approx(6.0)
+    q[0, 0, 0, 3], k[0, 2, 0, 3] = 10.0, 10.0  # query 0 . key 2 = 100, but a future key: masked
+    assert stable_gpt.attention_logit_max(q, k) == pytest.approx(6.0)
+
+
+def test_activation_stats_attention_logits_and_log_z_on_known_cases():
+    model = GPT(tiny(qk_norm=True, norm="rmsnorm"))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: log Z = log(vocab) at every position, spread 0
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    stats = stable_gpt.activation_stats(model, idx, idx)
+    assert stats["logit_lse_mean"] == pytest.approx(math.log(40), abs=1e-5) and stats["logit_lse_std"] < 1e-5
+    # QK-norm with unit gains: |q.k| <= |q| |k| = head_size, so the logit is at most sqrt(head_size)
+    assert all(0 < v <= math.sqrt(8) + 1e-4 for v in stats["attn_logit_max"]) and len(stats["attn_logit_max"]) == 2
+    with torch.no_grad():
+        model.transformer.h[-1].attn.q_norm.weight.fill_(2.0)  # doubles every logit of the last block
+    assert stable_gpt.activation_stats(model, idx, idx)["attn_logit_max"] == pytest.approx(
+        [stats["attn_logit_max"][0], 2 * stats["attn_logit_max"][1]], rel=1e-4)
+    assert "logit_lse_mean" not in stable_gpt.activation_stats(model, idx)  # without targets: last position only
+
+
+def test_olmo_spike_score_on_a_synthetic_curve():
+    g = torch.Generator().manual_seed(0)
+    curve = (2.0 + 0.01 * torch.randn(400, generator=g)).tolist()
+    curve[300] = 2.2  # 20 std above the mean: a spike
+    curve[350] = 2.03  # 3 std: not one
+    curve[50] = 9.0  # before a full window of 128 steps: never scored
+    score = support.OLMoSpikeScore(sigmas=6, window=128)
+    found = [i for i, loss in enumerate(curve) if score.update(i, loss)]
+    assert found == [300] and score.scored == 400 - 128 and score.score == pytest.approx(100 / 272)
+    again = support.OLMoSpikeScore(**score.state())  # what a checkpoint stores: the score continues
+    assert again.update(400, 2.3) and again.spike_iters == [300, 400]
+
+
+def test_summary_reports_the_olmo_spike_score(tmp_path, data_dir):
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "140", "--eval-interval", "140")) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["olmo_spike_score"] is not None and summary["olmo_spikes"] == len(summary["olmo_spike_iters"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# The learning-rate sweep
+
+
+def test_lr_sensitivity_on_a_known_table():
+    # Wortsman et al.: mean over the grid of min(loss, loss at init) minus the best; the caller caps at init
+    assert train_shakespeare.lr_sensitivity({1e-3: 3.0, 3e-3: 2.0, 1e-2: 2.5, 3e-2: 4.1}) == pytest.approx(0.9)
+    assert train_shakespeare.lr_sensitivity({1e-3: 2.0, 1e-2: 2.0}) == 0.0
+
+
+def fake_run(folder, final, diverged, init=4.0, seed=1):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps(dict(final_val_loss=final, best_val_loss=final, diverged=diverged,
+                                                         config=dict(seed=seed), techniques="pre-layernorm")))
+    (folder / "log.jsonl").write_text(json.dumps(dict(iter=0, type="eval", train_loss=init, val_loss=init)) + "\n")
+    return folder
+
+
+def test_a_diverged_run_counts_at_its_loss_at_init(tmp_path):
+    outcome = train_shakespeare.run_outcome
+    assert outcome(fake_run(tmp_path / "a", 2.0, diverged=True))["counted_loss"] == 4.0  # stopped at a NaN
+    assert outcome(fake_run(tmp_path / "b", None, diverged=True))["counted_loss"] == 4.0
+    above = outcome(fake_run(tmp_path / "c", 5.5, diverged=False))  # finite but worse than at init: capped
+    assert above["counted_loss"] == 4.0 and not above["diverged"]
+    assert outcome(fake_run(tmp_path / "d", 2.5, diverged=False))["counted_loss"] == 2.5
+    sweep = train_shakespeare.lr_sweep_results({"x": {1e-3: [tmp_path / "d"], 1e-1: [tmp_path / "a"]}})
+    c = sweep["configs"]["x"]
+    assert c["best_lr"] == 1e-3 and c["best_loss"] == 2.5 and c["lr_sensitivity"] == pytest.approx(0.75)
+    assert "\u2020" in train_shakespeare.lr_sweep_table(sweep).splitlines()[2]  # the diverged run is marked
+
+
+def without_lr(args):
+    i = args.index("--lr")
+    return args[:i] + args[i + 2:]
+
+
+def test_lr_sweep_end_to_end_and_resumable(tmp_path, data_dir, capsys):
+    out = tmp_path / "sweep"
+    argv = without_lr(train_args(data_dir, out, "--max-iters", "20", "--eval-interval", "10", "--diag-interval", "0",
+                                 "--log-interval", "10")) + \
+        ["--compare", "baseline", "--norm-position post", "--lrs", "1e-3", "3e-2", "--seeds", "2"]
+    assert train_shakespeare.main(argv) == 0
+    sweep = json.loads((out / "lr_sweep.json").read_text())
+    assert sweep["lrs"] == [1e-3, 3e-2] and list(sweep["configs"]) == ["baseline", "--norm-position post"]
+    post = sweep["configs"]["--norm-position post"]
+    assert post["model"] == "post-layernorm" and [o["seed"] for o in post["runs"]["0.03"]] == [1337, 1338]
+    run = json.loads((out / "norm-position-post" / "lr0.03" / "seed1338" / "summary.json").read_text())
+    assert run["config"]["lr"] == 0.03 and run["config"]["min_lr"] == pytest.approx(0.003)  # the preset's ratio
+    table = (out / "lr_sweep.md").read_text().splitlines()
+    assert table[0].startswith("| config | model | lr 0.001 | lr 0.03 | best lr | best loss | LR sensitivity |")
+    assert (out / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert train_shakespeare.main(argv) == 0  # again: nothing is redone
+    assert capsys.readouterr().out.count("done already") == 8
+    # an interrupted run is resumed; the table is written again
+    path = out / "baseline" / "lr0.001" / "seed1337" / "summary.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), interrupted_at=5)))
+    assert train_shakespeare.main(argv) == 0
+    assert capsys.readouterr().out.count("done already") == 7
+
+
+def test_lr_sweep_alone_and_its_bad_inputs(tmp_path, data_dir, capsys):
+    out = tmp_path / "one"
+    args = without_lr(train_args(data_dir, out, "--max-iters", "10", "--eval-interval", "10", "--diag-interval", "0"))
+    assert train_shakespeare.main(args + ["--sdd", "--lrs", "1e-3", "1e-2"]) == 0  # the command line's config
+    assert json.loads((out / "lr_sweep.json").read_text())["configs"]["baseline"]["model"] == "pre-layernorm + sdd"
+    for bad, message in ((["--lrs"], "--lrs needs one or more learning rates > 0"),
+                         (["--lrs", "0", "1e-3"], "--lrs needs one or more learning rates > 0"),
+                         (["--lrs", "1e-3", "--lr", "1e-2"], "--lrs sets the peak learning rate of every run"),
+                         (["--lrs", "1e-3", "--compare", "--lr 1e-2"], "drop --lr from '--lr 1e-2'"),
+                         (["--lrs", "1e-3", "--min-lr", "5e-3"], "--min-lr (0.005) must not exceed --lr (0.001)")):
+        assert train_shakespeare.main(args + ["--out-dir", str(tmp_path / "bad")] + bad) == 2
+        assert message in capsys.readouterr().err, bad
+        assert not (tmp_path / "bad").exists()
