@@ -4,6 +4,7 @@ Plots of a training run (log.jsonl, diag.jsonl) and of a comparison of runs, as 
     python plots.py out/cpu                       # the plots of one run, into out/cpu/
     python train_shakespeare.py --plot ...        # the same at the end of training
     python train_shakespeare.py --compare ...     # compare.png: the configurations overlaid
+    python plots.py --logits twins.png RUN_A RUN_B  # attention-logit and log Z growth of runs side by side
 
 Layer-indexed panels put the block index (1 = first block) on the x axis.
 """
@@ -125,7 +126,34 @@ def plot_run(out_dir):
     axes[1].set(title=f"Weight std by block (iter {last['iter']})", xlabel="block", ylabel="std")
     axes[0].legend(fontsize=8)
     written.append(save(fig, out_dir / "weight_std.png"))
+    if "attn_logit_max" in diag[-1]:
+        written += plot_logit_growth({out_dir.name: out_dir}, out_dir / "logits.png")
     return written
+
+
+def plot_logit_growth(runs, path, dpi=90):
+    """The two logit divergences of Wortsman et al. (arXiv 2309.14322, Sec. 3) over training, one line per run:
+    the step loss, the largest attention logit |q.k|/sqrt(d) over blocks (Sec. 3.1; QK-norm bounds it) and the
+    mean log Z of the output logits with its spread (Sec. 3.2; z-loss pulls it to 0). runs: {label: folder}."""
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    for i, (label, folder) in enumerate(runs.items()):
+        color = f"C{i}"
+        steps = [r for r in read_jsonl(Path(folder) / "log.jsonl") if isinstance(r.get("loss"), (int, float))]
+        axes[0].plot([r["iter"] for r in steps], [r["loss"] for r in steps], color=color, label=label)
+        diag = [r for r in read_jsonl(Path(folder) / "diag.jsonl") if "attn_logit_max" in r]
+        iters = [r["iter"] for r in diag]
+        axes[1].plot(iters, [max(r["attn_logit_max"]) for r in diag], "o-", ms=3, color=color, label=label)
+        mean = [r["logit_lse_mean"] for r in diag]
+        std = [r["logit_lse_std"] for r in diag]
+        axes[2].plot(iters, mean, "o-", ms=3, color=color, label=label)
+        axes[2].fill_between(iters, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                             color=color, alpha=0.2)
+    axes[0].set(title="Training loss (step)", xlabel="iteration", ylabel="cross-entropy (nats/token)")
+    axes[1].set(title="Largest attention logit over blocks", xlabel="iteration", ylabel="max |q.k| / sqrt(d)",
+                yscale="log")
+    axes[2].set(title="log Z of the output logits (mean +- std)", xlabel="iteration", ylabel="log Z")
+    axes[0].legend(fontsize=8)
+    return [save(fig, Path(path), dpi)]
 
 
 def mean_over(runs, fn):
@@ -204,11 +232,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", default=["out/cpu"], metavar="RUN_DIR",
                         help="a run folder written by train_shakespeare.py (default: out/cpu)")
-    for folder in parser.parse_args(argv).run_dirs:
+    parser.add_argument("--logits", metavar="PNG", help="instead of each run's plots, one figure of the runs' "
+                        "attention-logit and log Z growth side by side (they need --diag-interval > 0)")
+    args = parser.parse_args(argv)
+    for folder in args.run_dirs:
         if not (Path(folder) / "log.jsonl").is_file():
             print(f"error: {folder} holds no run (no log.jsonl); give a folder train_shakespeare.py wrote",
                   file=sys.stderr)
             return 2
+    if args.logits:
+        print(plot_logit_growth({str(folder): folder for folder in args.run_dirs}, args.logits)[0])
+        return 0
+    for folder in args.run_dirs:
         print("\n".join(str(p) for p in plot_run(folder)))
     return 0
 

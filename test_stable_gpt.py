@@ -1228,9 +1228,12 @@ def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
     for key in ("variance", "angular_distance", "layer_importance", "max_abs", "kurtosis", "mlp_in_kurtosis"):
         assert len(diag[-1][key]) == 2, key
     assert set(diag[-1]["update_ratio"]) == set(diag[-1]["grad_norm"]) == set(diag[-1]["weight_std"])
-    for name in ("loss.png", "depth.png", "updates.png", "activations.png", "weight_std.png"):
+    for name in ("loss.png", "depth.png", "updates.png", "activations.png", "weight_std.png", "logits.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    assert len(diag[-1]["attn_logit_max"]) == 2 and diag[-1]["logit_lse_std"] > 0
+    assert plots.main(["--logits", str(tmp_path / "twins.png"), str(out), str(out)]) == 0
+    assert (tmp_path / "twins.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((out / "summary.json").read_text())
     assert "spikes" in summary and summary["diag_s"] > 0
 
