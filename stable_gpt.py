@@ -8,7 +8,7 @@ model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, fr
 
   norm            "layernorm" | "rmsnorm"
   norm_position   "pre" (GPT-2) | "post" (Vaswani et al. 2017) | "mix" (Mix-LN, arXiv 2412.13795)
-                  | "deepnorm" (DeepNet, arXiv 2203.00555) | "peri" (Peri-LN, arXiv 2502.02732)  -> Block, GPT (emb_norm)
+                  | "deepnorm" (DeepNet, arXiv 2203.00555) | "peri" (Peri-LN, arXiv 2502.02732) -> Block, emb_norm
   sdd             Scale-Distribution Decoupling, arXiv 2502.15499        -> SDDNorm, CausalSelfAttention, MLP,
                                                      GPT (emb_norm), GPT.configure_optimizers (decay groups)
   lns             LayerNorm Scaling ("The Curse of Depth"), arXiv 2502.05795 -> Block.lns_scale
