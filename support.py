@@ -217,6 +217,33 @@ class OLMoSpikeScore:
                     spike_iters=list(self.spike_iters), scored=self.scored)
 
 
+class SpikeWatch:
+    """Both spike rules over a run's step losses: ours (SpikeDetector, with the iterations it flagged) and OLMo's
+    (OLMoSpikeScore). state() goes into every checkpoint, so that a resumed run continues both."""
+    STATE_KEYS = ("spikes", "recent_losses", "olmo_spikes")  # state()'s keys, as a checkpoint stores them
+
+    def __init__(self, factor, window, state=None):
+        state = state or {}
+        self.median_rule = SpikeDetector(factor, window, state.get("recent_losses", ()))
+        self.iters = list(state.get("spikes", ()))
+        self.olmo = OLMoSpikeScore(**state.get("olmo_spikes", {}))
+
+    def update(self, iter_num, loss):
+        """Feed step iter_num's loss; returns the median it was compared with if ours calls it a spike, else None."""
+        self.olmo.update(iter_num, loss)
+        median = self.median_rule.update(loss)
+        if median is not None:
+            self.iters.append(iter_num)
+        return median
+
+    def state(self):
+        return dict(spikes=list(self.iters), recent_losses=list(self.median_rule.recent), olmo_spikes=self.olmo.state())
+
+    def summary(self):
+        return dict(spikes=len(self.iters), spike_iters=self.iters[:100], olmo_spikes=len(self.olmo.spike_iters),
+                    olmo_spike_score=self.olmo.score, olmo_spike_iters=self.olmo.spike_iters[:100])
+
+
 def parse_or_none(line):
     """A log line's record, or None for a line that is not whole JSON (a crash mid-write can leave a partial
     last line)."""

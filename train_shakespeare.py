@@ -36,8 +36,8 @@ import prepare_data
 import stable_gpt
 from prepare_data import Codec, DataError
 from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig
-from support import (Batches, DiagnosticsRecorder, JsonlLog, OLMoSpikeScore, RunLock, SpikeDetector, StopRequest,
-                     TrainError, parse_or_none,
+from support import (Batches, DiagnosticsRecorder, JsonlLog, RunLock, SpikeWatch, StopRequest, TrainError,
+                     parse_or_none,
                      checkpoint_model_state, clear_outputs, finite_or_null, fmt_time, gpu_peak_flops,
                      keep_freed_memory, link_checkpoint, load_checkpoint, pick_device, pick_dtype, save_checkpoint)
 
@@ -90,13 +90,14 @@ def default(key):
     return f" (default: {DEFAULTS[key]})"
 
 
+def flag(group, name, help):
+    """Every on/off flag: --x / --no-x, None when not given (then the preset or default decides)."""
+    group.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
+
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=None)
-
-    def flag(group, name, help):  # every on/off flag: --x / --no-x, None when not given
-        group.add_argument(name, action=argparse.BooleanOptionalAction, help=help)
-
     g = p.add_argument_group("run")
     g.add_argument("--preset", choices=sorted(PRESETS), help="base config (default: cpu, or shakespeare-char "
                    "with CUDA); every flag below overrides it")
@@ -121,52 +122,7 @@ def build_parser():
                    "the context is cropped to --block-size, the tokenizer is gpt2")
     g.add_argument("--seed", type=int, help="seed for init, data order and dropout" + default("seed"))
 
-    g = p.add_argument_group("model")
-    g.add_argument("--n-layer", type=int, help="number of blocks" + default("n_layer"))
-    g.add_argument("--n-head", type=int, help="attention heads (must divide --n-embd)" + default("n_head"))
-    g.add_argument("--n-embd", type=int, help="width of the residual stream" + default("n_embd"))
-    g.add_argument("--block-size", type=int, help="context length in tokens" + default("block_size"))
-    g.add_argument("--dropout", type=float, help="dropout probability" + default("dropout"))
-    flag(g, "--bias", "biases in Linears and norms (default: off, as nanoGPT's configs)")
-    g.add_argument("--norm", choices=NORMS, help="normalization layer" + default("norm"))
-    g.add_argument("--norm-position", choices=NORM_POSITIONS,
-                   help="pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (Vaswani); mix: first --mix-fraction "
-                   "of blocks post, rest pre (Mix-LN); deepnorm: norm(alpha x + f(x)) with DeepNet's init; "
-                   "peri: x + norm(f(norm(x))) (Peri-LN, Gemma 2)"
-                   + default("norm_position"))
-    g.add_argument("--mix-fraction", type=float, help="Mix-LN: fraction of Post-LN blocks at the bottom"
-                   + default("mix_fraction"))
-    g.add_argument("--init-std", "--lir-sigma", dest="init_std", type=float,
-                   help="base init std sigma of every matrix (GPT-2's); with --lir block l gets sigma/sqrt(l) "
-                   "(the LIR paper's preset is 0.006 at width 2048)" + default("init_std"))
-    flag(g, "--scaled-init", "GPT-2's c_proj init std/sqrt(2 n_layer) (default: on only for plain Pre-LN; off with "
-         "--sdd, --lns, --lir)")
-
-    g = p.add_argument_group("stabilizers (each off by default: then the model is nanoGPT's)")
-    flag(g, "--sdd", "Scale-Distribution Decoupling (arXiv 2502.15499): RMSNorm + learnable gain on the output of "
-         "every block linear, and on the embeddings")
-    flag(g, "--sdd-official-decay", "with --sdd, the official SDD configs' weight-decay groups: every norm gain and "
-         "bias decayed, the embeddings not (default: on; --no-sdd-official-decay: nanoGPT's groups)")
-    flag(g, "--lns", "LayerNorm Scaling (arXiv 2502.05795): pre-norm output of layer l times 1/sqrt(l) (under "
-         "--sdd: each branch output, this project's adaptation)")
-    flag(g, "--wesar", "WeSaR (arXiv 2410.05052): raw matrices of one common std, one learnable gate per matrix")
-    g.add_argument("--wesar-sigma", type=float, help="WeSaR's common raw std" + default("wesar_sigma"))
-    flag(g, "--lir", "Layer Index Rescaling init (arXiv 2503.17500): block l matrices ~ N(0, (sigma/sqrt(l))^2)")
-    flag(g, "--tvr", "Target Variance Rescaling (arXiv 2503.17500): every --tvr-interval steps, rescale each block "
-         "matrix whose std exceeds the target back to it")
-    g.add_argument("--tvr-target", type=float, help="TVR target std (see README)" + default("tvr_target"))
-    g.add_argument("--tvr-interval", type=int, help="TVR interval in optimizer steps" + default("tvr_interval"))
-    g.add_argument("--tvr-threshold", type=float, help="rescale only when std > threshold * target"
-                   + default("tvr_threshold"))
-
-    g = p.add_argument_group("the fixes practitioners use (off by default), to weigh the papers against")
-    flag(g, "--qk-norm", "a norm (--norm's type, with a gain) on q and k per head before attention (OLMo 2; "
-         "Wortsman et al., arXiv 2309.14322); refused with --sdd, which already normalizes q and k")
-    g.add_argument("--z-loss", type=float, metavar="COEF", help="add COEF * mean(log^2 Z) of the output logits to "
-                   "the training loss (PaLM, arXiv 2204.02311; Wortsman et al. use 1e-4); logged apart, never in "
-                   "the val loss" + default("z_loss"))
-    g.add_argument("--logit-softcap", type=float, metavar="C", help="C * tanh(logits / C) on the output logits "
-                   "(Gemma 2; 0: off)" + default("logit_softcap"))
+    add_model_flags(p)
 
     g = p.add_argument_group("optimization")
     g.add_argument("--batch-size", type=int, help="sequences per micro-batch" + default("batch_size"))
@@ -223,6 +179,56 @@ def build_parser():
     g.add_argument("--top-k", type=int, default=200, help="sample from the k most likely tokens, 0: all "
                    "(default: %(default)s)")
     return p
+
+
+def add_model_flags(p):
+    """The model's flags: shape, normalization, the four papers' stabilizers and the practitioners' fixes."""
+    g = p.add_argument_group("model")
+    g.add_argument("--n-layer", type=int, help="number of blocks" + default("n_layer"))
+    g.add_argument("--n-head", type=int, help="attention heads (must divide --n-embd)" + default("n_head"))
+    g.add_argument("--n-embd", type=int, help="width of the residual stream" + default("n_embd"))
+    g.add_argument("--block-size", type=int, help="context length in tokens" + default("block_size"))
+    g.add_argument("--dropout", type=float, help="dropout probability" + default("dropout"))
+    flag(g, "--bias", "biases in Linears and norms (default: off, as nanoGPT's configs)")
+    g.add_argument("--norm", choices=NORMS, help="normalization layer" + default("norm"))
+    g.add_argument("--norm-position", choices=NORM_POSITIONS,
+                   help="pre: x + f(norm(x)) (GPT-2); post: norm(x + f(x)) (Vaswani); mix: first --mix-fraction "
+                   "of blocks post, rest pre (Mix-LN); deepnorm: norm(alpha x + f(x)) with DeepNet's init; "
+                   "peri: x + norm(f(norm(x))) (Peri-LN, Gemma 2)"
+                   + default("norm_position"))
+    g.add_argument("--mix-fraction", type=float, help="Mix-LN: fraction of Post-LN blocks at the bottom"
+                   + default("mix_fraction"))
+    g.add_argument("--init-std", "--lir-sigma", dest="init_std", type=float,
+                   help="base init std sigma of every matrix (GPT-2's); with --lir block l gets sigma/sqrt(l) "
+                   "(the LIR paper's preset is 0.006 at width 2048)" + default("init_std"))
+    flag(g, "--scaled-init", "GPT-2's c_proj init std/sqrt(2 n_layer) (default: on only for plain Pre-LN; off with "
+         "--sdd, --lns, --lir)")
+
+    g = p.add_argument_group("stabilizers (each off by default: then the model is nanoGPT's)")
+    flag(g, "--sdd", "Scale-Distribution Decoupling (arXiv 2502.15499): RMSNorm + learnable gain on the output of "
+         "every block linear, and on the embeddings")
+    flag(g, "--sdd-official-decay", "with --sdd, the official SDD configs' weight-decay groups: every norm gain and "
+         "bias decayed, the embeddings not (default: on; --no-sdd-official-decay: nanoGPT's groups)")
+    flag(g, "--lns", "LayerNorm Scaling (arXiv 2502.05795): pre-norm output of layer l times 1/sqrt(l) (under "
+         "--sdd: each branch output, this project's adaptation)")
+    flag(g, "--wesar", "WeSaR (arXiv 2410.05052): raw matrices of one common std, one learnable gate per matrix")
+    g.add_argument("--wesar-sigma", type=float, help="WeSaR's common raw std" + default("wesar_sigma"))
+    flag(g, "--lir", "Layer Index Rescaling init (arXiv 2503.17500): block l matrices ~ N(0, (sigma/sqrt(l))^2)")
+    flag(g, "--tvr", "Target Variance Rescaling (arXiv 2503.17500): every --tvr-interval steps, rescale each block "
+         "matrix whose std exceeds the target back to it")
+    g.add_argument("--tvr-target", type=float, help="TVR target std (see README)" + default("tvr_target"))
+    g.add_argument("--tvr-interval", type=int, help="TVR interval in optimizer steps" + default("tvr_interval"))
+    g.add_argument("--tvr-threshold", type=float, help="rescale only when std > threshold * target"
+                   + default("tvr_threshold"))
+
+    g = p.add_argument_group("the fixes practitioners use (off by default), to weigh the papers against")
+    flag(g, "--qk-norm", "a norm (--norm's type, with a gain) on q and k per head before attention (OLMo 2; "
+         "Wortsman et al., arXiv 2309.14322); refused with --sdd, which already normalizes q and k")
+    g.add_argument("--z-loss", type=float, metavar="COEF", help="add COEF * mean(log^2 Z) of the output logits to "
+                   "the training loss (PaLM, arXiv 2204.02311; Wortsman et al. use 1e-4); logged apart, never in "
+                   "the val loss" + default("z_loss"))
+    g.add_argument("--logit-softcap", type=float, metavar="C", help="C * tanh(logits / C) on the output logits "
+                   "(Gemma 2; 0: off)" + default("logit_softcap"))
 
 
 # model settings that --init-from takes from GPT-2 (its sizes come from stable_gpt.GPT2_SIZES)
@@ -481,9 +487,9 @@ def build_model(cfg, meta, data_dir, resume_ckpt, proc, dtype):
 def restore(ckpt, meta, model, optimizer, scaler, batches, proc):
     """Put a checkpoint back into the model, optimizer, loss scaler and this rank's random streams (dropout
     and data order), so that the run continues bit for bit. Returns the run's state: iter_num, best val loss,
-    spikes so far, the spike detector's recent losses, the OLMo spike score's state."""
+    and the spike rules' state (SpikeWatch)."""
     if ckpt is None:
-        return 0, float("inf"), [], [], {}
+        return 0, float("inf"), {}
     if any(ckpt["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
         raise TrainError("the checkpoint was trained on another tokenizer or vocabulary "
                          f"({ckpt['meta'].get('tokenizer')}, {ckpt['meta'].get('vocab_size')} "
@@ -497,8 +503,7 @@ def restore(ckpt, meta, model, optimizer, scaler, batches, proc):
     if proc.device.type == "cuda" and rng["cuda"] is not None:
         torch.cuda.set_rng_state(rng["cuda"])
     batches.gen.set_state(rng["data"])
-    return (ckpt["iter_num"], ckpt["best_val_loss"], list(ckpt.get("spikes", [])), ckpt.get("recent_losses", []),
-            ckpt.get("olmo_spikes", {}))
+    return ckpt["iter_num"], ckpt["best_val_loss"], {k: ckpt[k] for k in SpikeWatch.STATE_KEYS if k in ckpt}
 
 
 def rng_states(data_state, proc):
@@ -638,7 +643,7 @@ def log_progress(log, cfg, iter_num, loss, z_loss, lr, grad_norm, dt, smooth_dt,
 
 
 def finish_run(cfg, model, proc, t_start, tokens_per_step, tokens_trained, best_val, last_eval, iters, diverged_at,
-               interrupted_at, skipped_updates, spike_iters, olmo, diag_s):
+               interrupted_at, skipped_updates, spikes, diag_s):
     """The end of a run: the DDP replica self-check, summary.json and the plots (rank 0), the process group
     closed. Returns the summary (None on the other ranks)."""
     wall = time.time() - t_start
@@ -650,15 +655,14 @@ def finish_run(cfg, model, proc, t_start, tokens_per_step, tokens_trained, best_
                        wall_s=round(wall, 2),
                        tokens_per_s=round(tokens_trained / max(wall, 1e-9)), diverged=diverged_at is not None,
                        diverged_at=diverged_at, interrupted_at=interrupted_at, skipped_updates=skipped_updates,
-                       spikes=len(spike_iters), spike_iters=spike_iters[:100], olmo_spikes=len(olmo.spike_iters),
-                       olmo_spike_score=olmo.score, olmo_spike_iters=olmo.spike_iters[:100], diag_s=round(diag_s, 2),
+                       **spikes.summary(), diag_s=round(diag_s, 2),
                        world_size=proc.world, replica_max_diff=replica_diff, tokens_per_step=tokens_per_step)
         out_dir = Path(cfg["out_dir"])
         (out_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2))
         ended = f"diverged at iter {diverged_at}" if diverged_at is not None else \
             f"interrupted at iter {interrupted_at}" if interrupted_at is not None else "done"
         print(f"{ended}: best val {best_val:.4f}, {iters} iters in {wall:.1f} s ({summary['tokens_per_s']:,} tok/s), "
-              f"{len(spike_iters)} loss spikes; wrote {out_dir}/summary.json")
+              f"{summary['spikes']} loss spikes; wrote {out_dir}/summary.json")
         if cfg["plot"]:
             import plots
 
@@ -683,8 +687,7 @@ def train(cfg, resume_ckpt=None, stop=None):
     config = raw_model.config
     batches = Batches(data_dir / "train.bin", cfg["block_size"], cfg["batch_size"], device,
                       cfg["seed"] + 1000 + proc.rank)
-    iter_num, best_val, spikes, recent_losses, olmo_state = restore(resume_ckpt, meta, raw_model, optimizer, scaler,
-                                                                    batches, proc)
+    iter_num, best_val, spike_state = restore(resume_ckpt, meta, raw_model, optimizer, scaler, batches, proc)
     model = wrap_model(raw_model, compiled, proc)
     out_dir, resumed_at = Path(cfg["out_dir"]), iter_num if resume_ckpt else None
     tokens_per_iter = grad_accum * proc.world * cfg["batch_size"] * cfg["block_size"]
@@ -693,15 +696,13 @@ def train(cfg, resume_ckpt=None, stop=None):
         lock, log, diag_log = open_run_folder(out_dir, resumed_at)
         print_start(cfg, raw_model, proc, grad_accum, tokens_per_iter, dtype, compiled, data_dir, resume_ckpt)
     diag = diagnostics_recorder(cfg, raw_model, data_dir, device, diag_log)
-    detector = SpikeDetector(cfg["spike_factor"], cfg["spike_window"], recent_losses)
-    olmo = OLMoSpikeScore(**olmo_state)
+    spikes = SpikeWatch(cfg["spike_factor"], cfg["spike_window"], spike_state)
     peak_flops = gpu_peak_flops(device)
 
     def checkpoint(data_state):  # every rank joins rng_states' gather; rank 0 writes
         return dict(model=raw_model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     model_args=asdict(config), config=cfg, meta=meta, iter_num=iter_num, best_val_loss=best_val,
-                    spikes=list(spikes), recent_losses=list(detector.recent), olmo_spikes=olmo.state(),
-                    rng=rng_states(data_state, proc))
+                    **spikes.state(), rng=rng_states(data_state, proc))
 
     t_start = t_log = time.time()
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
@@ -775,11 +776,8 @@ def train(cfg, resume_ckpt=None, stop=None):
         iter_num += 1
         iters_since_log += 1
         tokens_trained += tokens_per_iter
-        olmo.update(iter_num, lossf - zf)
-        if (median := detector.update(lossf - zf)) is not None:
-            spikes.append(iter_num)
-            if master:
-                report_spike(log, cfg, iter_num, lossf - zf, median)
+        if (median := spikes.update(iter_num, lossf - zf)) is not None and master:
+            report_spike(log, cfg, iter_num, lossf - zf, median)
         diag.end_step()
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
             dt = (time.time() - t_log) / iters_since_log
@@ -792,7 +790,7 @@ def train(cfg, resume_ckpt=None, stop=None):
 
     summary = finish_run(cfg, raw_model, proc, t_start, tokens_per_iter, tokens_trained, best_val=best_val,
                          last_eval=last_eval, iters=iter_num, diverged_at=diverged, interrupted_at=interrupted,
-                         skipped_updates=skipped, spike_iters=spikes, olmo=olmo, diag_s=diag.seconds)
+                         skipped_updates=skipped, spikes=spikes, diag_s=diag.seconds)
     if master:
         lock.release()
     return raw_model, Codec(meta), summary
