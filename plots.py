@@ -241,7 +241,8 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
     if args.logits:
-        print(plot_logit_growth({str(folder): folder for folder in args.run_dirs}, args.logits)[0])
+        labels = ["/".join(Path(folder).parts[-3:]) for folder in args.run_dirs]  # e.g. baseline/lr0.1/seed1337
+        print(plot_logit_growth(dict(zip(labels, args.run_dirs)), args.logits)[0])
         return 0
     for folder in args.run_dirs:
         print("\n".join(str(p) for p in plot_run(folder)))
