@@ -48,8 +48,8 @@ def layers(values):
     return list(range(1, len(values) + 1))
 
 
-def save(fig, path, dpi=90):
-    for ax in fig.axes:  # blocks and iterations are whole numbers
+def save(fig, path, dpi=90, integer_x=True):
+    for ax in fig.axes if integer_x else ():  # blocks and iterations are whole numbers
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
@@ -210,22 +210,25 @@ def plot_lr_sweep(sweep, out_dir, dpi=90):
     mean over seeds, their spread as error bars), diverged runs marked x at the loss they count (their loss at
     init), as Wortsman et al.'s Fig. 1 (arXiv 2309.14322). sweep: train_shakespeare.lr_sweep_results()."""
     fig, ax = plt.subplots(figsize=(11, 6.5))
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab10").colors
     for i, (config, c) in enumerate(sweep["configs"].items()):
         lrs = sorted(c["runs"], key=float)
         losses = [[o["counted_loss"] for o in c["runs"][lr]] for lr in lrs]
         mean = [sum(v) / len(v) for v in losses]
         spread = [(max(v) - min(v)) / 2 for v in losses]
-        style = dict(color=colors[i % len(colors)], linestyle=("-", "--", ":")[i // len(colors) % 3])
-        ax.errorbar([float(lr) for lr in lrs], mean, yerr=spread, marker="o", ms=4, capsize=3,
+        # 10 colors, then the same colors dashed with other markers
+        style = dict(color=colors[i % 10], linestyle=("-", "--", ":")[i // 10 % 3], marker="osD"[i // 10 % 3])
+        ax.errorbar([float(lr) for lr in lrs], mean, yerr=spread, ms=4, capsize=3,
                     label=f"{config} (sens. {c['lr_sensitivity']:.3f})", **style)
         diverged = [(float(lr), o["counted_loss"]) for lr in lrs for o in c["runs"][lr] if o["diverged"]]
         if diverged:
             ax.plot(*zip(*diverged), "x", ms=10, mew=2, color=style["color"])
     ax.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (nats/token)",
            title="Stability map: final loss against learning rate (x: diverged, counted at the loss at init)")
+    ax.set_xticks(sweep["lrs"], [f"{lr:g}" for lr in sweep["lrs"]])
+    ax.minorticks_off()
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return [save(fig, Path(out_dir) / "lr_sweep.png", dpi)]
+    return [save(fig, Path(out_dir) / "lr_sweep.png", dpi, integer_x=False)]
 
 
 def main(argv=None):
