@@ -678,7 +678,10 @@ def z_loss_term(logits, coef, targets=None):
     """PaLM's z-loss, coef * mean(log^2 Z) over the positions (those whose target is not -1, the positions the
     cross-entropy counts, when targets are given)."""
     z2 = log_z(logits).square()  # (b, t)
-    return coef * (z2[targets != -1].mean() if targets is not None else z2.mean())
+    if targets is None:
+        return coef * z2.mean()
+    counted = (targets != -1).float()  # a mask, not boolean indexing: a fixed shape for torch.compile
+    return coef * (z2 * counted).sum() / counted.sum()
 
 
 @torch.no_grad()

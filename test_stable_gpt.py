@@ -519,6 +519,9 @@ def test_sample_from_checkpoint(tmp_path, data_dir, capsys):
 from stable_gpt import SDDNorm, WeSaRLinear, fold_wesar, target_variance_rescale  # noqa: E402
 
 ALL_FLAGS = dict(sdd=True, lns=True, wesar=True, lir=True, tvr=True)
+# the practitioners' fixes together, with every paper's flag that composes with them (SDD does not)
+ALL_PRACTITIONER_FIXES = dict(qk_norm=True, norm_position="peri", z_loss=1e-4, logit_softcap=30.0, lns=True,
+                              wesar=True, lir=True, tvr=True)
 BLOCK_LINEARS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
@@ -1316,7 +1319,9 @@ def test_any_grad_accum_runs_on_two_processes(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("kw", [{}, dict(sdd=True), dict(lns=True), dict(wesar=True), dict(norm="rmsnorm"),
-                                dict(norm_position="mix"), dict(norm_position="deepnorm"), ALL_FLAGS],
+                                dict(norm_position="mix"), dict(norm_position="deepnorm"), ALL_FLAGS,
+                                dict(qk_norm=True), dict(norm_position="peri"), dict(z_loss=1e-4),
+                                dict(logit_softcap=30.0), ALL_PRACTITIONER_FIXES],
                          ids=lambda kw: "+".join(kw) or "baseline")
 def test_every_flag_compiles_without_graph_breaks(kw):
     """torch.compile sees one graph for every flag (checked with dynamo's tracer; no code is generated)."""
@@ -1817,6 +1822,10 @@ def test_z_loss_adds_exactly_coef_times_mean_log_z_squared_and_never_the_val_los
     lse = torch.logsumexp(logits.double(), dim=-1)
     assert torch.allclose(train_loss.double(), ce.double() + coef * lse.pow(2).mean(), atol=1e-5)
     assert abs(train_loss.item() - plain.train()(idx, idx)[1].item()) > 1e-3  # the term is there in training
+    ignored = idx.clone()
+    ignored[:, :5] = -1  # positions the cross-entropy ignores are not in the z-loss either
+    assert torch.allclose(stable_gpt.z_loss_term(logits, coef, ignored).double(),
+                          coef * lse[:, 5:].pow(2).mean(), atol=1e-6)
     # eval mode (estimate_loss, the val loss): the cross-entropy alone, as a model without z-loss reports
     assert model.eval()(idx, idx)[1].item() == pytest.approx(plain.eval()(idx, idx)[1].item(), abs=1e-6)
 
