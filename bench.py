@@ -37,6 +37,8 @@ FLAGS = {
     "baseline": {}, "sdd": dict(sdd=True), "lns": dict(lns=True), "wesar": dict(wesar=True), "lir": dict(lir=True),
     "tvr": dict(tvr=True), "sdd+lns": dict(sdd=True, lns=True),
     "all": dict(sdd=True, lns=True, wesar=True, lir=True, tvr=True),
+    "qk-norm": dict(qk_norm=True), "z-loss": dict(z_loss=1e-4), "peri": dict(norm_position="peri"),
+    "softcap": dict(logit_softcap=30.0),
 }
 VOCAB_SIZE = 65  # tiny Shakespeare's characters
 
