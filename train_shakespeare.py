@@ -5,13 +5,14 @@ Train a stable-gpt model on tiny Shakespeare (or any text), then sample from it.
     python train_shakespeare.py --sdd --lns            # the same with SDD and LayerNorm Scaling
     python train_shakespeare.py --norm-position post --lr 5e-3   # stress a Post-LN model
     python train_shakespeare.py --preset shakespeare-char        # nanoGPT's GPU config
+    python train_shakespeare.py --compare baseline "--sdd" --lrs 1e-3 1e-2 1e-1   # a stability map (LR sweep)
     python train_shakespeare.py --resume               # continue the run in --out-dir
     python train_shakespeare.py --sample --prompt "ROMEO:"       # sample from the run in --out-dir
     torchrun --standalone --nproc_per_node=8 train_shakespeare.py --preset gpt2-124m --data DIR
 
 Every hyperparameter is a flag that overrides the preset (--help lists them). Writes to --out-dir:
-ckpt.pt (latest, for --resume), best.pt (best val loss), log.jsonl (one line per logged step and eval)
-and summary.json.
+ckpt.pt (latest, for --resume), best.pt (best val loss), log.jsonl (one line per logged step and eval),
+diag.jsonl (per-layer diagnostics) and summary.json.
 """
 
 import argparse
