@@ -1991,6 +1991,7 @@ def test_lr_sweep_alone_and_its_bad_inputs(tmp_path, data_dir, capsys):
                          (["--lrs", "0", "1e-3"], "--lrs needs one or more learning rates > 0"),
                          (["--lrs", "1e-3", "--lr", "1e-2"], "--lrs sets the peak learning rate of every run"),
                          (["--lrs", "1e-3", "--compare", "--lr 1e-2"], "drop --lr from '--lr 1e-2'"),
+                         (["--lr=1e-2", "--lrs", "1e-3"], "--lrs sets the peak learning rate of every run"),
                          (["--lrs", "1e-3", "--min-lr", "5e-3"], "--min-lr (0.005) must not exceed --lr (0.001)")):
         assert train_shakespeare.main(args + ["--out-dir", str(tmp_path / "bad")] + bad) == 2
         assert message in capsys.readouterr().err, bad

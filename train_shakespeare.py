@@ -859,7 +859,7 @@ def compare(argv):
     root = Path(base_args.out_dir or Path("out") / ("lr_sweep" if lrs else "compare"))
     lr_args = [["--lr", f"{lr:g}"] for lr in lrs] if lrs else [[]]
     for config in configs:  # every configuration (at every learning rate) checked before any trains
-        if lrs and "--lr" in common + config_flags(config):
+        if lrs and any(w == "--lr" or w.startswith("--lr=") for w in common + config_flags(config)):
             raise TrainError(f"--lrs sets the peak learning rate of every run; drop --lr from {config!r} or the "
                              "common flags")
         for extra in lr_args:
