@@ -1019,7 +1019,7 @@ def discrete_fields():
 
 
 # pruned to run in seconds: these fields keep one value, except in their own test (the full product is ~25,000)
-MATRIX_FIXED = {"bias": False, "scaled_init": None, "z_loss": 0.0, "logit_softcap": 0.0, "qk_norm": False}
+MATRIX_FIXED = {"bias": False, "scaled_init": None, "z_loss": 0.0, "logit_softcap": 0.0}
 
 
 def accepted_configs(vary=()):
