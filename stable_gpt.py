@@ -342,8 +342,11 @@ class CausalSelfAttention(nn.Module):
         # attention logits q.k/sqrt(hs) cannot grow with the weights' scale (Dehghani et al. 2023, arXiv
         # 2302.05442; Wortsman et al., arXiv 2309.14322, Sec. 3.1; the SDD paper's OLMo 2 baselines use it).
         # SDD's q_norm and k_norm sit in the same place; GPTConfig refuses the pair.
-        qk_norm = (lambda: SDDNorm(head_size)) if sdd else (lambda: make_norm(config, head_size)) \
-            if config.qk_norm else nn.Identity
+        def qk_norm():  # one for q, one for k
+            if sdd:
+                return SDDNorm(head_size)
+            return make_norm(config, head_size) if config.qk_norm else nn.Identity()
+
         self.q_norm, self.k_norm = qk_norm(), qk_norm()
         self.context_norm = SDDNorm(config.n_embd) if sdd else nn.Identity()
         self.out_norm = SDDNorm(config.n_embd, gain=config.scale_for_depth(1.0)) if sdd else nn.Identity()

@@ -824,8 +824,9 @@ def split_compare(argv):
             seeds = int(words.pop(0))
         elif word == "--lrs":
             lrs = []
-            while words and parse_or_none_float(words[0]) is not None:
-                lrs.append(float(words.pop(0)))
+            while words and (lr := parse_or_none_float(words[0])) is not None:
+                lrs.append(lr)
+                words.pop(0)
             if not lrs or not all(0 < lr < math.inf for lr in lrs):
                 raise TrainError("--lrs needs one or more learning rates > 0, e.g. --lrs 1e-3 3e-3 1e-2")
         else:
@@ -857,26 +858,30 @@ def compare(argv):
     base_args = parser.parse_args(common)
     seed0 = base_args.seed if base_args.seed is not None else DEFAULTS["seed"]
     root = Path(base_args.out_dir or Path("out") / ("lr_sweep" if lrs else "compare"))
-    lr_args = [["--lr", f"{lr:g}"] for lr in lrs] if lrs else [[]]
+    grid = lrs or [None]  # None: the learning rate of the flags (a comparison without a sweep)
+
+    def lr_flag(lr):
+        return ["--lr", f"{lr:g}"] if lr else []
+
     for config in configs:  # every configuration (at every learning rate) checked before any trains
         if lrs and any(w == "--lr" or w.startswith("--lr=") for w in common + config_flags(config)):
             raise TrainError(f"--lrs sets the peak learning rate of every run; drop --lr from {config!r} or the "
                              "common flags")
-        for extra in lr_args:
-            check_compare_config(parser, common + extra, config)
-    plan = [(config, extra, seed, root / config_slug(config) / (f"lr{extra[1]}" if extra else "") / f"seed{seed}")
-            for config in configs for extra in lr_args for seed in range(seed0, seed0 + n_seeds)]
+        for lr in grid:
+            check_compare_config(parser, common + lr_flag(lr), config)
+    plan = [(config, lr, seed, root / config_slug(config) / (f"lr{lr:g}" if lr else "") / f"seed{seed}")
+            for config in configs for lr in grid for seed in range(seed0, seed0 + n_seeds)]
     with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
-        for k, (config, extra, seed, run_dir) in enumerate(plan, start=1):
-            run_one(parser, common + extra, config, seed, run_dir, stop, progress=f"[{k}/{len(plan)}]")
+        for k, (config, lr, seed, run_dir) in enumerate(plan, start=1):
+            run_one(parser, common + lr_flag(lr), config, seed, run_dir, stop, progress=f"[{k}/{len(plan)}]")
             if stop.signum is not None:
                 print("compare: interrupted; run the same command again to continue")
                 return 130
     import plots
 
     if lrs:
-        sweep = lr_sweep_results({config: {float(extra[1]): [d for c, e, _, d in plan if c == config and e == extra]
-                                           for extra in lr_args} for config in configs})
+        sweep = lr_sweep_results({config: {lr: [d for c, l, _, d in plan if c == config and l == lr] for lr in lrs}
+                                  for config in configs})
         (root / "lr_sweep.json").write_text(json.dumps(finite_or_null(sweep), indent=2))
         (root / "lr_sweep.md").write_text(table := lr_sweep_table(sweep))
         print("\n" + table)
