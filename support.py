@@ -187,6 +187,25 @@ class SpikeDetector:
         return median if median is not None and loss > self.factor * median else None
 
 
+class StepTimer:
+    """Seconds per optimizer step between two progress lines, evaluations left out, and an exponentially
+    smoothed value of it for a steady ETA (the raw value swings with evaluations and other tenants)."""
+
+    def __init__(self, iter_num):
+        self.start, self.start_iter, self.smooth = time.time(), iter_num, None
+
+    def restart(self):
+        """After an evaluation: its time is not step time."""
+        self.start = time.time()
+
+    def lap(self, iter_num):
+        """(seconds per step since the last lap, the smoothed value), iter_num the steps done; starts the next lap."""
+        dt = (time.time() - self.start) / (iter_num - self.start_iter)
+        self.start, self.start_iter = time.time(), iter_num
+        self.smooth = dt if self.smooth is None else 0.8 * self.smooth + 0.2 * dt
+        return dt, self.smooth
+
+
 class OLMoSpikeScore:
     """Loss spikes as OLMo counts them (the "spike score" of OLMo 2, arXiv 2501.00656; the numbers of
     OLMo-core's stability monitor): a step whose loss is more than `sigmas` standard deviations above the mean

@@ -37,8 +37,8 @@ import prepare_data
 import stable_gpt
 from prepare_data import Codec, DataError
 from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig
-from support import (Batches, DiagnosticsRecorder, JsonlLog, RunLock, SpikeWatch, StopRequest, TrainError,
-                     parse_or_none,
+from support import (Batches, DiagnosticsRecorder, JsonlLog, RunLock, SpikeWatch, StepTimer, StopRequest,
+                     TrainError, parse_or_none,
                      checkpoint_model_state, clear_outputs, finite_or_null, fmt_time, gpu_peak_flops,
                      keep_freed_memory, link_checkpoint, load_checkpoint, pick_device, pick_dtype, save_checkpoint)
 
@@ -705,11 +705,11 @@ def train(cfg, resume_ckpt=None, stop=None):
                     model_args=asdict(config), config=cfg, meta=meta, iter_num=iter_num, best_val_loss=best_val,
                     **spikes.state(), rng=rng_states(data_state, proc))
 
-    t_start = t_log = time.time()
+    t_start, timer = time.time(), StepTimer(iter_num)
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
     x, y = batches.next()
-    diverged = last_eval = interrupted = smooth_dt = None
-    iters_since_log, tokens_trained, skipped, skips_in_a_row, last_saved = 0, 0, 0, 0, resumed_at
+    diverged = last_eval = interrupted = None
+    tokens_trained, skipped, skips_in_a_row, last_saved = 0, 0, 0, resumed_at
     while True:
         if any_rank(stop.signum is not None, proc):
             state = checkpoint(data_state)
@@ -726,7 +726,8 @@ def train(cfg, resume_ckpt=None, stop=None):
             state = checkpoint(data_state)
             if master:
                 report_eval(log, out_dir, iter_num, last_eval, improved, state)
-            last_saved, t_log = iter_num, time.time()  # evaluation time is not step time
+            last_saved = iter_num
+            timer.restart()
         if iter_num >= cfg["max_iters"]:
             break
 
@@ -753,6 +754,7 @@ def train(cfg, resume_ckpt=None, stop=None):
         # checked every step: a non-finite value is a single-step event (one device sync per step). With
         # fp16, an inf gradient is the GradScaler's business (it skips the step and lowers its scale).
         lossf, normf, zf = float(loss_sum), float(grad_norm), float(z_sum)
+        ce = lossf - zf  # the step's cross-entropy (lossf: what was optimized, the z-loss included)
         nonfinite = "loss" if not math.isfinite(lossf) else \
             "gradient norm" if not (math.isfinite(normf) or scaler.is_enabled()) else None
         if nonfinite is None:
@@ -770,23 +772,20 @@ def train(cfg, resume_ckpt=None, stop=None):
             if not skip:
                 diverged = iter_num + 1
                 break
-            iter_num, iters_since_log = iter_num + 1, iters_since_log + 1
+            iter_num += 1
             continue
         diag.after_update()
         stable_gpt.tvr_after_step(raw_model, iter_num + 1)  # TVR (arXiv 2503.17500), when on
         iter_num += 1
-        iters_since_log += 1
         tokens_trained += tokens_per_iter
-        if (median := spikes.update(iter_num, lossf - zf)) is not None and master:
-            report_spike(log, cfg, iter_num, lossf - zf, median)
+        if (median := spikes.update(iter_num, ce)) is not None and master:
+            report_spike(log, cfg, iter_num, ce, median)
         diag.end_step()
         if iter_num % cfg["log_interval"] == 0 or iter_num == cfg["max_iters"]:
-            dt = (time.time() - t_log) / iters_since_log
-            t_log, iters_since_log = time.time(), 0
-            smooth_dt = dt if smooth_dt is None else 0.8 * smooth_dt + 0.2 * dt  # a steady ETA
+            dt, smooth_dt = timer.lap(iter_num)
             if master:  # MFU against the detected GPU's bf16 peak, per GPU: each rank runs grad_accum micro-batches
                 mfu = raw_model.estimate_mfu(grad_accum * cfg["batch_size"], dt, peak_flops) if peak_flops else None
-                log_progress(log, cfg, iter_num, lossf - zf, zf if config.z_loss else None, lr, normf, dt, smooth_dt,
+                log_progress(log, cfg, iter_num, ce, zf if config.z_loss else None, lr, normf, dt, smooth_dt,
                              tokens_per_iter, mfu)
 
     summary = finish_run(cfg, raw_model, proc, t_start, tokens_per_iter, tokens_trained, best_val=best_val,
