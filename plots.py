@@ -28,6 +28,11 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
+def step_records(log):
+    """The log.jsonl lines of optimizer steps with a loss (a skipped step's loss is null)."""
+    return [r for r in log if isinstance(r.get("loss"), (int, float))]
+
+
 def by_layer(record, key):
     """{kind: [value of layer 1, layer 2, ...]} from a diag record's {"<layer>.<kind>": value} dict."""
     out = {}
@@ -65,7 +70,7 @@ def plot_run(out_dir):
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    steps = [r for r in log if isinstance(r.get("loss"), (int, float))]  # a skipped step's loss is null
+    steps = step_records(log)
     evals = [r for r in log if r.get("type") == "eval"]
     spikes = [r for r in log if r.get("type") == "spike"]
     ax.plot([r["iter"] for r in steps], [r["loss"] for r in steps], lw=0.6, alpha=0.5, label="train (step)")
@@ -138,7 +143,7 @@ def plot_logit_growth(runs, path, dpi=90):
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
     for i, (label, folder) in enumerate(runs.items()):
         color = f"C{i}"
-        steps = [r for r in read_jsonl(Path(folder) / "log.jsonl") if isinstance(r.get("loss"), (int, float))]
+        steps = step_records(read_jsonl(Path(folder) / "log.jsonl"))
         axes[0].plot([r["iter"] for r in steps], [r["loss"] for r in steps], color=color, label=label)
         diag = [r for r in read_jsonl(Path(folder) / "diag.jsonl") if "attn_logit_max" in r]
         iters = [r["iter"] for r in diag]
@@ -214,7 +219,7 @@ def plot_lr_sweep(sweep, out_dir, dpi=90):
     for i, (config, c) in enumerate(sweep["configs"].items()):
         lrs = sorted(c["runs"], key=float)
         losses = [[o["counted_loss"] for o in c["runs"][lr]] for lr in lrs]
-        mean = [sum(v) / len(v) for v in losses]
+        mean = [c["mean_loss"][lr] for lr in lrs]
         spread = [(max(v) - min(v)) / 2 for v in losses]
         # 10 colors, then the same colors dashed with other markers
         style = dict(color=colors[i % 10], linestyle=("-", "--", ":")[i // 10 % 3], marker="osD"[i // 10 % 3])
