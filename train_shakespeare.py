@@ -939,8 +939,9 @@ def run_outcome(run_dir):
     init = next(r["val_loss"] for r in evals if r["iter"] == 0)
     final = summary["final_val_loss"]
     diverged = summary["diverged"] or final is None or not math.isfinite(final)
-    return dict(seed=summary["config"]["seed"], final_val_loss=final, best_val_loss=summary["best_val_loss"],
-                init_val_loss=init, diverged=diverged, counted_loss=init if diverged else min(final, init))
+    return dict(seed=summary["config"]["seed"], model=summary["techniques"], final_val_loss=final,
+                best_val_loss=summary["best_val_loss"], init_val_loss=init, diverged=diverged,
+                counted_loss=init if diverged else min(final, init))
 
 
 def lr_sensitivity(losses):
@@ -960,8 +961,7 @@ def lr_sweep_results(runs):
         outcomes = {lr: [run_outcome(d) for d in dirs] for lr, dirs in by_lr.items()}
         mean_loss = {lr: statistics.fmean(o["counted_loss"] for o in runs_) for lr, runs_ in outcomes.items()}
         best_lr = min(mean_loss, key=mean_loss.get)
-        first = json.loads((next(iter(by_lr.values()))[0] / "summary.json").read_text())
-        configs[config] = dict(model=first["techniques"], runs={f"{lr:g}": o for lr, o in outcomes.items()},
+        configs[config] = dict(model=next(iter(outcomes.values()))[0]["model"], runs={f"{lr:g}": o for lr, o in outcomes.items()},
                                mean_loss={f"{lr:g}": v for lr, v in mean_loss.items()}, best_lr=best_lr,
                                best_loss=mean_loss[best_lr], lr_sensitivity=lr_sensitivity(mean_loss))
     return dict(reference="Wortsman et al. 2023, arXiv 2309.14322",
