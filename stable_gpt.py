@@ -18,9 +18,9 @@ model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, fr
   lir             Layer Index Rescaling init, arXiv 2503.17500           -> GPT._init_stds
   tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale(), tvr_after_step()
 The fixes practitioners already use, to weigh the papers against:
-  qk_norm         a norm on q and k per head (OLMo 2; Wortsman et al., arXiv 2309.14322)  -> CausalSelfAttention
-  z_loss          PaLM's auxiliary loss z_loss * mean(log^2 Z), arXiv 2204.02311          -> GPT.forward
-  logit_softcap   C * tanh(logits / C) (Gemma 2, arXiv 2408.00118)                        -> GPT.forward
+  qk_norm         a norm on q and k per head (OLMo 2; arXiv 2309.14322)          -> CausalSelfAttention
+  z_loss          PaLM's auxiliary loss z_loss * mean(log^2 Z), arXiv 2204.02311  -> GPT.forward, z_loss_term()
+  logit_softcap   C * tanh(logits / C) (Gemma 2, arXiv 2408.00118)                -> GPT.softcap
 
 Where a technique must touch several places (SDD wraps linears inside two modules), each place names the
 paper at the point of use; GPTConfig.combination_notes() says how the flags act together. Diagnostics of
