@@ -413,6 +413,8 @@ def test_training_lowers_loss_and_writes_outputs(tmp_path, data_dir, capsys):
     log = read_log(out)
     evals = [r for r in log if r.get("type") == "eval"]
     assert [r["iter"] for r in evals] == [0, 50, 100, 150]
+    times = [r["time_s"] for r in evals]  # the time to reach each loss, in the log as on screen
+    assert times == sorted(times) and 0 < times[-1] <= summary["wall_s"] + 0.1
     assert {"iter", "loss", "lr", "grad_norm", "ms"} <= set(log[1])
     assert (out / "ckpt.pt").is_file() and (out / "best.pt").is_file()
     printed = capsys.readouterr().out

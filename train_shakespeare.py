@@ -612,10 +612,11 @@ def report_spike(log, cfg, iter_num, loss, median):
     log.write(iter=iter_num, type="spike", loss=loss, median=median)
 
 
-def report_eval(log, out_dir, iter_num, losses, improved, state):
+def report_eval(log, out_dir, iter_num, losses, improved, state, elapsed):
+    """elapsed: seconds since this run (or this resumed part) started training: the time to reach a loss."""
     print(f"eval  {iter_num:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}"
-          + (" (best)" if improved else ""))
-    log.write(iter=iter_num, type="eval", train_loss=losses["train"], val_loss=losses["val"])
+          + (" (best)" if improved else "") + f" | {elapsed:.0f} s")
+    log.write(iter=iter_num, type="eval", train_loss=losses["train"], val_loss=losses["val"], time_s=round(elapsed, 1))
     save_checkpoint(out_dir / "ckpt.pt", state)
     if improved:
         link_checkpoint(out_dir / "ckpt.pt", out_dir / "best.pt")
@@ -725,7 +726,7 @@ def train(cfg, resume_ckpt=None, stop=None):
             improved, best_val = last_eval["val"] < best_val, min(best_val, last_eval["val"])
             state = checkpoint(data_state)
             if master:
-                report_eval(log, out_dir, iter_num, last_eval, improved, state)
+                report_eval(log, out_dir, iter_num, last_eval, improved, state, time.time() - t_start)
             last_saved = iter_num
             timer.restart()
         if iter_num >= cfg["max_iters"]:
