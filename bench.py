@@ -6,6 +6,7 @@ memory for the baseline, each stabilizer alone and all of them, at a given shape
     python bench.py --shape nanogpt-cpu   # nanoGPT's README CPU recipe shape (4/4/128, block 64, batch 12)
     python bench.py --compile             # the same, each model torch.compile'd
     python bench.py --nanogpt ../nanoGPT/model.py   # add nanoGPT's own model, timed in this process
+    python bench.py --rmsnorm-as-layernorm          # bound: the step time with an RMSNorm as fast as LayerNorm
 
 The machine's speed drifts by up to 30% within a minute (other tenants), while ratios measured side by side are
 steady. So the configurations are interleaved: each round times every configuration for --steps steps, and
@@ -25,7 +26,9 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+import stable_gpt
 from stable_gpt import GPT, GPTConfig, tvr_after_step
 from support import keep_freed_memory
 
@@ -108,6 +111,7 @@ def peak_memory_mib(args, flag):
     cmd += ["--nanogpt", args.nanogpt] if args.nanogpt else []
     cmd += ["--glibc-defaults"] if args.glibc_defaults else []
     cmd += ["--compile"] if args.compile else []
+    cmd += ["--rmsnorm-as-layernorm"] if args.rmsnorm_as_layernorm else []
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return float(out.stdout.split()[-1])
 
@@ -137,8 +141,28 @@ def main(argv=None):
     p.add_argument("--glibc-defaults", action="store_true",
                    help="leave glibc's malloc settings alone (see keep_freed_memory in support.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
+    p.add_argument("--rmsnorm-as-layernorm", action="store_true",
+                   help="timing experiment, wrong math: every RMSNorm (SDD's included) runs F.layer_norm at the same "
+                        "size, to bound what a faster RMSNorm kernel could buy")
     p.add_argument("--measure-peak", metavar="FLAG", help=argparse.SUPPRESS)  # the peak-memory subprocess
     args = p.parse_args(argv)
+    with rmsnorm_run_as_layernorm() if args.rmsnorm_as_layernorm else contextlib.nullcontext():
+        run(args)
+
+
+@contextlib.contextmanager
+def rmsnorm_run_as_layernorm():
+    """A timing experiment with the wrong math: every RMSNorm of stable_gpt runs F.layer_norm of the same size
+    (PyTorch's fused kernel), so the step time is what it would be with an RMSNorm as fast as LayerNorm."""
+    saved = stable_gpt.rms_norm
+    stable_gpt.rms_norm = lambda x, weight, eps: F.layer_norm(x, weight.shape, weight, None, eps)
+    try:
+        yield
+    finally:
+        stable_gpt.rms_norm = saved
+
+
+def run(args):
     device = torch.device(args.device)
     if not args.glibc_defaults:
         keep_freed_memory()
@@ -167,7 +191,8 @@ def main(argv=None):
         for name, r in runners.items():
             times[name].append(r.time(args.steps))
     print(f"shape {args.shape}: {shape}, {torch.get_num_threads()} threads, {device}"
-          f"{', compiled' if args.compile else ''}{', glibc malloc defaults' if args.glibc_defaults else ''}, "
+          f"{', compiled' if args.compile else ''}{', glibc malloc defaults' if args.glibc_defaults else ''}"
+          f"{', RMSNorm run as LayerNorm (timing only)' if args.rmsnorm_as_layernorm else ''}, "
           f"{args.rounds} rounds x {args.steps} steps, medians")
     base = times["baseline" if "baseline" in times else names[0]]
     print(f"{'config':<10} {'ms/step':>8} {'tokens/s':>9} {'x baseline':>10} {'peak MiB':>9}"

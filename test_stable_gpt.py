@@ -1409,6 +1409,18 @@ def test_bench_times_every_config_and_an_outside_nanogpt_model(capsys):
         bench.main(["--nanogpt", "no/such/model.py"])
 
 
+def test_bench_rmsnorm_as_layernorm_swaps_the_kernel_only_inside():
+    """--rmsnorm-as-layernorm (a timing bound) runs every RMSNorm as F.layer_norm while it times, then puts the real
+    RMSNorm back, so nothing after it computes the wrong function."""
+    import bench
+
+    norm, x = stable_gpt.RMSNorm(16), torch.randn(3, 16) + 2.0  # a mean far from 0: the two norms differ
+    with bench.rmsnorm_run_as_layernorm():
+        assert torch.allclose(norm(x), F.layer_norm(x, (16,)), atol=1e-6)
+    assert torch.allclose(norm(x), F.rms_norm(x, (16,), eps=1e-5), atol=1e-6)
+    assert not torch.allclose(F.rms_norm(x, (16,)), F.layer_norm(x, (16,)), atol=1e-2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Never lose a run: bad input, divergence, interruption
 
