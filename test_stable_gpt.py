@@ -438,6 +438,10 @@ def gpt2_args(data_dir, out_dir, *extra):
 def test_init_from_gpt2_offline_is_one_line(tmp_path, gpt2_data_dir, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf_cache"))
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import: when an earlier test imported it, say it there too,
+    # or the loader tries the (absent) network with retries for ~20 s before giving up the same way
+    if (hub_constants := sys.modules.get("huggingface_hub.constants")) is not None:
+        monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     assert train_shakespeare.main(gpt2_args(gpt2_data_dir, tmp_path / "run")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --init-from gpt2: ") and err.count("\n") == 1, err
