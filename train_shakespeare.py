@@ -962,7 +962,8 @@ def lr_sweep_results(runs):
         outcomes = {lr: [run_outcome(d) for d in dirs] for lr, dirs in by_lr.items()}
         mean_loss = {lr: statistics.fmean(o["counted_loss"] for o in runs_) for lr, runs_ in outcomes.items()}
         best_lr = min(mean_loss, key=mean_loss.get)
-        configs[config] = dict(model=next(iter(outcomes.values()))[0]["model"], runs={f"{lr:g}": o for lr, o in outcomes.items()},
+        configs[config] = dict(model=next(iter(outcomes.values()))[0]["model"],
+                               runs={f"{lr:g}": o for lr, o in outcomes.items()},
                                mean_loss={f"{lr:g}": v for lr, v in mean_loss.items()}, best_lr=best_lr,
                                best_loss=mean_loss[best_lr], lr_sensitivity=lr_sensitivity(mean_loss))
     return dict(reference="Wortsman et al. 2023, arXiv 2309.14322",
@@ -982,7 +983,7 @@ def lr_sweep_table(sweep):
             outcomes = c["runs"][lr]
             values = [o["counted_loss"] for o in outcomes]
             spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            cells.append(f"{statistics.fmean(values):.3f}{spread}" + "†" * sum(o["diverged"] for o in outcomes))
+            cells.append(f"{c['mean_loss'][lr]:.3f}{spread}" + "†" * sum(o["diverged"] for o in outcomes))
         rows.append(f"| {config} | {c['model']} | " + " | ".join(cells) +
                     f" | {c['best_lr']:g} | {c['best_loss']:.4f} | {c['lr_sensitivity']:.4f} |")
     seeds = sorted({len(o) for c in sweep["configs"].values() for o in c["runs"].values()})
