@@ -28,6 +28,11 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
 
 
+def read_run(folder):
+    """(log.jsonl's records, diag.jsonl's records) of a run folder."""
+    return read_jsonl(Path(folder) / "log.jsonl"), read_jsonl(Path(folder) / "diag.jsonl")
+
+
 def step_records(log):
     """The log.jsonl lines of optimizer steps with a loss (a skipped step's loss is null)."""
     return [r for r in log if isinstance(r.get("loss"), (int, float))]
@@ -66,7 +71,7 @@ def plot_run(out_dir):
     """Write loss.png and, when diag.jsonl exists, depth.png, updates.png, activations.png, weight_std.png.
     Returns the paths written."""
     out_dir = Path(out_dir)
-    log, diag = read_jsonl(out_dir / "log.jsonl"), read_jsonl(out_dir / "diag.jsonl")
+    log, diag = read_run(out_dir)
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -132,20 +137,20 @@ def plot_run(out_dir):
     axes[0].legend(fontsize=8)
     written.append(save(fig, out_dir / "weight_std.png"))
     if "attn_logit_max" in diag[-1]:
-        written += plot_logit_growth({out_dir.name: out_dir}, out_dir / "logits.png")
+        written += plot_logit_growth({out_dir.name: (log, diag)}, out_dir / "logits.png")
     return written
 
 
 def plot_logit_growth(runs, path, dpi=90):
     """The two logit divergences of Wortsman et al. (arXiv 2309.14322, Sec. 3) over training, one line per run:
     the step loss, the largest attention logit |q.k|/sqrt(d) over blocks (Sec. 3.1; QK-norm bounds it) and the
-    mean log Z of the output logits with its spread (Sec. 3.2; z-loss pulls it to 0). runs: {label: folder}."""
+    mean log Z of the output logits with its spread (Sec. 3.2; z-loss pulls it to 0). runs: {label: read_run()}."""
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
-    for i, (label, folder) in enumerate(runs.items()):
+    for i, (label, (log, diag)) in enumerate(runs.items()):
         color = f"C{i}"
-        steps = step_records(read_jsonl(Path(folder) / "log.jsonl"))
+        steps = step_records(log)
         axes[0].plot([r["iter"] for r in steps], [r["loss"] for r in steps], color=color, label=label)
-        diag = [r for r in read_jsonl(Path(folder) / "diag.jsonl") if "attn_logit_max" in r]
+        diag = [r for r in diag if "attn_logit_max" in r]
         iters = [r["iter"] for r in diag]
         axes[1].plot(iters, [max(r["attn_logit_max"]) for r in diag], "o-", ms=3, color=color, label=label)
         mean = [r["logit_lse_mean"] for r in diag]
@@ -250,7 +255,7 @@ def main(argv=None):
             return 2
     if args.logits:
         labels = ["/".join(Path(folder).parts[-3:]) for folder in args.run_dirs]  # e.g. baseline/lr0.1/seed1337
-        print(plot_logit_growth(dict(zip(labels, args.run_dirs)), args.logits)[0])
+        print(plot_logit_growth(dict(zip(labels, map(read_run, args.run_dirs))), args.logits)[0])
         return 0
     for folder in args.run_dirs:
         print("\n".join(str(p) for p in plot_run(folder)))
