@@ -24,8 +24,17 @@ KINDS = ("q", "k", "v", "attn_out", "fc", "mlp_out")  # the block matrices, as s
 
 
 def read_jsonl(path):
+    """The records of a .jsonl file ([] if there is none), less a line that is not whole JSON: a run killed
+    mid-write can leave a partial last line (the rule of support.parse_or_none, which this file does not import
+    so that plotting needs no torch)."""
     path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.is_file() else []
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
 
 
 def read_run(folder):

@@ -1244,6 +1244,13 @@ def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
     assert len(diag[-1]["attn_logit_max"]) == 2 and diag[-1]["logit_lse_std"] > 0
     assert plots.main(["--logits", str(tmp_path / "twins.png"), str(out), str(out)]) == 0
     assert (tmp_path / "twins.png").read_bytes()[:4] == b"\x89PNG"
+    # a run killed mid-write leaves a partial last line: the plots skip it, as --resume does
+    for name in ("log.jsonl", "diag.jsonl"):
+        with (out / name).open("a") as f:
+            f.write('{"iter": 61, "loss": 1.2')
+    (out / "loss.png").unlink()
+    assert plots.main([str(out)]) == 0 and (out / "loss.png").is_file()
+    assert plots.read_jsonl(out / "log.jsonl")[-1]["iter"] == 60
     summary = json.loads((out / "summary.json").read_text())
     assert "spikes" in summary and summary["diag_s"] > 0
 
