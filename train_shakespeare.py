@@ -351,8 +351,8 @@ def load_gpt2(cfg):
     try:
         model = GPT.from_pretrained(cfg["init_from"], dict(dropout=cfg["dropout"]))
         model.crop_block_size(cfg["block_size"])
-    except ImportError as e:
-        raise TrainError(f"--init-from: {e}") from None
+    except ImportError as e:  # transformers is optional (not in requirements.txt)
+        raise TrainError(f"--init-from {cfg['init_from']}: {e}") from None
     except ValueError as e:
         raise TrainError(f"--init-from {cfg['init_from']}: {e}") from None
     except Exception as e:  # offline and not cached: transformers/huggingface_hub raise OSError and others
