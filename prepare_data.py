@@ -204,6 +204,27 @@ def ensure_prepared(data=None, tokenizer="char"):
     return out_dir
 
 
+def load_prepared(data=None, tokenizer="char", block_size=1):
+    """(data_dir, meta) for a run: ensure_prepared's folder, with its token files checked against the
+    vocabulary and the context length (each split must hold more than one block)."""
+    data_dir = ensure_prepared(data, tokenizer)
+    meta = load_meta(data_dir)
+    for split in ("train", "val"):
+        path = data_dir / f"{split}.bin"
+        if not path.is_file():
+            raise DataError(f"{path} is missing")
+        size = path.stat().st_size
+        if size % 2:
+            raise DataError(f"{path} has an odd number of bytes: not a file of uint16 token ids")
+        if size <= 2 * (block_size + 1):
+            raise DataError(f"the {split} split has {size // 2} tokens, fewer than one block of "
+                            f"{block_size} + 1; use a longer text or a smaller --block-size")
+        data = np.memmap(path, dtype=np.uint16, mode="r")
+        if len(data) < 200_000_000 and int(data.max()) >= meta["vocab_size"]:  # a full scan, small data only
+            raise DataError(f"{path} holds token id {int(data.max())}, outside the vocabulary of {meta['vocab_size']}")
+    return data_dir, meta
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", help="UTF-8 text file (default: tiny Shakespeare, found or downloaded)")

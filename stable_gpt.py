@@ -23,9 +23,11 @@ The fixes practitioners already use, to weigh the papers against:
   logit_softcap   C * tanh(logits / C) (Gemma 2, arXiv 2408.00118)                -> GPT.softcap
 
 Where a technique must touch several places (SDD wraps linears inside two modules), each place names the
-paper at the point of use; GPTConfig.combination_notes() says how the flags act together. Diagnostics of
-what happens inside (per-layer residual variance, angular distance, layer importance,
-update ratios, activation outliers, weight std): activation_stats(), layer_importance(), update_ratios(), ...
+paper at the point of use. Read top to bottom: the config, the norms, the stabilizers' modules, attention, MLP,
+Block, GPT, then the functions a training loop calls (z-loss, TVR, WeSaR folding), the diagnostics of what
+happens inside (per-layer residual variance, angular distance, layer importance, update ratios, activation
+outliers, weight std), and last the config's rules: check_config() (what is refused, and why) and
+combination_notes() (what acts differently from its paper in a given combination).
 
 References:
 1) nanoGPT model.py: https://github.com/karpathy/nanoGPT/blob/master/model.py
@@ -65,7 +67,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and norms, like GPT-2. False: a bit better and faster
     norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    norm_position: str = "pre"  # "pre" | "post" | "mix" | "deepnorm"
+    norm_position: str = "pre"  # "pre" | "post" | "mix" | "deepnorm" | "peri"
     mix_fraction: float = 0.25  # Mix-LN: the first floor(mix_fraction * n_layer) blocks are Post-LN
     init_std: float = 0.02  # base std of every weight matrix (GPT-2); with lir, block l gets init_std/sqrt(l)
     scaled_init: Optional[bool] = None  # GPT-2's c_proj std init_std/sqrt(2*n_layer); None = auto (see below)
@@ -83,48 +85,7 @@ class GPTConfig:
     logit_softcap: float = 0.0  # cap the output logits at +-logit_softcap with a tanh (0: off; Gemma 2 uses 30)
 
     def __post_init__(self):
-        def refuse(msg):
-            raise ValueError(f"GPTConfig: {msg}")
-
-        for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tvr_interval"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
-                refuse(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if self.n_embd % self.n_head != 0:
-            refuse(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                   f"e.g. n_head in {[h for h in range(1, 17) if self.n_embd % h == 0]}")
-        if self.norm not in NORMS:
-            refuse(f"unknown norm {self.norm!r}; valid: {', '.join(NORMS)}")
-        if self.norm_position not in NORM_POSITIONS:
-            refuse(f"unknown norm_position {self.norm_position!r}; valid: {', '.join(NORM_POSITIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            refuse(f"dropout must be in [0, 1), got {self.dropout}")
-        if not 0.0 <= self.mix_fraction <= 1.0:
-            refuse(f"mix_fraction must be in [0, 1], got {self.mix_fraction}")
-        for name in ("init_std", "wesar_sigma", "tvr_target", "tvr_threshold"):
-            if not 0 < getattr(self, name) < math.inf:
-                refuse(f"{name} must be a finite number > 0, got {getattr(self, name)}")
-        for name in ("z_loss", "logit_softcap"):
-            if not 0 <= getattr(self, name) < math.inf:
-                refuse(f"{name} must be a finite number >= 0 (0: off), got {getattr(self, name)}")
-        # Combinations that make no sense are refused here, with the reason.
-        if self.lns and self.norm_position in ("post", "deepnorm"):
-            refuse(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {self.norm_position!r} has "
-                   "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or "
-                   "'mix'")
-        if self.sdd and self.qk_norm:
-            refuse("qk_norm with sdd: SDD already normalizes q and k per head (its q_norm and k_norm); drop one")
-        if self.sdd and self.norm_position == "peri":
-            refuse("sdd with norm_position 'peri': SDD already normalizes every branch output (its out_norm, gain "
-                   "1/sqrt(2L)); Peri-LN's output norm on top would undo that gain. Use 'pre' or 'post' with sdd")
-        if self.lir and self.norm_position == "deepnorm":
-            refuse("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
-        if self.scaled_init:
-            for flag, why in (("sdd", "SDD moves the 1/sqrt(2L) residual scaling into its output gains"),
-                              ("lir", "LIR replaces it (applying both gives neither scheme)")):
-                if getattr(self, flag):
-                    refuse(f"scaled_init=True with {flag}: {why}")
-            if self.norm_position == "deepnorm":
-                refuse("scaled_init=True with deepnorm: DeepNet has its own init gain")
+        check_config(self)  # the rules are at the end of this file
 
     def depth_scaled_init(self) -> bool:
         """GPT-2's residual-projection init 0.02/sqrt(2*n_layer): on by default only for the nanoGPT block
@@ -148,28 +109,6 @@ class GPTConfig:
         invariant to the scale of its input and of c_proj."""
         return self.sdd or self.norm_position == "peri"
 
-    def combination_notes(self) -> list:
-        """One line for each flag that, in this combination, acts differently from its paper (printed by
-        the training script at start-up; the README's "How the flags combine" table lists every pair)."""
-        notes = []
-        if self.lns and self.branch_output_normed():
-            by = "sdd" if self.sdd else "peri"
-            notes.append(f"lns under {by}: 1/sqrt(l) multiplies each branch's output (after its output norm), "
-                         f"since {by}'s norms would cancel it on the pre-norm output (this project's adaptation)")
-        for flag in ("lir", "tvr"):
-            if self.sdd and getattr(self, flag):
-                notes.append(f"{flag} under sdd: SDD's output norms hide a block matrix's scale from the forward "
-                             f"pass, so {flag} acts only through the effective learning rate of those matrices")
-        if self.sdd and self.wesar:
-            notes.append("wesar under sdd: only the embeddings and the head are gated (SDD's gains already "
-                         "carry the block matrices' scale)")
-        for flag, on, which in (("qk_norm", self.qk_norm, "q and k"), ("peri", self.norm_position == "peri",
-                                                                       "attn.c_proj and mlp.c_proj")):
-            if self.wesar and on:
-                notes.append(f"wesar under {flag}: the gates of {which} get no gradient (the norm after them "
-                             "removes their scale); they stay at their init")
-        return notes
-
     def scale_for_depth(self, x: float) -> float:
         """x / sqrt(2 * n_layer), one factor per residual branch: GPT-2's c_proj init std and the initial
         gain of SDD's residual-output norms (official code)."""
@@ -184,7 +123,7 @@ class GPTConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Norms
+# Norms: each class copies on its own into any project that imports torch
 
 
 class LayerNorm(nn.Module):
@@ -202,68 +141,34 @@ class LayerNorm(nn.Module):
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich 2019, arXiv 1910.07467): x / sqrt(mean(x^2) + eps) * gain (+ bias)."""
 
-    def __init__(self, ndim, bias=False, gain=1.0, eps=1e-5):
+    def __init__(self, ndim, bias=False, eps=1e-5):
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.full((ndim,), float(gain)))
+        self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
-    def forward(self, x):
-        y = rms_norm(x, self.weight, self.eps)  # = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+    def forward(self, x):  # (..., ndim) -> (..., ndim)
+        y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return y if self.bias is None else y + self.bias
 
 
-class SDDNorm(RMSNorm):
+class SDDNorm(nn.Module):
     """Scale-Distribution Decoupling (arXiv 2502.15499, Eq. 1): y = alpha * norm(V x), an RMSNorm with a
-    learnable gain alpha (no bias, eps 1e-5, as the official dense code) on the *output* of a linear.
+    learnable gain alpha (no bias, eps 1e-5, as the official dense code) on the *output* of a linear V.
     The norm fixes the distribution of y; alpha alone sets its scale, so V's scale no longer matters."""
 
-    def __init__(self, ndim, gain=1.0):
-        super().__init__(ndim, bias=False, gain=gain)
+    def __init__(self, ndim, gain=1.0, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.full((ndim,), float(gain)))  # alpha, one per feature
+
+    def forward(self, x):  # (..., ndim) -> (..., ndim)
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 def make_norm(config, ndim):
+    """The model's norm type (--norm), with a bias where config.bias."""
     return RMSNorm(ndim, config.bias) if config.norm == "rmsnorm" else LayerNorm(ndim, config.bias)
-
-
-# ----------------------------------------------------------------------------------------------------
-# A faster RMSNorm for eager CPU training (an optimization: F.rms_norm computes the same thing)
-
-
-def rms_norm(x, weight, eps):
-    """F.rms_norm, except in eager fp32 CPU training, where the kernel below is ~2.3x faster."""
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not torch.compiler.is_compiling():
-        return _RMSNormCPU.apply(x, weight, eps)
-    # Under CUDA autocast, rms_norm is on PyTorch's fp32 list (as layer_norm): x and the gain both run in fp32.
-    return F.rms_norm(x, weight.shape, weight, eps)
-
-
-class _RMSNormCPU(torch.autograd.Function):
-    """RMSNorm for eager CPU training, where F.rms_norm runs as a chain of small ops. The backward reuses
-    LayerNorm's fused kernel: given mean 0 and RMSNorm's rstd, LayerNorm's input gradient,
-    rstd * (g - mean(g) - y * mean(g * y)) with g = grad_out * weight and y = x * rstd, is RMSNorm's except
-    for the -mean(g) term (LayerNorm's mean subtraction), which is added back. Forward+backward at
-    (32, 64, 512), keep_freed_memory on: F.rms_norm 4.0 ms, this 1.6-1.75 ms, F.layer_norm 0.9-1.0 ms.
-    On GPU and under torch.compile, F.rms_norm is fused and used instead."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1])  # mean(x^2): (..., 1)
-        rstd = ms.add_(eps).rsqrt_()
-        ctx.save_for_backward(x, weight, rstd)
-        return torch.mul(x, rstd).mul_(weight)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight, rstd = ctx.saved_tensors
-        d = x.shape[-1]
-        # LayerNorm's backward kernel (the one F.layer_norm's autograd calls), told the mean is 0 and the
-        # rstd is RMSNorm's: gradients for x and weight, none for a bias
-        grad_x, grad_w, _ = torch.ops.aten.native_layer_norm_backward(
-            grad_out.contiguous(), x.contiguous(), [d], torch.zeros_like(rstd), rstd, weight, None,
-            [True, True, False])
-        mean_g = torch.linalg.vecdot(grad_out, weight).unsqueeze_(-1).div_(d)  # (..., 1)
-        return grad_x.add_(mean_g.mul_(rstd)), grad_w, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -667,7 +572,6 @@ class GPT(nn.Module):
             idx = torch.cat((idx, idx_next), dim=1)
         return idx
 
-
 # ----------------------------------------------------------------------------------------------------
 # Functions a training loop calls
 
@@ -902,3 +806,77 @@ def update_ratios(before, model):
     in use, given matrix_snapshot(model) taken before the optimizer step."""
     after = matrix_snapshot(model)
     return {k: ((after[k] - w).norm() / w.norm()).item() for k, w in before.items()}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The config's rules: what each field accepts, what is refused together, and what acts differently
+
+
+def check_config(config):
+    """GPTConfig's rules (run by GPTConfig.__post_init__): every field in its range, and the combinations that make
+    no sense refused with the reason (the README's "How the flags combine" lists every pair)."""
+    def refuse(msg):
+        raise ValueError(f"GPTConfig: {msg}")
+
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tvr_interval"):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
+            refuse(f"{name} must be a positive integer, got {getattr(config, name)!r}")
+    if config.n_embd % config.n_head != 0:
+        refuse(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}); "
+               f"e.g. n_head in {[h for h in range(1, 17) if config.n_embd % h == 0]}")
+    if config.norm not in NORMS:
+        refuse(f"unknown norm {config.norm!r}; valid: {', '.join(NORMS)}")
+    if config.norm_position not in NORM_POSITIONS:
+        refuse(f"unknown norm_position {config.norm_position!r}; valid: {', '.join(NORM_POSITIONS)}")
+    if not 0.0 <= config.dropout < 1.0:
+        refuse(f"dropout must be in [0, 1), got {config.dropout}")
+    if not 0.0 <= config.mix_fraction <= 1.0:
+        refuse(f"mix_fraction must be in [0, 1], got {config.mix_fraction}")
+    for name in ("init_std", "wesar_sigma", "tvr_target", "tvr_threshold"):
+        if not 0 < getattr(config, name) < math.inf:
+            refuse(f"{name} must be a finite number > 0, got {getattr(config, name)}")
+    for name in ("z_loss", "logit_softcap"):
+        if not 0 <= getattr(config, name) < math.inf:
+            refuse(f"{name} must be a finite number >= 0 (0: off), got {getattr(config, name)}")
+    # Combinations that make no sense are refused here, with the reason.
+    if config.lns and config.norm_position in ("post", "deepnorm"):
+        refuse(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {config.norm_position!r} has "
+               "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or "
+               "'mix'")
+    if config.sdd and config.qk_norm:
+        refuse("qk_norm with sdd: SDD already normalizes q and k per head (its q_norm and k_norm); drop one")
+    if config.sdd and config.norm_position == "peri":
+        refuse("sdd with norm_position 'peri': SDD already normalizes every branch output (its out_norm, gain "
+               "1/sqrt(2L)); Peri-LN's output norm on top would undo that gain. Use 'pre' or 'post' with sdd")
+    if config.lir and config.norm_position == "deepnorm":
+        refuse("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
+    if config.scaled_init:
+        for flag, why in (("sdd", "SDD moves the 1/sqrt(2L) residual scaling into its output gains"),
+                          ("lir", "LIR replaces it (applying both gives neither scheme)")):
+            if getattr(config, flag):
+                refuse(f"scaled_init=True with {flag}: {why}")
+        if config.norm_position == "deepnorm":
+            refuse("scaled_init=True with deepnorm: DeepNet has its own init gain")
+
+
+def combination_notes(config) -> list:
+    """One line for each flag that, in this combination, acts differently from its paper (printed by
+    the training script at start-up; the README's "How the flags combine" table lists every pair)."""
+    notes = []
+    if config.lns and config.branch_output_normed():
+        by = "sdd" if config.sdd else "peri"
+        notes.append(f"lns under {by}: 1/sqrt(l) multiplies each branch's output (after its output norm), "
+                     f"since {by}'s norms would cancel it on the pre-norm output (this project's adaptation)")
+    for flag in ("lir", "tvr"):
+        if config.sdd and getattr(config, flag):
+            notes.append(f"{flag} under sdd: SDD's output norms hide a block matrix's scale from the forward "
+                         f"pass, so {flag} acts only through the effective learning rate of those matrices")
+    if config.sdd and config.wesar:
+        notes.append("wesar under sdd: only the embeddings and the head are gated (SDD's gains already "
+                     "carry the block matrices' scale)")
+    for flag, on, which in (("qk_norm", config.qk_norm, "q and k"), ("peri", config.norm_position == "peri",
+                                                                   "attn.c_proj and mlp.c_proj")):
+        if config.wesar and on:
+            notes.append(f"wesar under {flag}: the gates of {which} get no gradient (the norm after them "
+                         "removes their scale); they stay at their init")
+    return notes

@@ -3,6 +3,9 @@
     python -m pytest -q
 """
 
+import ast
+import copy
+import inspect
 import itertools
 import json
 import math
@@ -21,12 +24,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import plots
 import prepare_data
 import stable_gpt
-import support
 import train_shakespeare
-from stable_gpt import GPT, GPTConfig, LayerNorm, RMSNorm
+from tools import bench, cpu_rmsnorm, monitors, plots, runs, sweep
+from stable_gpt import GPT, GPTConfig, LayerNorm, RMSNorm, SDDNorm
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -138,13 +140,67 @@ def test_layernorm_and_rmsnorm_math():
     torch.testing.assert_close(rms(x), x / torch.sqrt((x ** 2).mean(-1, keepdim=True) + 1e-5) * rms.weight + rms.bias)
 
 
+@pytest.mark.parametrize("name", ["LayerNorm", "RMSNorm", "SDDNorm"])
+def test_each_norm_class_copies_on_its_own(name):
+    """A norm class pasted alone into a file that imports torch runs, and computes what stable_gpt's does."""
+    namespace = {}
+    exec("import torch\nimport torch.nn as nn\nfrom torch.nn import functional as F\n\n"
+         + inspect.getsource(getattr(stable_gpt, name)), namespace)
+    args = dict(LayerNorm=(8, True), RMSNorm=(8, True), SDDNorm=(8, 0.5))[name]
+    torch.manual_seed(0)
+    copied, ours, x = namespace[name](*args), getattr(stable_gpt, name)(*args), torch.randn(3, 8)
+    assert [n for n, _ in copied.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    torch.testing.assert_close(copied(x), ours(x), rtol=0, atol=0)
+
+
+def test_the_cpu_rmsnorm_kernel_is_the_same_function_and_the_same_module():
+    """use_rmsnorm_kernel changes how every RMSNorm and SDDNorm computes on CPU, not what: same outputs (to float
+    rounding), same state dict, same classes to isinstance; F.rms_norm elsewhere (under compile, in bf16)."""
+    torch.manual_seed(0)
+    plain = GPT(tiny(sdd=True, lns=True))
+    fast = cpu_rmsnorm.use_rmsnorm_kernel(copy.deepcopy(plain))
+    kinds = [type(m) for m in fast.modules() if isinstance(m, (RMSNorm, SDDNorm))]
+    assert kinds and all(k in (cpu_rmsnorm.WITH_KERNEL[RMSNorm], cpu_rmsnorm.WITH_KERNEL[SDDNorm]) for k in kinds)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    idx = torch.randint(0, 40, (2, 16))
+    torch.testing.assert_close(fast(idx, idx)[1], plain(idx, idx)[1])
+    cpu_rmsnorm.use_rmsnorm_kernel(fast, cpu_rmsnorm.layer_norm_kernel)  # switching again switches the kernel
+    assert fast.transformer.h[0].attn.out_norm.kernel is cpu_rmsnorm.layer_norm_kernel
+    norm = fast.transformer.h[0].mlp.fc_norm
+    d = norm.weight.numel()
+    x = torch.randn(4, d) + 3.0  # a mean far from 0: LayerNorm is not RMSNorm here
+    assert not torch.allclose(norm(x), F.rms_norm(x, (d,), norm.weight, 1e-5), atol=1e-3)
+    torch.testing.assert_close(norm(x.bfloat16()), F.rms_norm(x.bfloat16(), (d,), norm.weight, 1e-5))
+
+
+def test_the_reference_stays_small():
+    """The design card: four Python files at the top level, a training script of at most ~450 lines, no function
+    outside the tests over ~60 lines or ~7 parameters."""
+    root = Path(__file__).parent
+    assert sorted(p.name for p in root.glob("*.py")) == ["prepare_data.py", "stable_gpt.py", "test_stable_gpt.py",
+                                                         "train_shakespeare.py"]
+    assert len((root / "train_shakespeare.py").read_text().splitlines()) <= 450
+    too_big = []
+    for path in [*root.glob("*.py"), *root.glob("tools/*.py")]:
+        if path.name.startswith("test"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                bound = bool(node.args.args) and node.args.args[0].arg in ("self", "cls")
+                n_params = len(node.args.args) + len(node.args.kwonlyargs) - bound
+                if node.end_lineno - node.lineno + 1 > 60 or n_params > 7:
+                    too_big.append(f"{path.name}:{node.lineno} {node.name}")
+    assert not too_big, too_big
+
+
 @pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 def test_rmsnorm_cpu_backward_matches_autograd(strided):
     """The hand-written CPU backward of RMSNorm (LayerNorm's kernel plus the mean term) gives the gradients
     of F.rms_norm, also on a strided per-head view as SDD's q/k norms get."""
     torch.manual_seed(0)
     leaf = torch.randn(4, 6, 48 if strided else 16, requires_grad=True)
-    norm = RMSNorm(16 // 4 if strided else 16)
+    norm = cpu_rmsnorm.use_rmsnorm_kernel(RMSNorm(16 // 4 if strided else 16))
+    assert isinstance(norm, RMSNorm) and type(norm) is not RMSNorm  # the kernel's subclass
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5)
 
@@ -533,7 +589,7 @@ def test_sample_from_checkpoint(tmp_path, data_dir, capsys):
 # ----------------------------------------------------------------------------------------------------
 # The stabilizers: each technique's defining property
 
-from stable_gpt import SDDNorm, WeSaRLinear, fold_wesar, target_variance_rescale  # noqa: E402
+from stable_gpt import WeSaRLinear, fold_wesar, target_variance_rescale  # noqa: E402
 
 ALL_FLAGS = dict(sdd=True, lns=True, wesar=True, lir=True, tvr=True)
 # the practitioners' fixes together, with every paper's flag that composes with them (SDD does not)
@@ -671,8 +727,8 @@ def perturbed(model, seed=1, scale=0.05):
 
 
 def test_combination_notes_name_what_acts_differently():
-    assert tiny().combination_notes() == [] and tiny(lns=True, lir=True, tvr=True, wesar=True).combination_notes() == []
-    notes = tiny(sdd=True, lns=True, wesar=True, lir=True, tvr=True).combination_notes()
+    assert stable_gpt.combination_notes(tiny()) == [] and stable_gpt.combination_notes(tiny(lns=True, lir=True, tvr=True, wesar=True)) == []
+    notes = stable_gpt.combination_notes(tiny(sdd=True, lns=True, wesar=True, lir=True, tvr=True))
     assert [n.split(":")[0] for n in notes] == ["lns under sdd", "lir under sdd", "tvr under sdd", "wesar under sdd"]
     assert all("effective learning rate" in n for n in notes[1:3])
 
@@ -1065,7 +1121,7 @@ def matrix_model(kw, seed=0):
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**MATRIX_BASE, **kw))
     for m in model.modules():
-        if isinstance(m, RMSNorm):
+        if isinstance(m, (RMSNorm, SDDNorm)):
             m.eps = 0.0
     return model
 
@@ -1165,10 +1221,10 @@ def test_training_with_each_flag_lowers_the_loss(tmp_path, data_dir, flags, caps
     names = [f.lstrip("-") for f in flags if f.lstrip("-") in ("sdd", "lns", "wesar", "lir", "tvr")]
     printed = capsys.readouterr().out
     assert all(n in summary["techniques"] and n in printed for n in names)
-    for note in tiny(**{n: True for n in names}).combination_notes():  # e.g. "lir under sdd: ..."
+    for note in stable_gpt.combination_notes(tiny(**{n: True for n in names})):  # e.g. "lir under sdd: ..."
         assert f"note: {note}" in printed
     # the checkpoint holds the technique's parameters and rebuilds the same model
-    model = train_shakespeare.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
+    model = runs.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
     assert model.config.techniques() == summary["techniques"]
 
 
@@ -1234,10 +1290,10 @@ def test_spike_detector_on_a_synthetic_curve():
     curve = (2.0 * torch.exp(-torch.arange(600) / 150) + 1.5 + 0.03 * torch.randn(600, generator=g)).tolist()
     for step in (200, 350, 351, 500):
         curve[step] *= 1.6
-    detector = support.SpikeDetector(factor=1.2, window=50)
+    detector = monitors.SpikeDetector(factor=1.2, window=50)
     found = [i for i, loss in enumerate(curve) if detector.update(loss) is not None]
     assert found == [200, 350, 351, 500]
-    assert support.SpikeDetector(1.2, 50).update(100.0) is None  # no verdict on an empty window
+    assert monitors.SpikeDetector(1.2, 50).update(100.0) is None  # no verdict on an empty window
 
 
 def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
@@ -1287,7 +1343,9 @@ def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):
     out = tmp_path / "cmp"
     argv = train_args(data_dir, out, "--max-iters", "30", "--eval-interval", "15", "--diag-interval", "15") + \
         ["--compare", "baseline", "--lns --n-layer 3", "--seeds", "2"]
-    assert train_shakespeare.main(argv) == 0
+    assert sweep.main(argv) == 0
+    assert train_shakespeare.main(argv) == 2  # the training script points to the tool
+    assert "python -m tools.sweep" in capsys.readouterr().err
     table = (out / "compare.md").read_text().splitlines()
     assert table[0].startswith("| config | seeds | best val | final val | diverged | spikes | tokens/s")
     assert table[2].startswith("| baseline | 2 | ") and table[3].startswith("| --lns --n-layer 3 | 2 | ")
@@ -1297,12 +1355,12 @@ def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):
         assert run["config"]["seed"] == seed and run["model_args"]["n_layer"] == 3 and run["model_args"]["lns"]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
-    assert train_shakespeare.main(argv) == 0  # again: nothing is redone
+    assert sweep.main(argv) == 0  # again: nothing is redone
     assert capsys.readouterr().out.count("done already") == 4
     # a run that was interrupted is not done: it is resumed from its checkpoint
     path = out / "baseline" / "seed1338" / "summary.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), interrupted_at=17)))
-    assert train_shakespeare.main(argv) == 0
+    assert sweep.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("done already") == 3 and "resuming at iter 30" in printed
 
@@ -1416,10 +1474,11 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
     faulting fresh pages in (~500 per step here with glibc's defaults, ~8,000 at the CPU preset's size). In a
     fresh process, so that the setting starts from glibc's defaults."""
     code = """if True:
-        import resource, sys, torch, support
+        import resource, sys, torch
+        from tools import runs
         from stable_gpt import GPT, GPTConfig
         torch.manual_seed(0)
-        assert support.keep_freed_memory()
+        assert runs.keep_freed_memory()
         model = GPT(GPTConfig(block_size=64, vocab_size=65, n_layer=2, n_head=4, n_embd=128))
         opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), "cpu")
         x = torch.randint(0, 65, (16, 64))
@@ -1445,8 +1504,6 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
 def test_bench_times_every_config_and_an_outside_nanogpt_model(capsys):
     """bench.py prints one row per configuration, and times a nanoGPT-style model.py given by path (here this
     project's own stable_gpt.py, which has nanoGPT's GPT/GPTConfig interface) in the same process."""
-    import bench
-
     bench.main(["--flags", "baseline", "sdd", "all", "--rounds", "1", "--steps", "1", "--no-memory",
                 "--nanogpt", str(Path(__file__).parent / "stable_gpt.py")])
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
@@ -1460,16 +1517,18 @@ def test_bench_times_every_config_and_an_outside_nanogpt_model(capsys):
         bench.main(["--nanogpt", "no/such/model.py"])
 
 
-def test_bench_rmsnorm_as_layernorm_swaps_the_kernel_only_inside():
-    """--rmsnorm-as-layernorm (a timing bound) runs every RMSNorm as F.layer_norm while it times, then puts the real
-    RMSNorm back, so nothing after it computes the wrong function."""
-    import bench
-
-    norm, x = stable_gpt.RMSNorm(16), torch.randn(3, 16) + 2.0  # a mean far from 0: the two norms differ
-    with bench.rmsnorm_run_as_layernorm():
-        assert torch.allclose(norm(x), F.layer_norm(x, (16,)), atol=1e-6)
-    assert torch.allclose(norm(x), F.rms_norm(x, (16,), eps=1e-5), atol=1e-6)
+def test_bench_rmsnorm_as_layernorm_swaps_the_kernel_of_its_own_models_only():
+    """--rmsnorm-as-layernorm (a timing bound) runs every RMSNorm of the models it times as F.layer_norm; the
+    models it builds otherwise, and every other model, compute RMSNorm."""
+    shape = dict(n_layer=1, n_head=2, n_embd=16, block_size=8)
+    x = torch.randn(3, 16) + 2.0  # a mean far from 0: the two norms differ
     assert not torch.allclose(F.rms_norm(x, (16,)), F.layer_norm(x, (16,)), atol=1e-2)
+    for kernel, reference in ((cpu_rmsnorm.layer_norm_kernel, F.layer_norm(x, (16,))),
+                              (cpu_rmsnorm.RMSNormCPU.apply, F.rms_norm(x, (16,), eps=1e-5))):
+        model = bench.build_model(shape, "sdd", rmsnorm_kernel=kernel)
+        norm = model.transformer.h[0].attn.out_norm
+        torch.testing.assert_close(norm(x) / norm.weight, reference, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(stable_gpt.SDDNorm(16)(x), F.rms_norm(x, (16,), eps=1e-5), atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1607,7 +1666,7 @@ def test_compare_checks_every_configuration_before_training(tmp_path, data_dir, 
     for bad, message in (('--frob', "unknown flag(s) --frob"), ("--lns --norm-position post", "lns scales"),
                          ("--n-head 5", "must be divisible by n_head")):
         argv = train_args(data_dir, tmp_path / "cmp") + ["--compare", "baseline", bad]
-        assert train_shakespeare.main(argv) == 2
+        assert sweep.main(argv) == 2
         err = capsys.readouterr().err
         assert message in err and err.startswith("error: --compare configuration"), err
         assert not (tmp_path / "cmp").exists()  # the baseline did not train first
@@ -1683,10 +1742,10 @@ def test_a_crafted_checkpoint_is_refused_without_running_code(tmp_path, capsys):
 
 
 def test_best_checkpoint_is_a_link_that_keeps_its_state(tmp_path):
-    support.save_checkpoint(tmp_path / "ckpt.pt", {"iter_num": 1})
-    support.link_checkpoint(tmp_path / "ckpt.pt", tmp_path / "best.pt")
+    runs.save_checkpoint(tmp_path / "ckpt.pt", {"iter_num": 1})
+    runs.link_checkpoint(tmp_path / "ckpt.pt", tmp_path / "best.pt")
     assert os.path.samefile(tmp_path / "best.pt", tmp_path / "ckpt.pt")
-    support.save_checkpoint(tmp_path / "ckpt.pt", {"iter_num": 2})  # a later, worse state
+    runs.save_checkpoint(tmp_path / "ckpt.pt", {"iter_num": 2})  # a later, worse state
     assert torch.load(tmp_path / "best.pt")["iter_num"] == 1 and torch.load(tmp_path / "ckpt.pt")["iter_num"] == 2
 
 
@@ -1700,8 +1759,8 @@ def test_atomic_checkpoint_survives_a_crash_mid_write(finished_run, monkeypatch,
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crashing_save)
-    with pytest.raises(support.TrainError, match="disk full.*the previous checkpoint there is kept"):
-        support.save_checkpoint(ckpt, {"model": {}})
+    with pytest.raises(runs.TrainError, match="disk full.*the previous checkpoint there is kept"):
+        runs.save_checkpoint(ckpt, {"model": {}})
     assert ckpt.read_bytes() == good and not (tmp_path / "ckpt.pt.tmp").exists()
     assert train_shakespeare.load_checkpoint(ckpt)["iter_num"] == 20
 
@@ -1720,7 +1779,7 @@ def test_divergence_is_caught_at_its_step_and_keeps_the_checkpoint(tmp_path, dat
     assert f"diverged at iter {summary['diverged_at']}: best val" in printed and "done:" not in printed
     ckpt = train_shakespeare.load_checkpoint(out / "ckpt.pt")
     assert ckpt["iter_num"] == 0
-    model = train_shakespeare.model_from_checkpoint(ckpt)
+    model = runs.model_from_checkpoint(ckpt)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -1745,7 +1804,7 @@ def test_skip_nonfinite_skips_one_bad_update(tmp_path, data_dir, monkeypatch):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_updates"] == 1 and not summary["diverged"] and summary["iters"] == 60
     assert [r["iter"] for r in read_log(out) if r.get("type") == "skipped"] == [10]
-    model = train_shakespeare.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
+    model = runs.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -1762,7 +1821,7 @@ def test_skip_nonfinite_stops_when_every_update_is_skipped(tmp_path, data_dir, m
 def test_a_run_folder_in_use_is_refused_with_the_holder(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    lock = support.RunLock(out)  # another run holds the folder
+    lock = runs.RunLock(out)  # another run holds the folder
     try:
         assert train_shakespeare.main(train_args(data_dir, out)) == 2
         err = capsys.readouterr().err
@@ -1780,29 +1839,31 @@ def test_overwrite_clears_the_old_run_and_a_finished_run_is_not_resumed(tmp_path
     assert os.path.samefile(out / "best.pt", out / "ckpt.pt")  # the last eval was the best: one file, two names
     assert plots.main([str(out)]) == 0 and plots.main([str(tmp_path / "nothing")]) == 2
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "4", "--resume")) == 2
-    assert f"is finished (4 of 4 iters); raise --max-iters to train on, or plot it with: python plots.py {out}" \
+    assert f"is finished (4 of 4 iters); raise --max-iters to train on, or plot it with: python -m tools.plots {out}" \
         in capsys.readouterr().err
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "4", "--overwrite")) == 0
     assert not list(out.glob("*.png"))  # the old run's plots are gone with it
 
 
 def test_default_out_dir_is_named_after_the_data(text_file):
-    parse = lambda *argv: train_shakespeare.resolve_config(train_shakespeare.build_parser().parse_args(argv))[0]
-    assert parse()["out_dir"] == str(Path("out") / "cpu")
-    assert parse("--sdd", "--lns")["out_dir"] == str(Path("out") / "cpu-sdd-lns")
-    assert parse("--data", str(text_file))["out_dir"] == str(Path("out") / f"cpu-{text_file.stem}")
-    assert parse("--data", str(text_file), "--tokenizer", "gpt2")["out_dir"].endswith(f"-{text_file.stem}-bpe")
+    ts = train_shakespeare
+    parse = lambda *argv: ts.resolve(ts.settings_given(ts.build_parser().parse_args(argv)))
+    assert parse().out_dir == str(Path("out") / "cpu")
+    assert parse("--sdd", "--lns").out_dir == str(Path("out") / "cpu-sdd-lns")
+    assert parse("--sdd", "--norm-position", "post", "--z-loss", "1e-4").out_dir == str(Path("out") / "cpu-sdd-zloss0.0001-post")
+    assert parse("--data", str(text_file)).out_dir == str(Path("out") / f"cpu-{text_file.stem}")
+    assert parse("--data", str(text_file), "--tokenizer", "gpt2").out_dir.endswith(f"-{text_file.stem}-bpe")
 
 
 def test_logs_are_json_without_nan_and_survive_a_partial_line(tmp_path):
-    log = support.JsonlLog(tmp_path / "log.jsonl")
+    log = runs.JsonlLog(tmp_path / "log.jsonl")
     log.write(iter=1, loss=float("nan"), grad_norm=float("inf"), nested={"a": [1.0, float("-inf")]})
     log.write(iter=2, loss=1.5)
     with (tmp_path / "log.jsonl").open("a") as f:
         f.write('{"iter": 3, "lo')  # a crash mid-write
     assert json.loads((tmp_path / "log.jsonl").read_text().splitlines()[0]) == \
         {"iter": 1, "loss": None, "grad_norm": None, "nested": {"a": [1.0, None]}}
-    support.JsonlLog(tmp_path / "log.jsonl", resume_iter=5)  # resuming drops the partial line only
+    runs.JsonlLog(tmp_path / "log.jsonl", resume_iter=5)  # resuming drops the partial line only
     assert [r["iter"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
 
 
@@ -1972,10 +2033,10 @@ def test_olmo_spike_score_on_a_synthetic_curve():
     curve[300] = 2.2  # 20 std above the mean: a spike
     curve[350] = 2.03  # 3 std: not one
     curve[50] = 9.0  # before a full window of 128 steps: never scored
-    score = support.OLMoSpikeScore(sigmas=6, window=128)
+    score = monitors.OLMoSpikeScore(sigmas=6, window=128)
     found = [i for i, loss in enumerate(curve) if score.update(i, loss)]
     assert found == [300] and score.scored == 400 - 128 and score.score == pytest.approx(100 / 272)
-    again = support.OLMoSpikeScore(**score.state())  # what a checkpoint stores: the score continues
+    again = monitors.OLMoSpikeScore(**score.state())  # what a checkpoint stores: the score continues
     assert again.update(400, 2.3) and again.spike_iters == [300, 400]
 
 
@@ -1992,8 +2053,8 @@ def test_summary_reports_the_olmo_spike_score(tmp_path, data_dir):
 
 def test_lr_sensitivity_on_a_known_table():
     # Wortsman et al.: mean over the grid of min(loss, loss at init) minus the best; the caller caps at init
-    assert train_shakespeare.lr_sensitivity({1e-3: 3.0, 3e-3: 2.0, 1e-2: 2.5, 3e-2: 4.1}) == pytest.approx(0.9)
-    assert train_shakespeare.lr_sensitivity({1e-3: 2.0, 1e-2: 2.0}) == 0.0
+    assert sweep.lr_sensitivity({1e-3: 3.0, 3e-3: 2.0, 1e-2: 2.5, 3e-2: 4.1}) == pytest.approx(0.9)
+    assert sweep.lr_sensitivity({1e-3: 2.0, 1e-2: 2.0}) == 0.0
 
 
 def fake_run(folder, final, diverged, init=4.0, seed=1):
@@ -2005,16 +2066,16 @@ def fake_run(folder, final, diverged, init=4.0, seed=1):
 
 
 def test_a_diverged_run_counts_at_its_loss_at_init(tmp_path):
-    outcome = train_shakespeare.run_outcome
+    outcome = sweep.run_outcome
     assert outcome(fake_run(tmp_path / "a", 2.0, diverged=True))["counted_loss"] == 4.0  # stopped at a NaN
     assert outcome(fake_run(tmp_path / "b", None, diverged=True))["counted_loss"] == 4.0
     above = outcome(fake_run(tmp_path / "c", 5.5, diverged=False))  # finite but worse than at init: capped
     assert above["counted_loss"] == 4.0 and not above["diverged"]
     assert outcome(fake_run(tmp_path / "d", 2.5, diverged=False))["counted_loss"] == 2.5
-    sweep = train_shakespeare.lr_sweep_results({"x": {1e-3: [tmp_path / "d"], 1e-1: [tmp_path / "a"]}})
-    c = sweep["configs"]["x"]
+    result = sweep.lr_sweep_results({"x": {1e-3: [tmp_path / "d"], 1e-1: [tmp_path / "a"]}})
+    c = result["configs"]["x"]
     assert c["best_lr"] == 1e-3 and c["best_loss"] == 2.5 and c["lr_sensitivity"] == pytest.approx(0.75)
-    assert "\u2020" in train_shakespeare.lr_sweep_table(sweep).splitlines()[2]  # the diverged run is marked
+    assert "\u2020" in sweep.lr_sweep_table(result).splitlines()[2]  # the diverged run is marked
 
 
 def without_lr(args):
@@ -2023,14 +2084,14 @@ def without_lr(args):
 
 
 def test_lr_sweep_end_to_end_and_resumable(tmp_path, data_dir, capsys):
-    out = tmp_path / "sweep"
+    out = tmp_path / "result"
     argv = without_lr(train_args(data_dir, out, "--max-iters", "20", "--eval-interval", "10", "--diag-interval", "0",
                                  "--log-interval", "10")) + \
         ["--compare", "baseline", "--norm-position post", "--lrs", "1e-3", "3e-2", "--seeds", "2"]
-    assert train_shakespeare.main(argv) == 0
-    sweep = json.loads((out / "lr_sweep.json").read_text())
-    assert sweep["lrs"] == [1e-3, 3e-2] and list(sweep["configs"]) == ["baseline", "--norm-position post"]
-    post = sweep["configs"]["--norm-position post"]
+    assert sweep.main(argv) == 0
+    result = json.loads((out / "lr_sweep.json").read_text())
+    assert result["lrs"] == [1e-3, 3e-2] and list(result["configs"]) == ["baseline", "--norm-position post"]
+    post = result["configs"]["--norm-position post"]
     assert post["model"] == "post-layernorm" and [o["seed"] for o in post["runs"]["0.03"]] == [1337, 1338]
     run = json.loads((out / "norm-position-post" / "lr0.03" / "seed1338" / "summary.json").read_text())
     assert run["config"]["lr"] == 0.03 and run["config"]["min_lr"] == pytest.approx(0.003)  # the preset's ratio
@@ -2038,19 +2099,19 @@ def test_lr_sweep_end_to_end_and_resumable(tmp_path, data_dir, capsys):
     assert table[0].startswith("| config | model | lr 0.001 | lr 0.03 | best lr | best loss | LR sensitivity |")
     assert (out / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
-    assert train_shakespeare.main(argv) == 0  # again: nothing is redone
+    assert sweep.main(argv) == 0  # again: nothing is redone
     assert capsys.readouterr().out.count("done already") == 8
     # an interrupted run is resumed; the table is written again
     path = out / "baseline" / "lr0.001" / "seed1337" / "summary.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), interrupted_at=5)))
-    assert train_shakespeare.main(argv) == 0
+    assert sweep.main(argv) == 0
     assert capsys.readouterr().out.count("done already") == 7
 
 
 def test_lr_sweep_alone_and_its_bad_inputs(tmp_path, data_dir, capsys):
     out = tmp_path / "one"
     args = without_lr(train_args(data_dir, out, "--max-iters", "10", "--eval-interval", "10", "--diag-interval", "0"))
-    assert train_shakespeare.main(args + ["--sdd", "--lrs", "1e-3", "1e-2"]) == 0  # the command line's config
+    assert sweep.main(args + ["--sdd", "--lrs", "1e-3", "1e-2"]) == 0  # the command line's config
     assert json.loads((out / "lr_sweep.json").read_text())["configs"]["baseline"]["model"] == "pre-layernorm + sdd"
     for bad, message in ((["--lrs"], "--lrs needs one or more learning rates > 0"),
                          (["--lrs", "0", "1e-3"], "--lrs needs one or more learning rates > 0"),
@@ -2058,6 +2119,6 @@ def test_lr_sweep_alone_and_its_bad_inputs(tmp_path, data_dir, capsys):
                          (["--lrs", "1e-3", "--compare", "--lr 1e-2"], "drop --lr from '--lr 1e-2'"),
                          (["--lr=1e-2", "--lrs", "1e-3"], "--lrs sets the peak learning rate of every run"),
                          (["--lrs", "1e-3", "--min-lr", "5e-3"], "--min-lr (0.005) must not exceed --lr (0.001)")):
-        assert train_shakespeare.main(args + ["--out-dir", str(tmp_path / "bad")] + bad) == 2
+        assert sweep.main(args + ["--out-dir", str(tmp_path / "bad")] + bad) == 2
         assert message in capsys.readouterr().err, bad
         assert not (tmp_path / "bad").exists()

@@ -1,10 +1,10 @@
 """
 Plots of a training run (log.jsonl, diag.jsonl) and of a comparison of runs, as PNG files.
 
-    python plots.py out/cpu                       # the plots of one run, into out/cpu/
+    python -m tools.plots out/cpu                 # the plots of one run, into out/cpu/
     python train_shakespeare.py --plot ...        # the same at the end of training
-    python train_shakespeare.py --compare ...     # compare.png: the configurations overlaid
-    python plots.py --logits twins.png RUN_A RUN_B  # attention-logit and log Z growth of runs side by side
+    python -m tools.sweep --compare ...           # compare.png: the configurations overlaid
+    python -m tools.plots --logits twins.png RUN_A RUN_B  # attention-logit and log Z growth of runs side by side
 
 Layer-indexed panels put the block index (1 = first block) on the x axis.
 """
@@ -25,7 +25,7 @@ KINDS = ("q", "k", "v", "attn_out", "fc", "mlp_out")  # the block matrices, as s
 
 def read_jsonl(path):
     """The records of a .jsonl file ([] if there is none), less a line that is not whole JSON: a run killed
-    mid-write can leave a partial last line (the rule of support.parse_or_none, which this file does not import
+    mid-write can leave a partial last line (the rule of tools.runs.parse_or_none, which this file does not import
     so that plotting needs no torch)."""
     path = Path(path)
     records = []
@@ -77,12 +77,24 @@ def save(fig, path, dpi=90, integer_x=True):
 
 
 def plot_run(out_dir):
-    """Write loss.png and, when diag.jsonl exists, depth.png, updates.png, activations.png, weight_std.png.
-    Returns the paths written."""
+    """Write loss.png and, when diag.jsonl exists, depth.png, updates.png, activations.png, weight_std.png (and
+    logits.png where the records have attention logits). Returns the paths written."""
     out_dir = Path(out_dir)
     log, diag = read_run(out_dir)
-    written = []
+    written = [plot_loss(log, out_dir.name, out_dir / "loss.png")]
+    if not diag:
+        return written
+    snaps = snapshots(diag)
+    colors = plt.cm.viridis([i / max(1, len(snaps) - 1) for i in range(len(snaps))])
+    written += [plot_depth(snaps, colors, out_dir / "depth.png"), plot_updates(diag[-1], out_dir / "updates.png"),
+                plot_activations(snaps, colors, out_dir / "activations.png"),
+                plot_weight_std(diag, out_dir / "weight_std.png")]
+    if "attn_logit_max" in diag[-1]:
+        written += plot_logit_growth({out_dir.name: (log, diag)}, out_dir / "logits.png")
+    return written
 
+
+def plot_loss(log, name, path):
     fig, ax = plt.subplots(figsize=(7, 4.5))
     steps = step_records(log)
     evals = [r for r in log if r.get("type") == "eval"]
@@ -92,15 +104,12 @@ def plot_run(out_dir):
     ax.plot([r["iter"] for r in evals], [r["val_loss"] for r in evals], "s-", label="val (eval)")
     if spikes:
         ax.plot([r["iter"] for r in spikes], [r["loss"] for r in spikes], "rx", ms=8, label="loss spike")
-    ax.set(title=f"Loss: {out_dir.name}", xlabel="iteration", ylabel="cross-entropy (nats/token)")
+    ax.set(title=f"Loss: {name}", xlabel="iteration", ylabel="cross-entropy (nats/token)")
     ax.legend()
-    written.append(save(fig, out_dir / "loss.png"))
-    if not diag:
-        return written
+    return save(fig, path)
 
-    snaps = snapshots(diag)
-    colors = plt.cm.viridis([i / max(1, len(snaps) - 1) for i in range(len(snaps))])
 
+def plot_depth(snaps, colors, path):
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r, c in zip(snaps, colors):
         axes[0].plot(layers(r["variance"]), r["variance"], "o-", color=c, label=f"iter {r['iter']}")
@@ -111,9 +120,10 @@ def plot_run(out_dir):
     axes[1].set(title="Angular distance, block input to output", xlabel="block", ylabel="arccos(cos sim) / pi")
     axes[2].set(title="Layer importance: loss increase if removed", xlabel="block", ylabel="delta loss (nats)")
     axes[0].legend(fontsize=8)
-    written.append(save(fig, out_dir / "depth.png"))
+    return save(fig, path)
 
-    last = diag[-1]
+
+def plot_updates(last, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for key, ax, title, unit in (("update_ratio", axes[0], "Update ratio |dW|/|W| of one step", "ratio"),
                                  ("grad_norm", axes[1], "Gradient norm of each matrix", "L2 norm")):
@@ -121,8 +131,10 @@ def plot_run(out_dir):
             ax.plot(layers(values), values, "o-", label=kind)
         ax.set(title=f"{title} (iter {last['iter']})", xlabel="block", ylabel=unit, yscale="log")
         ax.legend(fontsize=8)
-    written.append(save(fig, out_dir / "updates.png"))
+    return save(fig, path)
 
+
+def plot_activations(snaps, colors, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for r, c in zip(snaps, colors):
         axes[0].plot(layers(r["max_abs"]), r["max_abs"], "o-", color=c, label=f"stream, iter {r['iter']}")
@@ -132,8 +144,11 @@ def plot_run(out_dir):
     axes[0].set(title="Max |activation| (o stream, x MLP input)", xlabel="block", ylabel="max |x|")
     axes[1].set(title="Kurtosis (o stream, x MLP input; Gaussian = 3)", xlabel="block", ylabel="kurtosis")
     axes[0].legend(fontsize=8)
-    written.append(save(fig, out_dir / "activations.png"))
+    return save(fig, path)
 
+
+def plot_weight_std(diag, path):
+    last = diag[-1]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     iters = [r["iter"] for r in diag]
     for kind in KINDS:
@@ -144,10 +159,7 @@ def plot_run(out_dir):
     axes[0].set(title="Weight std over training (max over blocks)", xlabel="iteration", ylabel="std")
     axes[1].set(title=f"Weight std by block (iter {last['iter']})", xlabel="block", ylabel="std")
     axes[0].legend(fontsize=8)
-    written.append(save(fig, out_dir / "weight_std.png"))
-    if "attn_logit_max" in diag[-1]:
-        written += plot_logit_growth({out_dir.name: (log, diag)}, out_dir / "logits.png")
-    return written
+    return save(fig, path)
 
 
 def plot_logit_growth(runs, path, dpi=90):

@@ -2,11 +2,11 @@
 Training-step benchmark: ms per step (forward, backward, clip, AdamW step, TVR where on), tokens/s and peak
 memory for the baseline, each stabilizer alone and all of them, at a given shape, on random tokens.
 
-    python bench.py                       # the CPU preset shape (4/4/128, block 64, batch 32)
-    python bench.py --shape nanogpt-cpu   # nanoGPT's README CPU recipe shape (4/4/128, block 64, batch 12)
-    python bench.py --compile             # the same, each model torch.compile'd
-    python bench.py --nanogpt ../nanoGPT/model.py   # add nanoGPT's own model, timed in this process
-    python bench.py --rmsnorm-as-layernorm          # bound: the step time with an RMSNorm as fast as LayerNorm
+    python -m tools.bench                       # the CPU preset shape (4/4/128, block 64, batch 32)
+    python -m tools.bench --shape nanogpt-cpu   # nanoGPT's README CPU recipe shape (4/4/128, block 64, batch 12)
+    python -m tools.bench --compile             # the same, each model torch.compile'd
+    python -m tools.bench --nanogpt ../nanoGPT/model.py   # add nanoGPT's own model, timed in this process
+    python -m tools.bench --rmsnorm-as-layernorm          # bound: the step time with RMSNorm as fast as LayerNorm
 
 The machine's speed drifts by up to 30% within a minute (other tenants), while ratios measured side by side are
 steady. So the configurations are interleaved: each round times every configuration for --steps steps, and
@@ -26,11 +26,10 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-import stable_gpt
 from stable_gpt import GPT, GPTConfig, tvr_after_step
-from support import keep_freed_memory
+from tools.cpu_rmsnorm import RMSNormCPU, layer_norm_kernel, use_rmsnorm_kernel
+from tools.runs import keep_freed_memory
 
 SHAPES = {
     "cpu-preset": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32),
@@ -59,13 +58,14 @@ def load_nanogpt(path):
     return module
 
 
-def build_model(shape, flag, nanogpt=None):
-    """Our GPT with the flags FLAGS[flag], or, for flag 'nanogpt', nanoGPT's GPT from the module given."""
+def build_model(shape, flag, nanogpt=None, rmsnorm_kernel=RMSNormCPU.apply):
+    """Our GPT with the flags FLAGS[flag], its RMSNorms on rmsnorm_kernel in eager CPU (as the training script
+    runs them), or, for flag 'nanogpt', nanoGPT's GPT from the module given."""
     s = {k: v for k, v in shape.items() if k != "batch_size"}
     if flag == "nanogpt":
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
             return nanogpt.GPT(nanogpt.GPTConfig(vocab_size=VOCAB_SIZE, bias=False, dropout=0.0, **s))
-    return GPT(GPTConfig(vocab_size=VOCAB_SIZE, bias=False, **s, **FLAGS[flag]))
+    return use_rmsnorm_kernel(GPT(GPTConfig(vocab_size=VOCAB_SIZE, bias=False, **s, **FLAGS[flag])), rmsnorm_kernel)
 
 
 class Runner:
@@ -107,12 +107,12 @@ class Runner:
 
 def peak_memory_mib(args, flag):
     """Peak memory of 3 training steps of one configuration, measured in a fresh process."""
-    cmd = [sys.executable, __file__, "--measure-peak", flag, "--shape", args.shape, "--device", args.device]
+    cmd = [sys.executable, "-m", "tools.bench", "--measure-peak", flag, "--shape", args.shape, "--device", args.device]
     cmd += ["--nanogpt", args.nanogpt] if args.nanogpt else []
     cmd += ["--glibc-defaults"] if args.glibc_defaults else []
     cmd += ["--compile"] if args.compile else []
     cmd += ["--rmsnorm-as-layernorm"] if args.rmsnorm_as_layernorm else []
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     return float(out.stdout.split()[-1])
 
 
@@ -139,27 +139,13 @@ def main(argv=None):
     p.add_argument("--nanogpt", metavar="MODEL_PY",
                    help="also time nanoGPT's own GPT, from the model.py of a nanoGPT checkout, interleaved")
     p.add_argument("--glibc-defaults", action="store_true",
-                   help="leave glibc's malloc settings alone (see keep_freed_memory in support.py)")
+                   help="leave glibc's malloc settings alone (see keep_freed_memory in tools/runs.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
     p.add_argument("--rmsnorm-as-layernorm", action="store_true",
                    help="timing experiment, wrong math: every RMSNorm (SDD's included) runs F.layer_norm at the same "
                         "size, to bound what a faster RMSNorm kernel could buy")
     p.add_argument("--measure-peak", metavar="FLAG", help=argparse.SUPPRESS)  # the peak-memory subprocess
-    args = p.parse_args(argv)
-    with rmsnorm_run_as_layernorm() if args.rmsnorm_as_layernorm else contextlib.nullcontext():
-        run(args)
-
-
-@contextlib.contextmanager
-def rmsnorm_run_as_layernorm():
-    """A timing experiment with the wrong math: every RMSNorm of stable_gpt runs F.layer_norm of the same size
-    (PyTorch's fused kernel), so the step time is what it would be with an RMSNorm as fast as LayerNorm."""
-    saved = stable_gpt.rms_norm
-    stable_gpt.rms_norm = lambda x, weight, eps: F.layer_norm(x, weight.shape, weight, None, eps)
-    try:
-        yield
-    finally:
-        stable_gpt.rms_norm = saved
+    run(p.parse_args(argv))
 
 
 def run(args):
@@ -171,7 +157,8 @@ def run(args):
     names = (["nanogpt"] if nanogpt else []) + args.flags
 
     def runner(name):
-        return Runner(build_model(shape, name, nanogpt), shape["batch_size"], device, args.compile)
+        kernel = layer_norm_kernel if args.rmsnorm_as_layernorm else RMSNormCPU.apply
+        return Runner(build_model(shape, name, nanogpt, kernel), shape["batch_size"], device, args.compile)
 
     if args.measure_peak:
         if device.type == "cuda":

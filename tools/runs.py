@@ -1,0 +1,568 @@
+"""
+The run plumbing of train_shakespeare.py, kept out of the recipe: the Run object (a run's state and everything
+it writes: run folder, logs, checkpoints, summary.json), the processes under torchrun, batches, checkpoint
+files, device and dtype, the JSONL logs, the folder lock, the stop request (Ctrl-C), and the memory setting
+that the benchmark shares. Imports torch, numpy and stable_gpt only (plots only with --plot).
+"""
+
+import ctypes
+import fcntl
+import json
+import math
+import os
+import pickle
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from stable_gpt import GPT, GPTConfig, combination_notes
+from tools.monitors import SpikeWatch, StepTimer
+
+
+class TrainError(Exception):
+    """A problem with the user's input, reported as one line (exit code 2)."""
+
+
+# bf16 dense tensor-core peak FLOP/s by GPU name, for MFU (NVIDIA data sheets); an unknown GPU gets no MFU
+GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
+                  "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+
+
+class Batches:
+    """Random (x, y) windows from a uint16 token file, drawn with the run's own generator, so that the data
+    order is reproducible and its state can be saved for an exact resume."""
+
+    def __init__(self, path, block_size, batch_size, device, seed):
+        self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
+        self.n = len(np.memmap(path, dtype=np.uint16, mode="r"))
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def next(self):
+        # re-open the memmap on every batch: a long-lived memmap grows RSS (nanoGPT #287)
+        data = np.memmap(self.path, dtype=np.uint16, mode="r")
+        ix = torch.randint(self.n - self.block_size, (self.batch_size,), generator=self.gen).tolist()
+        x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in ix]).astype(np.int64))
+        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in ix]).astype(np.int64))
+        if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
+        return x.to(self.device), y.to(self.device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(path, state):
+    """Atomic: written to a temporary file in the same folder, then renamed over the old one, so a crash
+    while writing leaves the previous checkpoint intact."""
+    tmp = Path(f"{path}.tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # a full disk shows as either, depending on where torch.save fails
+        raise TrainError(f"could not write {path} ({e}); the previous checkpoint there is kept. Free disk space, "
+                         "then --resume") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def link_checkpoint(src, dst):
+    """dst becomes the same file as src (a hard link, atomically; a copy where the file system has none): best.pt
+    costs no second write or disk space while it is the latest state, and keeps it when ckpt.pt moves on
+    (save_checkpoint replaces ckpt.pt with a new file rather than writing into it)."""
+    tmp = Path(f"{dst}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def load_checkpoint(path):
+    path = Path(path)
+    if not path.is_file():
+        raise TrainError(f"no checkpoint at {path}; train first (python train_shakespeare.py --out-dir "
+                         f"{path.parent}), or point --out-dir at a finished run")
+    try:
+        # weights_only: unpickle tensors, numbers, strings, lists and dicts only (all a checkpoint holds), so
+        # that a crafted file cannot run code while it is read
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise TrainError(f"refused to load {path}: it holds objects other than tensors, numbers, strings, lists "
+                         "and dicts, which a stable-gpt checkpoint never does (loading it could run code)") from None
+    except Exception as e:  # truncated or corrupted file: torch raises a variety of errors
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise TrainError(f"cannot read checkpoint {path} ({type(e).__name__}: {first_line}); it is truncated or "
+                         "not a stable-gpt checkpoint") from None
+    missing = {"model", "model_args", "config", "meta"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
+    if missing:
+        raise TrainError(f"{path} is not a stable-gpt checkpoint (missing {', '.join(sorted(missing))})")
+    return ckpt
+
+
+def checkpoint_model_state(ckpt):
+    """The checkpoint's model state dict, with the prefix torch.compile adds to its keys removed."""
+    return {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+
+
+def load_gpt2(init_from, dropout, block_size):
+    """GPT.from_pretrained(init_from) (--init-from), cropped to block_size; every failure is one line."""
+    try:
+        model = GPT.from_pretrained(init_from, dict(dropout=dropout))
+        model.crop_block_size(block_size)
+        return model
+    except (ImportError, ValueError) as e:  # transformers missing (it is optional), or a bad size
+        raise TrainError(f"--init-from {init_from}: {e}") from None
+    except Exception as e:  # offline and not cached: transformers/huggingface_hub raise OSError and others
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise TrainError(f"--init-from {init_from}: could not load GPT-2's weights ({type(e).__name__}: "
+                         f"{first_line}); they are downloaded from Hugging Face on first use, so this needs a "
+                         "network once, or a copy in the Hugging Face cache") from None
+
+
+def model_from_checkpoint(ckpt):
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    model.load_state_dict(checkpoint_model_state(ckpt))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device, memory, time
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the OS. A training
+    step frees and re-allocates the same activation buffers (0.1-4 MB each in the CPU preset); by default
+    glibc maps such sizes fresh and trims them away on free, so each step page-faults 2,500-8,000 zeroed
+    pages back in: ~15 ms of kernel time over the 2 threads, ~6% of a CPU-preset step (measured with
+    getrusage). A fixed mmap threshold of 32 MiB (glibc's largest) and no trimming keep them on the heap;
+    the peak memory stays the same. Returns whether it took effect (Linux with glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # from glibc's malloc.h
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 * 2**20)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
+
+
+def pick_device(name):
+    if name in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TrainError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda, but CUDA is not available here; use --device cpu (or auto)")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise TrainError("--device mps, but MPS is not available here; use --device cpu (or auto)")
+    return device
+
+
+def pick_dtype(name, device):
+    if name in (None, "auto"):
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name != "float32" and device.type != "cuda":
+        raise TrainError(f"--dtype {name} needs CUDA; on {device.type} use float32")
+    return getattr(torch, name)
+
+
+def gpu_peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def parse_or_none(line):
+    """A log line's record, or None for a line that is not whole JSON (a crash mid-write can leave a partial
+    last line)."""
+    try:
+        return json.loads(line)
+    except ValueError:
+        return None
+
+
+class JsonlLog:
+    """log.jsonl: one JSON object per line; a step line's iter counts the steps done, an eval line's the steps
+    before it. On resume, what the resumed run will write again (later steps, the eval at resume_iter) is dropped."""
+
+    def __init__(self, path, resume_iter=None):
+        self.path = Path(path)
+        lines = []
+        if resume_iter is not None and self.path.is_file():
+            keep = lambda r: r["iter"] < resume_iter or (r["iter"] == resume_iter and r.get("type") != "eval")
+            lines = [ln for ln in self.path.read_text().splitlines()
+                     if (record := parse_or_none(ln)) is not None and keep(record)]
+        self.path.write_text("".join(ln + "\n" for ln in lines))
+
+    def write(self, **record):
+        with self.path.open("a") as f:
+            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+
+
+def finite_or_null(value):
+    """value with every NaN or infinity replaced by None: JSON has no NaN, so a diverged step logs null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+class RunLock:
+    """An exclusive lock on a run folder (flock on <folder>/.lock, released when the process ends in any way),
+    so that two runs never write into one folder at once. The holder's process id is in the file."""
+
+    def __init__(self, folder):
+        self.path = Path(folder) / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "unknown"
+            self.file.close()
+            raise TrainError(f"{folder} is in use by another run (process {holder}); wait for it to finish, or "
+                             "use another --out-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self):
+        self.file.close()  # closing the file releases the lock
+
+
+def clear_outputs(folder):
+    """Before a fresh run (--overwrite) in a folder that held one: remove the old run's files, so that no
+    stale plot or summary is taken for the new run's."""
+    for name in ("ckpt.pt", "best.pt", "summary.json", "log.jsonl", "diag.jsonl"):
+        (Path(folder) / name).unlink(missing_ok=True)
+    for png in Path(folder).glob("*.png"):
+        png.unlink()
+
+
+class StopRequest:
+    """Turns SIGINT (Ctrl-C) and SIGTERM into a request the loop honours at the next step boundary, where it
+    writes a checkpoint and returns. A second signal stops at once (the last checkpoint stays intact)."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              "(signal again to stop at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes: one, or one per GPU under torchrun
+
+
+@dataclass
+class Process:
+    """This process's place in the run: rank and world size under torchrun (else 0 and 1) and its device."""
+    rank: int
+    world: int
+    device: torch.device
+    ddp: bool
+
+    @property
+    def master(self):
+        return self.rank == 0  # rank 0 alone prints, logs, evaluates into files and writes checkpoints
+
+
+def setup_process(device_name):
+    """The device, and under torchrun (which sets RANK) the process group: NCCL on GPUs, gloo on CPUs."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return Process(0, 1, pick_device(device_name), ddp=False)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_name in (None, "auto"):
+        device_name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    device = pick_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Process(rank, world, device, ddp=True)
+
+
+def micro_steps_per_rank(grad_accum, world):
+    """--grad-accum is the micro-batches of one optimizer step over all processes: each of N processes does
+    grad_accum / N of them, and at least one, so any preset runs on any N (with more processes than
+    micro-batches, a step holds N micro-batches and the tokens per step grow; the start-up line says so)."""
+    return max(1, grad_accum // world)
+
+
+def wrap_model(model, compiled, proc):
+    """The model the step runs: torch.compile'd (CUDA default), in DistributedDataParallel under torchrun."""
+    model = torch.compile(model) if compiled else model
+    if proc.ddp:
+        model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+    return model
+
+
+def any_rank(flag, proc):
+    """Whether flag holds on any rank: every rank must stop at the same step, or the collectives would hang."""
+    if not proc.ddp:
+        return flag
+    t = torch.tensor(float(flag), device=proc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item() > 0
+
+
+def replica_max_diff(model, proc):
+    """Self-check after a DDP run: the largest difference of any weight across ranks (DDP, and TVR's
+    deterministic in-place edit, must keep the replicas identical). None without DDP."""
+    if not proc.ddp:
+        return None
+    flat = torch.cat([p.detach().float().flatten() for p in model.parameters()])
+    high, low = flat.clone(), flat.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return (high - low).max().item()
+
+
+def rng_states(data_state, proc):
+    """Every rank's random streams (data order, dropout), so that each rank resumes its own."""
+    mine = dict(data=data_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if proc.device.type == "cuda" else None)
+    if not proc.ddp:
+        return [mine]
+    states = [None] * proc.world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run: its state, and everything it writes
+
+
+MAX_SKIPS_IN_A_ROW = 10  # --skip-nonfinite: more non-finite steps in a row than this is a divergence
+
+
+class Run:
+    """One training run's state and everything it writes. Every rank keeps the state (the step counter, the
+    best val loss, the spike rules); rank 0 alone prints and writes the run folder: the lock, log.jsonl,
+    diag.jsonl, ckpt.pt and best.pt, summary.json. A checkpoint holds the whole state and every rank's random
+    streams, so that --resume continues bit for bit."""
+
+    def __init__(self, cfg, proc, model, optimizer, batches, meta, resume_ckpt=None):
+        self.cfg, self.proc, self.model, self.optimizer = cfg, proc, model, optimizer
+        self.meta, self.batches, self.out_dir = meta, batches, Path(cfg.out_dir)
+        # fp16 needs a loss scaler (bf16 and fp32 do not); it is part of the state a checkpoint holds
+        self.scaler = torch.amp.GradScaler(proc.device.type, enabled=pick_dtype(cfg.dtype, proc.device) == torch.float16)
+        self.grad_accum = micro_steps_per_rank(cfg.grad_accum, proc.world)  # micro-batches per step, this rank
+        self.tokens_per_iter = self.grad_accum * proc.world * cfg.batch_size * cfg.block_size
+        self.iter_num, self.best_val, spike_state = self._restore(resume_ckpt)
+        self.spikes = SpikeWatch(cfg.spike_factor, cfg.spike_window, spike_state)
+        self.resumed_at = self.last_saved = self.iter_num if resume_ckpt else None
+        self.last_eval = self.diverged_at = self.interrupted_at = None
+        self.skipped = self.skips_in_a_row = self.tokens_trained = 0
+        self.lock = self.log = self.diag_log = None
+        if proc.master:
+            self.lock, self.log, self.diag_log = open_run_folder(self.out_dir, self.resumed_at)
+        self.peak_flops = gpu_peak_flops(proc.device)
+        self.t_start, self.timer = time.time(), StepTimer(self.iter_num)
+
+    def _restore(self, ckpt):
+        """Put a checkpoint back into the model, optimizer, loss scaler and this rank's random streams (dropout
+        and data order). Returns (iter_num, best val loss, the spike rules' state)."""
+        if ckpt is None:
+            return 0, float("inf"), {}
+        meta = self.meta
+        if any(ckpt["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
+            raise TrainError("the checkpoint was trained on another tokenizer or vocabulary "
+                             f"({ckpt['meta'].get('tokenizer')}, {ckpt['meta'].get('vocab_size')} "
+                             f"tokens) than --data ({meta['tokenizer']}, {meta['vocab_size']} tokens)")
+        self.model.load_state_dict(checkpoint_model_state(ckpt))
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"][self.proc.rank % len(ckpt["rng"])]  # a run resumed on more ranks reuses streams
+        torch.set_rng_state(rng["torch"])
+        if self.proc.device.type == "cuda" and rng["cuda"] is not None:
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.batches.gen.set_state(rng["data"])
+        return ckpt["iter_num"], ckpt["best_val_loss"], {k: ckpt[k] for k in SpikeWatch.STATE_KEYS if k in ckpt}
+
+    def checkpoint_state(self, data_state):
+        """What ckpt.pt holds; every rank calls it (rng_states gathers each rank's streams)."""
+        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+                    scaler=self.scaler.state_dict(), model_args=asdict(self.model.config), config=asdict(self.cfg),
+                    meta=self.meta, iter_num=self.iter_num, best_val_loss=self.best_val, **self.spikes.state(),
+                    rng=rng_states(data_state, self.proc))
+
+    def print_start(self, dtype, compiled, data_dir, resume_ckpt):
+        if not self.proc.master:
+            return
+        config, cfg, proc = self.model.config, self.cfg, self.proc
+        print(f"model: {config.techniques()} | {self.model.get_num_params() / 1e6:.2f}M params | "
+              f"{config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, block {config.block_size}, "
+              f"vocab {config.vocab_size}")
+        for note in combination_notes(config):
+            print(f"note: {note}")
+        print(f"training: {cfg.max_iters} iters x {self.tokens_per_iter:,} tokens on {proc.device} "
+              f"({str(dtype)[6:]}{', compiled' if compiled else ''}{f', {proc.world} processes' if proc.ddp else ''})"
+              f", data {data_dir}, out {self.out_dir}"
+              + (f", resuming at iter {resume_ckpt['iter_num']}" if resume_ckpt else ""))
+        if self.grad_accum * proc.world != cfg.grad_accum:
+            print(f"note: --grad-accum {cfg.grad_accum} on {proc.world} processes: {self.grad_accum} micro-batch(es) "
+                  f"per process, {self.grad_accum * proc.world} per step, {self.tokens_per_iter:,} tokens per step")
+        resumed_world = len(resume_ckpt["rng"]) if resume_ckpt else None  # one RNG state per rank
+        if resumed_world not in (None, proc.world):
+            print(f"warning: resuming a run of {resumed_world} process(es) on {proc.world}: the data order and the "
+                  "tokens per step differ from the first part, so the losses will not continue as they would have")
+
+    def record_eval_and_write_checkpoint(self, losses, data_state):
+        """An evaluation: the eval line, its log record, ckpt.pt, and best.pt when the val loss improved."""
+        improved, self.best_val = losses["val"] < self.best_val, min(self.best_val, losses["val"])
+        self.last_eval, state = losses, self.checkpoint_state(data_state)
+        if self.proc.master:
+            elapsed = time.time() - self.t_start  # since training (or this resumed part) started: time to a loss
+            print(f"eval  {self.iter_num:>6}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+                  + (" (best)" if improved else "") + f" | {elapsed:.0f} s")
+            self.log.write(iter=self.iter_num, type="eval", train_loss=losses["train"], val_loss=losses["val"],
+                           time_s=round(elapsed, 1))
+            save_checkpoint(self.out_dir / "ckpt.pt", state)
+            if improved:
+                link_checkpoint(self.out_dir / "ckpt.pt", self.out_dir / "best.pt")
+        self.last_saved = self.iter_num
+        self.timer.restart()
+
+    def write_checkpoint_and_stop(self, data_state):
+        """A stop request (Ctrl-C, SIGTERM): ckpt.pt, and the command that resumes."""
+        state, self.interrupted_at = self.checkpoint_state(data_state), self.iter_num
+        if self.proc.master:
+            save_checkpoint(self.out_dir / "ckpt.pt", state)
+            launcher = f"torchrun --standalone --nproc_per_node={self.proc.world}" if self.proc.ddp else "python"
+            print(f"stopped at iter {self.iter_num}; wrote {self.out_dir / 'ckpt.pt'}. Resume with:\n"
+                  f"  {launcher} train_shakespeare.py --resume --out-dir {self.out_dir}")
+
+    def skip_or_stop_on_nonfinite(self, what, loss, grad_norm):
+        """A step with a non-finite loss or gradient made no update. With --skip-nonfinite, count it and return
+        True (go on), up to MAX_SKIPS_IN_A_ROW in a row; else the run has diverged: say so, return False."""
+        self.skips_in_a_row += 1
+        skip = self.cfg.skip_nonfinite and self.skips_in_a_row <= MAX_SKIPS_IN_A_ROW
+        self.skipped += skip
+        step = self.iter_num + 1
+        if self.proc.master and skip:
+            print(f"iter {step}: non-finite {what} ({loss}, {grad_norm}); update skipped ({self.skipped} so far)")
+            self.log.write(iter=step, type="skipped", loss=loss, grad_norm=grad_norm)
+        elif self.proc.master:
+            where = f"{self.out_dir / 'ckpt.pt'} (iter {self.last_saved})" if self.last_saved is not None else "none yet"
+            print(f"iter {step}: non-finite {what} (loss {loss}, gradient norm {grad_norm})"
+                  + (f", {MAX_SKIPS_IN_A_ROW} updates in a row skipped before it" if self.skipped else "")
+                  + f"; stopping without saving. The last good checkpoint: {where}")
+        if skip:
+            self.iter_num += 1
+        else:
+            self.diverged_at = step
+        return skip
+
+    def count_step(self, loss):
+        """An optimizer step made: the counters, and the spike rules fed the step's cross-entropy."""
+        self.skips_in_a_row = 0
+        self.iter_num += 1
+        self.tokens_trained += self.tokens_per_iter
+        if (median := self.spikes.update(self.iter_num, loss)) is not None and self.proc.master:
+            print(f"spike at iter {self.iter_num}: loss {loss:.4f} > {self.cfg.spike_factor} x median {median:.4f}")
+            self.log.write(iter=self.iter_num, type="spike", loss=loss, median=median)
+
+    def log_progress(self, loss, z_loss, lr, grad_norm):
+        """Every --log-interval steps: the progress line and its log.jsonl record; the ETA from the smoothed step
+        time, so it does not swing. loss is the cross-entropy; z_loss the step's z-loss term (None when off)."""
+        cfg = self.cfg
+        if not (self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters):
+            return
+        dt, smooth_dt = self.timer.lap(self.iter_num)
+        if not self.proc.master:
+            return
+        # MFU against the detected GPU's bf16 peak, per GPU: each rank runs grad_accum micro-batches
+        mfu = self.model.estimate_mfu(self.grad_accum * cfg.batch_size, dt, self.peak_flops) if self.peak_flops else None
+        z_part = f" + z-loss {z_loss:.2e}" if z_loss is not None else ""
+        print(f"iter {self.iter_num:>6}/{cfg.max_iters} | loss {loss:.4f}{z_part} | lr {lr:.2e} | {dt * 1000:.1f} "
+              f"ms/iter | {self.tokens_per_iter / dt:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
+              + f" | ETA {fmt_time(smooth_dt * (cfg.max_iters - self.iter_num))}")
+        self.log.write(iter=self.iter_num, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000,
+                       **({"z_loss": z_loss} if z_loss is not None else {}), **({"mfu": mfu} if mfu is not None else {}))
+
+    def write_summary_and_close(self, diag_s):
+        """The end of a run: the DDP replica self-check, summary.json and the plots (rank 0), the lock released
+        and the process group closed. Returns the summary (None on the other ranks)."""
+        wall = time.time() - self.t_start
+        replica_diff = replica_max_diff(self.model, self.proc)
+        summary = None
+        if self.proc.master:
+            summary = self.summary(wall, replica_diff, diag_s)
+            (self.out_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2))
+            ended = f"diverged at iter {self.diverged_at}" if self.diverged_at is not None else \
+                f"interrupted at iter {self.interrupted_at}" if self.interrupted_at is not None else "done"
+            print(f"{ended}: best val {self.best_val:.4f}, {self.iter_num} iters in {wall:.1f} s "
+                  f"({summary['tokens_per_s']:,} tok/s), {summary['spikes']} loss spikes; "
+                  f"wrote {self.out_dir}/summary.json")
+            if self.cfg.plot:
+                from tools import plots
+
+                print("plots: " + ", ".join(str(p) for p in plots.plot_run(self.out_dir)))
+            self.lock.release()
+        if self.proc.ddp:  # leave together: a rank that tears down while another still talks to it can abort in gloo
+            dist.barrier()
+            dist.destroy_process_group()
+        return summary
+
+    def summary(self, wall, replica_diff, diag_s):
+        return dict(config=asdict(self.cfg), model_args=asdict(self.model.config),
+                    techniques=self.model.config.techniques(), best_val_loss=self.best_val,
+                    final_val_loss=self.last_eval["val"] if self.last_eval else None, iters=self.iter_num,
+                    wall_s=round(wall, 2), tokens_per_s=round(self.tokens_trained / max(wall, 1e-9)),
+                    diverged=self.diverged_at is not None, diverged_at=self.diverged_at,
+                    interrupted_at=self.interrupted_at, skipped_updates=self.skipped, **self.spikes.summary(),
+                    diag_s=round(diag_s, 2), world_size=self.proc.world, replica_max_diff=replica_diff,
+                    tokens_per_step=self.tokens_per_iter)
+
+
+def open_run_folder(out_dir, resumed_at):
+    """Rank 0's run folder: created, locked against a second run, cleared of an old run's files on a fresh
+    start; returns (lock, log.jsonl, diag.jsonl), the logs cut back to resumed_at on a resume."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out_dir)
+    except OSError as e:  # a file in the way, a file above it, no permission, a read-only disk
+        raise TrainError(f"cannot write into --out-dir {out_dir} ({e.strerror or e}); choose another folder") from None
+    if resumed_at is None:
+        clear_outputs(out_dir)
+    return lock, JsonlLog(out_dir / "log.jsonl", resumed_at), JsonlLog(out_dir / "diag.jsonl", resumed_at)

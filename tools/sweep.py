@@ -1,0 +1,253 @@
+"""
+The compare runner and the learning-rate sweep: several configurations of train_shakespeare.py on the same data,
+seeds and budget, one after another in this process; finished runs are skipped, interrupted ones resumed.
+
+    python -m tools.sweep --max-iters 600 --compare baseline "--norm-position post" "--lns" --seeds 3
+    python -m tools.sweep --max-iters 300 --compare baseline "--sdd" --lrs 1e-3 1e-2 1e-1 --seeds 2
+    python -m tools.sweep --lrs 1e-3 1e-2 1e-1 --sdd          # one configuration (the command line's) swept
+
+--compare takes 'baseline' or quoted strings of flags; every other flag is common to all runs. Writes compare.md
+and compare.png into --out-dir (default out/compare), or with --lrs (Wortsman et al., arXiv 2309.14322)
+lr_sweep.json, lr_sweep.md and lr_sweep.png (default out/lr_sweep); --min-lr follows each peak at the preset's
+ratio unless given.
+"""
+
+import json
+import math
+import re
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from prepare_data import DataError
+from tools import plots
+from tools.runs import StopRequest, TrainError, finite_or_null, load_checkpoint, parse_or_none
+from train_shakespeare import Settings, build_parser, resolve, resume_settings, settings_given, train
+
+# ----------------------------------------------------------------------------------------------------
+# Compare runner
+
+
+RUNNER_OPTIONS = ("--compare", "--seeds", "--lrs")
+
+
+def split_compare(argv):
+    """Not argparse: a configuration such as "--lns" is a flag string that argparse would take for an option.
+(common flags, configurations, seeds, learning rates or None) from a command line with --compare or --lrs.
+    --compare takes the words after it up to the next runner option or the end, each 'baseline' or a string of
+    flags ("--lns"); --seeds one whole number; --lrs the numbers after it. Every other word is a common flag."""
+    common, configs, seeds, lrs = [], None, 1, None
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        if word == "--compare":
+            configs = []
+            while words and words[0] not in RUNNER_OPTIONS:
+                configs.append(words.pop(0))
+            if not configs:
+                raise TrainError("--compare needs at least one configuration, e.g. --compare baseline \"--lns\"")
+        elif word == "--seeds":
+            if not words or not words[0].isdigit() or int(words[0]) < 1:
+                raise TrainError("--seeds needs a positive whole number")
+            seeds = int(words.pop(0))
+        elif word == "--lrs":
+            lrs = []
+            while words and (lr := parse_or_none_float(words[0])) is not None:
+                lrs.append(lr)
+                words.pop(0)
+            if not lrs or not all(0 < lr < math.inf for lr in lrs):
+                raise TrainError("--lrs needs one or more learning rates > 0, e.g. --lrs 1e-3 3e-3 1e-2")
+        else:
+            common.append(word)
+    return common, configs or ["baseline"], seeds, lrs
+
+
+def parse_or_none_float(word):
+    try:
+        return float(word)
+    except ValueError:
+        return None
+
+
+def config_slug(config):
+    return "baseline" if config.strip() in ("", "baseline") else re.sub(r"[^A-Za-z0-9.]+", "-", config).strip("-")
+
+
+def config_flags(config):
+    return [] if config_slug(config) == "baseline" else shlex.split(config)
+
+
+def compare(argv):
+    """Run every configuration x learning rate x seed (in this process, one after another), skip the finished
+    ones, then write the table and the plots: compare.md and compare.png, or with --lrs the learning-rate
+    sweep's lr_sweep.json, lr_sweep.md and lr_sweep.png."""
+    common, configs, n_seeds, lrs = split_compare(argv)
+    parser = build_parser()
+    base = settings_given(parser.parse_args(common))
+    seed0 = base.get("seed", Settings.seed)
+    root = Path(base.get("out_dir") or Path("out") / ("lr_sweep" if lrs else "compare"))
+    grid = lrs or [None]  # None: the learning rate of the flags (a comparison without a sweep)
+
+    def lr_flag(lr):
+        return ["--lr", f"{lr:g}"] if lr else []
+
+    for config in configs:  # every configuration (at every learning rate) checked before any trains
+        if lrs and any(w == "--lr" or w.startswith("--lr=") for w in common + config_flags(config)):
+            raise TrainError(f"--lrs sets the peak learning rate of every run; drop --lr from {config!r} or the "
+                             "common flags")
+        for lr in grid:
+            check_compare_config(parser, common + lr_flag(lr), config)
+    plan = [(config, lr, seed, root / config_slug(config) / (f"lr{lr:g}" if lr else "") / f"seed{seed}")
+            for config in configs for lr in grid for seed in range(seed0, seed0 + n_seeds)]
+    with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
+        for k, (config, lr, seed, run_dir) in enumerate(plan, start=1):
+            run_one(parser, common + lr_flag(lr), config, seed, run_dir, stop, progress=f"[{k}/{len(plan)}]")
+            if stop.signum is not None:
+                print("compare: interrupted; run the same command again to continue")
+                return 130
+    if lrs:
+        sweep = lr_sweep_results({config: {lr: [d for c, l, _, d in plan if c == config and l == lr] for lr in lrs}
+                                  for config in configs})
+        (root / "lr_sweep.json").write_text(json.dumps(finite_or_null(sweep), indent=2))
+        (root / "lr_sweep.md").write_text(table := lr_sweep_table(sweep))
+        print("\n" + table)
+        print("plots: " + ", ".join(str(p) for p in plots.plot_lr_sweep(sweep, root)))
+        return 0
+    runs = {config: [run_dir for c, _, _, run_dir in plan if c == config] for config in configs}
+    table = compare_table(runs)
+    (root / "compare.md").write_text(table)
+    print("\n" + table)
+    print("plots: " + ", ".join(str(p) for p in plots.plot_compare(runs, root)))
+    return 0
+
+
+def check_compare_config(parser, common, config):
+    """A configuration of --compare that would fail is refused before any run starts, with its reason."""
+    try:
+        args, unknown = parser.parse_known_args(common + config_flags(config))
+    except SystemExit:  # argparse has printed why (e.g. an invalid choice)
+        raise TrainError(f"--compare configuration {config!r} is not valid (see above)") from None
+    if unknown:
+        raise TrainError(f"--compare configuration {config!r}: unknown flag(s) {' '.join(unknown)}")
+    try:
+        resolve(settings_given(args))  # GPTConfig's rules included; the vocabulary comes later, from the data
+    except TrainError as e:
+        raise TrainError(f"--compare configuration {config!r}: {e}") from None
+
+
+def run_one(parser, common, config, seed, run_dir, stop, progress):
+    """One configuration and seed of a comparison: skipped if finished, resumed if interrupted."""
+    summary_path = run_dir / "summary.json"
+    if summary_path.is_file() and json.loads(summary_path.read_text()).get("interrupted_at") is None:
+        print(f"{progress} {config} seed {seed}: done already ({summary_path})")
+        return
+    print(f"\n{progress} {config} seed {seed} -> {run_dir}")
+    run_args = parser.parse_args(common + config_flags(config) + ["--seed", str(seed), "--out-dir", str(run_dir)])
+    if (run_dir / "ckpt.pt").is_file():  # interrupted earlier: continue it
+        resume_ckpt = load_checkpoint(run_dir / "ckpt.pt")
+        train(resume_settings(settings_given(run_args), resume_ckpt), resume_ckpt, stop)
+    else:
+        train(resolve(settings_given(run_args)), None, stop)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The learning-rate sweep (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training
+# instabilities", arXiv 2309.14322): a configuration's final loss against the learning rate
+
+
+def run_outcome(run_dir):
+    """One run of a sweep: its final and best val loss, the val loss at init (the eval at iter 0), whether it
+    diverged, and the loss the sweep counts: the final val loss, or the loss at init for a run that diverged
+    (a non-finite loss), never more than the loss at init (Wortsman et al., Sec. 2.3)."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = [r for r in map(parse_or_none, (run_dir / "log.jsonl").read_text().splitlines())
+             if r and r.get("type") == "eval"]
+    init = next(r["val_loss"] for r in evals if r["iter"] == 0)
+    final = summary["final_val_loss"]
+    diverged = summary["diverged"] or final is None or not math.isfinite(final)
+    return dict(seed=summary["config"]["seed"], model=summary["techniques"], final_val_loss=final,
+                best_val_loss=summary["best_val_loss"], init_val_loss=init, diverged=diverged,
+                counted_loss=init if diverged else min(final, init))
+
+
+def lr_sensitivity(losses):
+    """Wortsman et al. (arXiv 2309.14322, Sec. 2.3): E_lr[min(loss(lr), loss at init)] - min_lr loss(lr) over
+    the grid; losses {lr: loss already capped at the loss at init}. 0: every learning rate of the grid trains
+    as well as the best one; large: the configuration is sensitive to its learning rate."""
+    values = list(losses.values())
+    return statistics.fmean(values) - min(values)
+
+
+def lr_sweep_results(runs):
+    """lr_sweep.json's content from {config: {lr: [run folders, one per seed]}}: per configuration, per
+    learning rate the outcome of each seed and the mean counted loss; the best learning rate and loss, and
+    the LR sensitivity of the mean curve."""
+    configs = {}
+    for config, by_lr in runs.items():
+        outcomes = {lr: [run_outcome(d) for d in dirs] for lr, dirs in by_lr.items()}
+        mean_loss = {lr: statistics.fmean(o["counted_loss"] for o in runs_) for lr, runs_ in outcomes.items()}
+        best_lr = min(mean_loss, key=mean_loss.get)
+        configs[config] = dict(model=next(iter(outcomes.values()))[0]["model"],
+                               runs={f"{lr:g}": o for lr, o in outcomes.items()},
+                               mean_loss={f"{lr:g}": v for lr, v in mean_loss.items()}, best_lr=best_lr,
+                               best_loss=mean_loss[best_lr], lr_sensitivity=lr_sensitivity(mean_loss))
+    return dict(reference="Wortsman et al. 2023, arXiv 2309.14322",
+                loss="final val loss; a diverged run counts at its val loss at init, and no run above it",
+                lrs=sorted({lr for by_lr in runs.values() for lr in by_lr}), configs=configs)
+
+
+def lr_sweep_table(sweep):
+    """lr_sweep.md: the mean counted loss of each configuration at each learning rate (+- std over seeds,
+    with a dagger per diverged run), its best learning rate and LR sensitivity."""
+    lrs = [f"{lr:g}" for lr in sweep["lrs"]]
+    rows = ["| config | model | " + " | ".join(f"lr {lr}" for lr in lrs) + " | best lr | best loss | LR sensitivity |",
+            "|---|---|" + "---|" * len(lrs) + "---|---|---|"]
+    for config, c in sweep["configs"].items():
+        cells = []
+        for lr in lrs:
+            outcomes = c["runs"][lr]
+            values = [o["counted_loss"] for o in outcomes]
+            spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
+            cells.append(f"{c['mean_loss'][lr]:.3f}{spread}" + "†" * sum(o["diverged"] for o in outcomes))
+        rows.append(f"| {config} | {c['model']} | " + " | ".join(cells) +
+                    f" | {c['best_lr']:g} | {c['best_loss']:.4f} | {c['lr_sensitivity']:.4f} |")
+    seeds = sorted({len(o) for c in sweep["configs"].values() for o in c["runs"].values()})
+    return "\n".join(rows) + (f"\n\nFinal val loss, the mean over {' or '.join(map(str, seeds))} seed(s). \u2020: a "
+                              "run that diverged (non-finite loss), counted at its loss at init, as is any run "
+                              "that ends above it (Wortsman et al., arXiv 2309.14322). LR sensitivity: the mean "
+                              "over the grid of those losses minus the best one.\n")
+
+
+def compare_table(runs):
+    """Markdown table: best and final val loss (mean +- std over seeds), diverged runs, spikes, tokens/s and
+    the step-time ratio to the first configuration."""
+    def mean_std(values):
+        values = [v for v in values if v is not None and math.isfinite(v)]
+        if not values:
+            return "-"
+        return f"{statistics.mean(values):.4f}" + (f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else "")
+
+    rows = ["| config | seeds | best val | final val | diverged | spikes | tokens/s | step time vs first |",
+            "|---|---|---|---|---|---|---|---|"]
+    first_tps = None
+    for config, dirs in runs.items():
+        sums = [json.loads((d / "summary.json").read_text()) for d in dirs]
+        tps = statistics.mean(s["tokens_per_s"] for s in sums)
+        first_tps = first_tps or tps
+        rows.append(f"| {config} | {len(sums)} | {mean_std([s['best_val_loss'] for s in sums])} | "
+                    f"{mean_std([s['final_val_loss'] for s in sums])} | {sum(s['diverged'] for s in sums)} | "
+                    f"{sum(s.get('spikes', 0) for s in sums)} | {tps:,.0f} | {first_tps / tps:.2f} |")
+    return "\n".join(rows) + "\n"
+
+
+def main(argv=None):
+    try:
+        return compare(sys.argv[1:] if argv is None else list(argv))
+    except (TrainError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
