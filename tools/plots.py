@@ -109,18 +109,26 @@ def plot_loss(log, name, path):
     return save(fig, path)
 
 
-def plot_depth(snaps, colors, path):
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for r, c in zip(snaps, colors):
-        axes[0].plot(layers(r["variance"]), r["variance"], "o-", color=c, label=f"iter {r['iter']}")
-        axes[1].plot(layers(r["angular_distance"]), r["angular_distance"], "o-", color=c)
-        axes[2].plot(layers(r["layer_importance"]), r["layer_importance"], "o-", color=c)
-    axes[0].set(title="Residual-stream variance after block", xlabel="block", ylabel="variance (per feature)",
-                yscale="log")
-    axes[1].set(title="Angular distance, block input to output", xlabel="block", ylabel="arccos(cos sim) / pi")
-    axes[2].set(title="Layer importance: loss increase if removed", xlabel="block", ylabel="delta loss (nats)")
+def plot_snapshots_by_block(snaps, colors, panels, path, width, label="iter {}"):
+    """One panel per (title, ylabel, yscale, [(key, line style), ...]): each key's per-block values in every
+    snapshot, one colour per snapshot; the first panel's first series carries the legend."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.2))
+    for ax, (title, ylabel, yscale, series) in zip(axes, panels):
+        for r, c in zip(snaps, colors):
+            for i, (key, style) in enumerate(series):
+                legend = label.format(r["iter"]) if ax is axes[0] and i == 0 else None
+                ax.plot(layers(r[key]), r[key], style, color=c, label=legend)
+        ax.set(title=title, xlabel="block", ylabel=ylabel, yscale=yscale)
     axes[0].legend(fontsize=8)
     return save(fig, path)
+
+
+def plot_depth(snaps, colors, path):
+    return plot_snapshots_by_block(snaps, colors, [
+        ("Residual-stream variance after block", "variance (per feature)", "log", [("variance", "o-")]),
+        ("Angular distance, block input to output", "arccos(cos sim) / pi", "linear", [("angular_distance", "o-")]),
+        ("Layer importance: loss increase if removed", "delta loss (nats)", "linear", [("layer_importance", "o-")]),
+    ], path, width=15)
 
 
 def plot_updates(last, path):
@@ -135,16 +143,11 @@ def plot_updates(last, path):
 
 
 def plot_activations(snaps, colors, path):
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    for r, c in zip(snaps, colors):
-        axes[0].plot(layers(r["max_abs"]), r["max_abs"], "o-", color=c, label=f"stream, iter {r['iter']}")
-        axes[0].plot(layers(r["mlp_in_max_abs"]), r["mlp_in_max_abs"], "x--", color=c)
-        axes[1].plot(layers(r["kurtosis"]), r["kurtosis"], "o-", color=c)
-        axes[1].plot(layers(r["mlp_in_kurtosis"]), r["mlp_in_kurtosis"], "x--", color=c)
-    axes[0].set(title="Max |activation| (o stream, x MLP input)", xlabel="block", ylabel="max |x|")
-    axes[1].set(title="Kurtosis (o stream, x MLP input; Gaussian = 3)", xlabel="block", ylabel="kurtosis")
-    axes[0].legend(fontsize=8)
-    return save(fig, path)
+    return plot_snapshots_by_block(snaps, colors, [
+        ("Max |activation| (o stream, x MLP input)", "max |x|", "linear", [("max_abs", "o-"), ("mlp_in_max_abs", "x--")]),
+        ("Kurtosis (o stream, x MLP input; Gaussian = 3)", "kurtosis", "linear",
+         [("kurtosis", "o-"), ("mlp_in_kurtosis", "x--")]),
+    ], path, width=12, label="stream, iter {}")
 
 
 def plot_weight_std(diag, path):
