@@ -1662,6 +1662,27 @@ def test_unwritable_out_dirs_are_one_line(tmp_path, data_dir, capsys):
         assert err.startswith(f"error: cannot write into --out-dir {out}") and err.count("\n") == 1, err
 
 
+def test_a_sweep_reuses_a_run_only_with_the_settings_asked_for(tmp_path, data_dir, capsys):
+    """A finished run is reused only when its settings are the ones asked for (else one line says what differs);
+    configurations get one folder each (the exponent's sign kept), and two that would share one are refused."""
+    out = tmp_path / "cmp"
+    argv = lambda iters: train_args(data_dir, out, "--max-iters", iters, "--eval-interval", "2", "--diag-interval",
+                                    "0") + ["--compare", "--z-loss 1e-4", "--z-loss 1e+4"]
+    assert sweep.main(argv("4")) == 0
+    for slug, coef in (("z-loss-1e-4", 1e-4), ("z-loss-1e+4", 1e4)):
+        assert json.loads((out / slug / "seed1337" / "summary.json").read_text())["config"]["z_loss"] == coef
+    capsys.readouterr()
+    assert sweep.main(argv("6")) == 2
+    err = capsys.readouterr().err
+    assert "holds a run of other settings (max_iters 4 -> 6, lr_decay_iters 4 -> 6)" in err and err.count("\n") == 1
+    for configs, message in ((["--lns", "--lns "], "would share one run folder"),
+                             (['--lns "x'], "No closing quotation")):
+        assert sweep.main(train_args(data_dir, tmp_path / "bad") + ["--compare", *configs]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
 def test_compare_checks_every_configuration_before_training(tmp_path, data_dir, capsys):
     for bad, message in (('--frob', "unknown flag(s) --frob"), ("--lns --norm-position post", "lns scales"),
                          ("--n-head 5", "must be divisible by n_head")):
@@ -1705,7 +1726,15 @@ def test_bad_sampling_and_resume_input(finished_run, bad_texts, data_dir, tmp_pa
     assert train_shakespeare.main(["--sample", "--out-dir", str(finished_run), "--prompt", "QZ"]) == 2
     assert "'QZ'" in capsys.readouterr().err
     assert train_shakespeare.main(train_args(bad_texts / "other.txt", finished_run, "--resume")) == 2
-    assert "another tokenizer or vocabulary" in capsys.readouterr().err
+    assert "the checkpoint was trained on another vocabulary and text than --data's (" \
+        in capsys.readouterr().err
+    reversed_text = tmp_path / "reversed.txt"  # the same characters, another text
+    reversed_text.write_text("".join(reversed(prepare_data.read_text(prepare_data.load_meta(data_dir)["source"]))))
+    prepare_data.prepare(reversed_text, tmp_path / "reversed")
+    assert train_shakespeare.main(train_args(tmp_path / "reversed", finished_run, "--resume")) == 2
+    assert "the checkpoint was trained on another text than --data's" in capsys.readouterr().err
+    assert train_shakespeare.main(train_args(data_dir, finished_run, "--resume", "--seed", "99")) == 2
+    assert "cannot resume with another --seed (1337 -> 99)" in capsys.readouterr().err
     assert train_shakespeare.main(train_args(data_dir, finished_run, "--resume", "--block-size", "64")) == 2
     assert "cannot resume with a different model: block_size 32 -> 64" in capsys.readouterr().err
     assert snapshot(finished_run) == before
@@ -1843,6 +1872,87 @@ def test_overwrite_clears_the_old_run_and_a_finished_run_is_not_resumed(tmp_path
         in capsys.readouterr().err
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "4", "--overwrite")) == 0
     assert not list(out.glob("*.png"))  # the old run's plots are gone with it
+
+
+def test_a_fresh_run_writes_only_into_a_new_empty_or_own_folder(tmp_path, data_dir, capsys):
+    """Never destroy a user's files: a folder holding anything a run does not write is refused, --overwrite or
+    not; a run's folder (its .lock) only with --overwrite, which removes the run's own files and nothing else."""
+    def refused(folder, *extra):
+        assert train_shakespeare.main(train_args(data_dir, folder, "--max-iters", "2", *extra)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        return err
+
+    figures = tmp_path / "docs"
+    figures.mkdir()
+    (figures / "map.png").write_bytes(b"\x89PNG")
+    (figures / "notes.md").write_text("mine")
+    for extra in ((), ("--overwrite",)):
+        assert "holds files that no stable-gpt run writes (map.png, notes.md)" in refused(figures, *extra)
+    assert snapshot(figures) == {"map.png": b"\x89PNG", "notes.md": b"mine"}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "summary.json").write_text("{}")
+    for extra in ((), ("--overwrite",)):
+        assert "holds summary.json but no stable-gpt run" in refused(foreign, *extra)
+    assert snapshot(foreign) == {"summary.json": b"{}"}
+    run = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, run, "--max-iters", "2")) == 0
+    (run / "ckpt.pt").unlink()  # a broken ckpt.pt removed by hand: best.pt and the logs are still the run's
+    before = snapshot(run)
+    assert "already holds a run; --resume to continue it, --overwrite" in refused(run)
+    (run / "mine.txt").write_text("keep")
+    assert "(mine.txt)" in refused(run, "--overwrite")
+    assert snapshot(run) == dict(before, **{"mine.txt": b"keep"})
+    (run / "mine.txt").unlink()
+    assert train_shakespeare.main(train_args(data_dir, run, "--max-iters", "2", "--overwrite")) == 0
+
+
+def test_a_second_signal_stops_at_once_with_one_line_and_the_summary(tmp_path, data_dir):
+    """Two Ctrl-C's 50 ms apart: no traceback, exit code 130, summary.json written (atomically), the last
+    checkpoint whole and named."""
+    out = tmp_path / "run"
+    args = train_args(data_dir, out, "--max-iters", "100000", "--lr-decay-iters", "100000", "--eval-interval", "7")
+    proc = subprocess.Popen([sys.executable, "train_shakespeare.py", *args], cwd=Path(__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    while not ((out / "log.jsonl").is_file() and len(read_log(out)) > 20):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate()
+    assert proc.returncode == 130 and "Traceback" not in stdout, stdout[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    ckpt = train_shakespeare.load_checkpoint(out / "ckpt.pt")
+    assert summary["interrupted_at"] >= ckpt["iter_num"] > 0
+    assert f"{out / 'ckpt.pt'} (iter {ckpt['iter_num']})" in stdout or f"wrote {out / 'ckpt.pt'}" in stdout
+    assert not list(out.glob("*.tmp"))
+
+
+def test_stop_at_once_mid_step_keeps_the_last_checkpoint_and_writes_the_summary(tmp_path, data_dir, monkeypatch,
+                                                                                 capsys):
+    """A second Ctrl-C raises KeyboardInterrupt in the middle of a step (here: of step 13, from the gradient clip):
+    the run stops there with one line naming the last checkpoint (iter 10), summary.json says where it stopped,
+    exit code 130, and --resume continues from the checkpoint."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_then_interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 13:
+            raise KeyboardInterrupt  # what StopRequest's handler raises on a second signal
+        return clip(*args, **kw)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_then_interrupted)
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "20", "--eval-interval", "5")) == 130
+    assert f"stopped at once at iter 12 (a second signal); the last checkpoint: {out / 'ckpt.pt'} (iter 10)" \
+        in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["interrupted_at"] == 12
+    assert train_shakespeare.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "20", "--eval-interval", "5",
+                                             "--resume")) == 0
 
 
 def test_default_out_dir_is_named_after_the_data(text_file):

@@ -17,6 +17,7 @@ summary.json to --out-dir; the run plumbing (checkpoints, logs, locks, torchrun)
 import argparse
 import math
 import os
+import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
@@ -32,8 +33,9 @@ from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE,
                        default_out_dir, gpt2_architecture, model_setting, setting)
 from tools.cpu_rmsnorm import use_rmsnorm_kernel
 from tools.monitors import DiagnosticsRecorder
-from tools.runs import (Batches, Run, StopRequest, TrainError, any_rank, keep_freed_memory, load_checkpoint,
-                        load_gpt2, model_from_checkpoint, pick_device, pick_dtype, setup_process, wrap_model)
+from tools.runs import (Batches, Run, StopRequest, TrainError, any_rank, check_fresh_start, keep_freed_memory,
+                        load_checkpoint, load_gpt2, model_from_checkpoint, pick_device, pick_dtype, setup_process,
+                        wrap_model)
 
 # ----------------------------------------------------------------------------------------------------
 # Settings. Each is defined once below: default, help and allowed range. The command line (--n-layer, ...), the
@@ -203,6 +205,9 @@ def resume_settings(given, ckpt):
     if changed := {k: (saved.get(k), v) for k, v in given.items() if k in MODEL_KEYS and saved.get(k) != v}:
         raise TrainError("cannot resume with a different model: " + ", ".join(
             f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    if given.get("seed", saved.get("seed")) != saved.get("seed"):  # it fixes the eval batches and the data order
+        raise TrainError(f"cannot resume with another --seed ({saved.get('seed')} -> {given['seed']}): it sets the "
+                         "evaluation batches, so the losses would not compare; drop --seed")
     return resolve(given, base=dict(asdict(Settings()), **{k: v for k, v in saved.items() if k in asdict(Settings())}))
 
 
@@ -291,8 +296,14 @@ def train(cfg, resume_ckpt=None, stop=None):
     # rank 0's diagnostics, on one fixed validation batch of up to 8 sequences, the same at every record
     diag_batch = Batches(data_dir / "val.bin", cfg.block_size, min(8, cfg.batch_size), proc.device, cfg.seed + 7).next()
     diag = DiagnosticsRecorder(raw_model, diag_batch, run.diag_log, cfg.diag_interval if run.diag_log else 0)
-    training_loop(run, model, diag, lambda: estimate_loss(raw_model, cfg, data_dir, proc.device, autocast),
-                  autocast, stop or StopRequest())
+    stop = stop or StopRequest()
+    stop.at_once = not proc.ddp  # a second Ctrl-C stops at once (under torchrun the launcher ends every rank)
+    try:
+        training_loop(run, model, diag, lambda: estimate_loss(raw_model, cfg, data_dir, proc.device, autocast),
+                      autocast, stop)
+    except KeyboardInterrupt:
+        run.stopped_at_once()
+    stop.at_once = False  # from here on, writing summary.json, further signals are ignored
     return raw_model, Codec(meta), run.write_summary_and_close(diag.seconds)
 
 
@@ -410,16 +421,15 @@ def main(argv=None):
                 raise TrainError(f"the run in {cfg.out_dir} is finished ({resume_ckpt['iter_num']} of "
                                  f"{cfg.max_iters} iters); raise --max-iters to train on, or plot it with: "
                                  f"python -m tools.plots {cfg.out_dir}")
-        elif (Path(cfg.out_dir) / "ckpt.pt").is_file() and not args.get("overwrite"):
-            raise TrainError(f"{cfg.out_dir} already holds a run; --resume to continue it, --overwrite to start "
-                             f"afresh there, --out-dir elsewhere, or plot it: python -m tools.plots {cfg.out_dir}")
+        else:
+            check_fresh_start(cfg.out_dir, args.get("overwrite"))
         with StopRequest() as stop:
             model, codec, summary = train(cfg, resume_ckpt, stop)
         if summary is not None:
             if summary["diverged"]:
                 return 1
             if summary["interrupted_at"] is not None:
-                return 128 + stop.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+                return 128 + (stop.signum or signal.SIGINT)  # the shell's convention: 130 SIGINT, 143 SIGTERM
             torch.manual_seed(cfg.seed)
             print("\n--- sample ---")
             print(generate_text(model, codec, replace(sampling, num_samples=1), next(model.parameters()).device)[0])
@@ -428,6 +438,9 @@ def main(argv=None):
         if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one line, not one per process
             print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C outside training (sampling, data preparation): one line, the shell's 130
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

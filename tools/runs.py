@@ -257,21 +257,60 @@ class RunLock:
         self.file.close()  # closing the file releases the lock
 
 
+# What a run writes into its folder, and all that a fresh start with --overwrite removes: anything else there is
+# not a run's, and a run never touches it
+RUN_FILES = ("ckpt.pt", "best.pt", "summary.json", "log.jsonl", "diag.jsonl", ".lock")
+PLOT_FILES = ("loss.png", "depth.png", "updates.png", "activations.png", "weight_std.png", "logits.png")
+OWN_FILES = {*RUN_FILES, *PLOT_FILES, *(f"{name}.tmp" for name in RUN_FILES + PLOT_FILES)}  # .tmp: atomic writes
+
+
+def check_fresh_start(folder, overwrite):
+    """A fresh run writes only into a new or empty folder, or, with --overwrite, into one that holds a stable-gpt
+    run (a .lock and a run's files) and nothing else. Anything else is refused in one line, before anything is
+    written."""
+    folder = Path(folder)
+    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    if ".lock" in entries:
+        RunLock(folder).release()  # one line if another run holds the folder
+        if entries == [".lock"]:  # a run that stopped before it wrote anything
+            return
+    foreign = [name for name in entries if name not in OWN_FILES]
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise TrainError(f"{folder} holds files that no stable-gpt run writes ({listed}); a fresh run writes only "
+                         "into a new or empty folder or a run's own: choose another --out-dir")
+    if entries and ".lock" not in entries:
+        raise TrainError(f"{folder} holds {', '.join(entries)} but no stable-gpt run (a run's folder has a .lock); "
+                         "choose another --out-dir")
+    if entries and not overwrite:
+        raise TrainError(f"{folder} already holds a run; --resume to continue it, --overwrite to start afresh there "
+                         f"(its {', '.join(n for n in entries if n != '.lock')} removed), --out-dir elsewhere, or "
+                         f"plot it: python -m tools.plots {folder}")
+
+
 def clear_outputs(folder):
-    """Before a fresh run (--overwrite) in a folder that held one: remove the old run's files, so that no
-    stale plot or summary is taken for the new run's."""
-    for name in ("ckpt.pt", "best.pt", "summary.json", "log.jsonl", "diag.jsonl"):
+    """Before a fresh run (--overwrite) in a folder that held one: remove the old run's files (and only those), so
+    that no stale plot or summary is taken for the new run's."""
+    for name in OWN_FILES - {".lock"}:  # the lock is held by this run already
         (Path(folder) / name).unlink(missing_ok=True)
-    for png in Path(folder).glob("*.png"):
-        png.unlink()
+
+
+def write_json_atomically(path, record):
+    """path holds the whole record or its previous content, never a part: a temporary file, then a rename."""
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(finite_or_null(record), indent=2))
+    os.replace(tmp, path)
 
 
 class StopRequest:
     """Turns SIGINT (Ctrl-C) and SIGTERM into a request the loop honours at the next step boundary, where it
-    writes a checkpoint and returns. A second signal stops at once (the last checkpoint stays intact)."""
+    writes a checkpoint and returns. A second signal while the loop runs (at_once, set by the training script
+    around it) stops at once, with KeyboardInterrupt; the last checkpoint stays whole (atomic writes). Outside the
+    loop, while the checkpoint and summary.json are written, further signals are ignored: they would only lose
+    them."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.at_once = None, False
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -279,14 +318,17 @@ class StopRequest:
 
     def handle(self, signum, frame):
         if self.signum is not None:
-            raise KeyboardInterrupt
+            if self.at_once:
+                self.at_once = False  # a third signal, while the stop at once is reported, changes nothing
+                raise KeyboardInterrupt
+            return
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
               "(signal again to stop at once)", flush=True)
 
     def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+        for s, handler in self.previous.items():  # once stopping, the process only ends: a signal could only cut it
+            signal.signal(s, signal.SIG_IGN if self.signum is not None else handler)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -403,11 +445,16 @@ class Run:
         and data order). Returns (iter_num, best val loss, the spike rules' state)."""
         if ckpt is None:
             return 0, float("inf"), {}
-        meta = self.meta
-        if any(ckpt["meta"].get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars")):
-            raise TrainError("the checkpoint was trained on another tokenizer or vocabulary "
-                             f"({ckpt['meta'].get('tokenizer')}, {ckpt['meta'].get('vocab_size')} "
-                             f"tokens) than --data ({meta['tokenizer']}, {meta['vocab_size']} tokens)")
+        saved, meta = ckpt["meta"], self.meta
+        # the text's checksum where both have one (prepare_data writes it; nanoGPT's own .bin folders have none)
+        keys = ("tokenizer", "vocab_size", "chars") + (("text_sha1",) if saved.get("text_sha1") and
+                                                         meta.get("text_sha1") else ())
+        if differ := [k for k in keys if saved.get(k) != meta.get(k)]:
+            what = {"tokenizer": "tokenizer", "vocab_size": "vocabulary size", "chars": "vocabulary",
+                    "text_sha1": "text"}
+            raise TrainError(f"the checkpoint was trained on another {' and '.join(what[k] for k in differ)} than "
+                             f"--data's ({saved.get('source', 'its data')} vs {meta.get('source', 'this data')}); "
+                             "resume with the run's own --data and --tokenizer")
         self.model.load_state_dict(checkpoint_model_state(ckpt))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
@@ -472,6 +519,14 @@ class Run:
             print(f"stopped at iter {self.iter_num}; wrote {self.out_dir / 'ckpt.pt'}. Resume with:\n"
                   f"  {launcher} train_shakespeare.py --resume --out-dir {self.out_dir}")
 
+    def stopped_at_once(self):
+        """A second Ctrl-C stopped the loop mid-step: nothing more is written but summary.json; the last checkpoint
+        (written atomically) is whole."""
+        self.interrupted_at = self.iter_num
+        where = f"{self.out_dir / 'ckpt.pt'} (iter {self.last_saved})" if self.last_saved is not None else "none yet"
+        print(f"stopped at once at iter {self.iter_num} (a second signal); the last checkpoint: {where}. Resume with:\n"
+              f"  python train_shakespeare.py --resume --out-dir {self.out_dir}", flush=True)
+
     def skip_or_stop_on_nonfinite(self, what, loss, grad_norm):
         """A step with a non-finite loss or gradient made no update. With --skip-nonfinite, count it and return
         True (go on), up to MAX_SKIPS_IN_A_ROW in a row; else the run has diverged: say so, return False."""
@@ -528,7 +583,7 @@ class Run:
         summary = None
         if self.proc.master:
             summary = self.summary(wall, replica_diff, diag_s)
-            (self.out_dir / "summary.json").write_text(json.dumps(finite_or_null(summary), indent=2))
+            write_json_atomically(self.out_dir / "summary.json", summary)
             ended = f"diverged at iter {self.diverged_at}" if self.diverged_at is not None else \
                 f"interrupted at iter {self.interrupted_at}" if self.interrupted_at is not None else "done"
             print(f"{ended}: best val {self.best_val:.4f}, {self.iter_num} iters in {wall:.1f} s "

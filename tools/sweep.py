@@ -18,11 +18,13 @@ import re
 import shlex
 import statistics
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from prepare_data import DataError
 from tools import plots
-from tools.runs import StopRequest, TrainError, finite_or_null, load_checkpoint, parse_or_none
+from tools.runs import (StopRequest, TrainError, check_fresh_start, load_checkpoint, parse_or_none,
+                        write_json_atomically)
 from train_shakespeare import Settings, build_parser, resolve, resume_settings, settings_given, train
 
 # ----------------------------------------------------------------------------------------------------
@@ -71,11 +73,19 @@ def parse_or_none_float(word):
 
 
 def config_slug(config):
-    return "baseline" if config.strip() in ("", "baseline") else re.sub(r"[^A-Za-z0-9.]+", "-", config).strip("-")
+    """The run folder's name of a configuration: its flags with every run of other characters as one '-' (the
+    sign of an exponent kept: --z-loss 1e-4 and 1e+4 are two folders). compare() refuses two configurations of
+    one name."""
+    return "baseline" if config.strip() in ("", "baseline") else re.sub(r"[^A-Za-z0-9.+]+", "-", config).strip("-")
 
 
 def config_flags(config):
-    return [] if config_slug(config) == "baseline" else shlex.split(config)
+    if config_slug(config) == "baseline":
+        return []
+    try:
+        return shlex.split(config)
+    except ValueError as e:  # an unbalanced quote
+        raise TrainError(f"--compare configuration {config!r}: {e}") from None
 
 
 def compare(argv):
@@ -98,6 +108,11 @@ def compare(argv):
                              "common flags")
         for lr in grid:
             check_compare_config(parser, common + lr_flag(lr), config)
+    slugs = [config_slug(config) for config in configs]
+    if len(set(slugs)) < len(slugs):
+        twins = sorted({c for c, slug in zip(configs, slugs) if slugs.count(slug) > 1})
+        raise TrainError(f"--compare configurations {', '.join(map(repr, twins))} would share one run folder; "
+                         "give each once, spelled so that their flags differ")
     plan = [(config, lr, seed, root / config_slug(config) / (f"lr{lr:g}" if lr else "") / f"seed{seed}")
             for config in configs for lr in grid for seed in range(seed0, seed0 + n_seeds)]
     with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
@@ -109,7 +124,7 @@ def compare(argv):
     if lrs:
         sweep = lr_sweep_results({config: {lr: [d for c, l, _, d in plan if c == config and l == lr] for lr in lrs}
                                   for config in configs})
-        (root / "lr_sweep.json").write_text(json.dumps(finite_or_null(sweep), indent=2))
+        write_json_atomically(root / "lr_sweep.json", sweep)
         (root / "lr_sweep.md").write_text(table := lr_sweep_table(sweep))
         print("\n" + table)
         print("plots: " + ", ".join(str(p) for p in plots.plot_lr_sweep(sweep, root)))
@@ -136,19 +151,38 @@ def check_compare_config(parser, common, config):
         raise TrainError(f"--compare configuration {config!r}: {e}") from None
 
 
+# settings that change how a run is made or shown, not its result: a finished run is reused whatever they were
+NOT_RESULTS = {"out_dir", "plot", "compile", "device"}
+
+
+def settings_differences(saved, cfg):
+    """What differs between a run's saved settings (summary.json's or a checkpoint's config) and cfg."""
+    asked = asdict(cfg)
+    saved = dict(asdict(Settings()), **{k: v for k, v in saved.items() if k in asked})
+    return [f"{k} {saved[k]!r} -> {asked[k]!r}" for k in asked if k not in NOT_RESULTS and saved[k] != asked[k]]
+
+
 def run_one(parser, common, config, seed, run_dir, stop, progress):
-    """One configuration and seed of a comparison: skipped if finished, resumed if interrupted."""
+    """One configuration and seed of a comparison: skipped if finished, resumed if interrupted, each only when
+    the run there was made with the settings asked for now (else one line says what differs)."""
+    run_args = parser.parse_args(common + config_flags(config) + ["--seed", str(seed), "--out-dir", str(run_dir)])
+    cfg = resolve(settings_given(run_args))
     summary_path = run_dir / "summary.json"
-    if summary_path.is_file() and json.loads(summary_path.read_text()).get("interrupted_at") is None:
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    resume_ckpt = load_checkpoint(run_dir / "ckpt.pt") if (run_dir / "ckpt.pt").is_file() else None
+    saved = summary["config"] if summary else resume_ckpt["config"] if resume_ckpt else None
+    if saved is not None and (differences := settings_differences(saved, cfg)):
+        raise TrainError(f"{run_dir} holds a run of other settings ({', '.join(differences)}); give the sweep "
+                         "another --out-dir, or remove that run")
+    if summary and summary.get("interrupted_at") is None:  # finished (or diverged: a result of the sweep too)
         print(f"{progress} {config} seed {seed}: done already ({summary_path})")
         return
     print(f"\n{progress} {config} seed {seed} -> {run_dir}")
-    run_args = parser.parse_args(common + config_flags(config) + ["--seed", str(seed), "--out-dir", str(run_dir)])
-    if (run_dir / "ckpt.pt").is_file():  # interrupted earlier: continue it
-        resume_ckpt = load_checkpoint(run_dir / "ckpt.pt")
+    if resume_ckpt is not None:  # interrupted earlier: continue it
         train(resume_settings(settings_given(run_args), resume_ckpt), resume_ckpt, stop)
     else:
-        train(resolve(settings_given(run_args)), None, stop)
+        check_fresh_start(run_dir, overwrite=True)  # a run folder of this sweep's, with nothing else in it
+        train(cfg, None, stop)
 
 
 # ----------------------------------------------------------------------------------------------------
