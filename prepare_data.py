@@ -25,7 +25,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_LOCAL = ROOT / "data" / "shakespeare" / "input.txt"
-CACHE = ROOT / "data" / "cache"  # token files of texts given with --data, one folder per text and tokenizer
+# token files of texts given with --data, one folder per text and tokenizer (STABLE_GPT_CACHE moves it)
+CACHE = Path(os.environ.get("STABLE_GPT_CACHE", ROOT / "data" / "cache"))
 SHARED = ROOT.parent / "shared"  # a sibling folder some set-ups provide (the text and an offline BPE cache)
 TOKENIZERS = ("char", "gpt2")
 
@@ -141,7 +142,13 @@ def prepare(text_path, out_dir, tokenizer="char"):
     meta.update(source=str(text_path), text_sha1=hashlib.sha1(text.encode()).hexdigest(),
                 train_tokens=n_train, val_tokens=len(ids) - n_train)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(13, "no permission to write")
+    except OSError as e:  # a read-only folder, a file in the way
+        raise DataError(f"cannot write the token files into {out_dir} ({e.strerror or e}); prepare_data.py --out-dir "
+                        "elsewhere, or set STABLE_GPT_CACHE to a writable folder for the cache of --data texts") from None
     # meta.json is written last: a folder with a meta.json is complete. Each file is written under a name of
     # this process's own and renamed into place atomically, so two processes preparing the same text at once
     # (two runs, or torchrun's ranks) each rename a complete file, and the last one wins.
@@ -165,6 +172,9 @@ def load_meta(data_dir):
             raise DataError(f"{data_dir / 'meta.json'} is not valid JSON ({e}); prepare the folder again") from None
         if not isinstance(meta, dict) or not {"tokenizer", "vocab_size"} <= set(meta):
             raise DataError(f"{data_dir / 'meta.json'} lacks tokenizer and vocab_size; prepare the folder again")
+        if meta["tokenizer"] == "char" and len(meta.get("chars", "")) != meta["vocab_size"]:
+            raise DataError(f"{data_dir / 'meta.json'} lists {len(meta.get('chars', ''))} characters for a vocabulary "
+                            f"of {meta['vocab_size']}; prepare the folder again")
         return meta
     if (data_dir / "train.bin").is_file() and (data_dir / "val.bin").is_file():
         return {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257}
@@ -194,11 +204,12 @@ def ensure_prepared(data=None, tokenizer="char"):
     else:
         text_path = find_shakespeare(data, flag="--data")
         out_dir = cache_dir(text_path, tokenizer)
-    meta_path = out_dir / "meta.json"
-    if meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("text_sha1") == hashlib.sha1(read_text(text_path).encode()).hexdigest():
-            return out_dir
+    try:  # this project's own cache: a damaged meta.json is simply tokenized again
+        meta = load_meta(out_dir) if (out_dir / "meta.json").is_file() else {}
+    except DataError:
+        meta = {}
+    if meta.get("text_sha1") == hashlib.sha1(read_text(text_path).encode()).hexdigest():
+        return out_dir
     print(f"tokenizing {text_path} ({tokenizer}) -> {out_dir}")
     prepare(text_path, out_dir, tokenizer)
     return out_dir
@@ -238,7 +249,8 @@ def main(argv=None):
                                    else cache_dir(text_path, args.tokenizer))
         meta = prepare(text_path, out_dir, args.tokenizer)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"{text_path} -> {out_dir}: vocab {meta['vocab_size']}, "
           f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")
 

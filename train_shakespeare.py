@@ -33,9 +33,9 @@ from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE,
                        default_out_dir, gpt2_architecture, model_setting, setting)
 from tools.cpu_rmsnorm import use_rmsnorm_kernel
 from tools.monitors import DiagnosticsRecorder
-from tools.runs import (Batches, Run, StopRequest, TrainError, any_rank, check_fresh_start, keep_freed_memory,
-                        load_checkpoint, load_gpt2, model_from_checkpoint, pick_device, pick_dtype, setup_process,
-                        wrap_model)
+from tools.runs import (Batches, OutputThatSurvivesAClosedPipe, Run, StopRequest, TrainError, any_rank,
+                        check_can_compile, check_fresh_start, keep_freed_memory, load_checkpoint, load_gpt2,
+                        model_from_checkpoint, pick_device, pick_dtype, setup_process, wrap_model)
 
 # ----------------------------------------------------------------------------------------------------
 # Settings. Each is defined once below: default, help and allowed range. The command line (--n-layer, ...), the
@@ -154,7 +154,8 @@ class Sampling:
     prompt: Optional[str] = setting(None, "start of the sample (default: a newline, or the vocabulary's first token)")
     num_samples: int = setting(1, "number of samples", POSITIVE)
     max_new_tokens: int = setting(500, "tokens per sample", POSITIVE)
-    temperature: float = setting(0.8, "sampling temperature", FINITE_POSITIVE)
+    temperature: float = setting(0.8, "sampling temperature",
+                                 (lambda v: 1e-3 <= v < math.inf, "a finite number >= 0.001"))
     top_k: int = setting(200, "sample from the k most likely tokens (0: all)", (lambda v: v >= 0, ">= 0 (0: all tokens)"))
 
 
@@ -186,7 +187,7 @@ def resolve(given, base=None):
         cfg["min_lr"] = cfg["lr"] / 10
     elif "lr" in given and "min_lr" not in given:  # the preset's final/peak ratio, at the new peak
         cfg["min_lr"] = base["min_lr"] * cfg["lr"] / base["lr"]
-    cfg["lr_decay_iters"] = cfg["lr_decay_iters"] or cfg["max_iters"]
+    cfg["lr_decay_iters"] = cfg["max_iters"] if cfg["lr_decay_iters"] is None else cfg["lr_decay_iters"]
     if cfg["init_from"]:  # GPT-2's weights fix the architecture: flags that would change it are refused
         cfg.update(gpt2_architecture(cfg["init_from"], given, Settings))
     cfg = Settings(**cfg)
@@ -286,6 +287,7 @@ def train(cfg, resume_ckpt=None, stop=None):
     autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = proc.device.type == "cuda"
     compiled = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
+    check_can_compile(compiled, proc.device)
 
     data_dir, meta = prepare_data.load_prepared(cfg.data, cfg.tokenizer, cfg.block_size)
     raw_model, optimizer = build_model(cfg, meta, resume_ckpt, proc)
@@ -310,8 +312,8 @@ def train(cfg, resume_ckpt=None, stop=None):
 def training_loop(run, model, diag, evaluate, autocast, stop):
     """Optimizer steps until run.cfg.max_iters, a stop request or a divergence. model: what the step runs (compiled,
     DDP); run.model: the model itself."""
-    cfg, proc, optimizer, scaler, batches, config = run.cfg, run.proc, run.optimizer, run.scaler, run.batches, \
-        run.model.config
+    cfg, proc, optimizer, scaler, batches, z_loss = run.cfg, run.proc, run.optimizer, run.scaler, run.batches, \
+        run.model.config.z_loss
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
     x, y = batches.next()
     while True:
@@ -334,8 +336,8 @@ def training_loop(run, model, diag, evaluate, autocast, stop):
             with autocast:
                 logits, loss = model(x, y)
                 loss = loss / run.grad_accum
-            if config.z_loss:  # the loss includes the z-loss; its share is logged apart from the cross-entropy
-                z_sum = z_sum + z_loss_term(logits.detach(), config.z_loss, y) / run.grad_accum
+            if z_loss:  # the loss includes the z-loss; its share is logged apart from the cross-entropy
+                z_sum = z_sum + z_loss_term(logits.detach(), z_loss, y) / run.grad_accum
             if micro_step == run.grad_accum - 1:
                 data_state = batches.gen.get_state()
             x, y = batches.next()  # prefetch the next batch while the backward runs
@@ -363,7 +365,7 @@ def training_loop(run, model, diag, evaluate, autocast, stop):
         tvr_after_step(run.model, run.iter_num + 1)  # TVR (arXiv 2503.17500), when on
         run.count_step(lossf - zf)  # the spike rules watch the cross-entropy (lossf includes the z-loss)
         diag.end_step()
-        run.log_progress(lossf - zf, zf if config.z_loss else None, lr, normf)
+        run.log_progress(lossf - zf, zf if z_loss else None, lr, normf)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -371,7 +373,8 @@ def training_loop(run, model, diag, evaluate, autocast, stop):
 
 
 def generate_text(model, codec, sampling, device):
-    """sampling.num_samples texts from its prompt (None: a newline, or the vocabulary's first token)."""
+    """Yield sampling.num_samples texts from its prompt (None: a newline, or the vocabulary's first token), each as
+    soon as it is made."""
     if sampling.prompt is None:
         ids = codec.encode("\n") if codec.name == "gpt2" or "\n" in codec.chars else [0]
     else:
@@ -380,23 +383,21 @@ def generate_text(model, codec, sampling, device):
         raise TrainError("the prompt is empty after tokenization; give at least one character")
     x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
     model.eval()
-    return [codec.decode(model.generate(x, sampling.max_new_tokens, temperature=sampling.temperature,
-                                        top_k=sampling.top_k or None, vocab_limit=codec.vocab_size)[0].tolist())
-            for _ in range(sampling.num_samples)]
+    for _ in range(sampling.num_samples):
+        y = model.generate(x, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k or None,
+                           vocab_limit=codec.vocab_size)
+        yield codec.decode(y[0].tolist())
 
 
 def sample_from_checkpoint(cfg, sampling):
-    ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
-    device = pick_device(cfg.device)
-    model = use_rmsnorm_kernel(model_from_checkpoint(ckpt).to(device))
+    ckpt, device = load_checkpoint(path := Path(cfg.out_dir) / "ckpt.pt"), pick_device(cfg.device)
+    model = use_rmsnorm_kernel(model_from_checkpoint(ckpt, path).to(device))
     torch.manual_seed(cfg.seed)
     for text in generate_text(model, Codec(ckpt["meta"]), sampling, device):
-        print(text)
-        print("-" * 60)
+        print(text + "\n" + "-" * 60, flush=True)
 
 
-def settings_given(args):
-    """The Settings fields given on a command line (build_parser's namespace holds only what was given)."""
+def settings_given(args):  # the Settings given on a command line: build_parser's namespace holds only those
     return {k: v for k, v in vars(args).items() if k in Settings.__dataclass_fields__}
 
 
@@ -432,10 +433,11 @@ def main(argv=None):
                 return 128 + (stop.signum or signal.SIGINT)  # the shell's convention: 130 SIGINT, 143 SIGTERM
             torch.manual_seed(cfg.seed)
             print("\n--- sample ---")
-            print(generate_text(model, codec, replace(sampling, num_samples=1), next(model.parameters()).device)[0])
+            print(next(generate_text(model, codec, replace(sampling, num_samples=1), next(model.parameters()).device)))
         return 0
     except (TrainError, DataError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:  # under torchrun, one line, not one per process
+        # under torchrun one line per node (its local rank 0), not one per process; without torchrun always
+        if os.environ.get("LOCAL_RANK", "0") == "0" or "TORCHELASTIC_RUN_ID" not in os.environ:
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C outside training (sampling, data preparation): one line, the shell's 130
@@ -444,4 +446,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    sys.stdout = OutputThatSurvivesAClosedPipe(sys.stdout)  # | head must not end the run
     sys.exit(main())

@@ -53,8 +53,8 @@ def load_nanogpt(path):
     spec = importlib.util.spec_from_file_location("nanogpt_model", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    if not (hasattr(module, "GPT") and hasattr(module, "GPTConfig")):
-        raise SystemExit(f"error: --nanogpt {path} defines no GPT and GPTConfig; is it nanoGPT's model.py?")
+    if not (hasattr(module, "GPT") and hasattr(module, "GPTConfig")) or module.GPT.__module__ != module.__name__:
+        raise SystemExit(f"error: --nanogpt {path} defines no GPT and GPTConfig of its own; is it nanoGPT's model.py?")
     return module
 
 
@@ -128,12 +128,18 @@ def peak_rss_kib():
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
 
 
+def positive_int(text):
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return int(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="cpu-preset")
     p.add_argument("--flags", nargs="+", choices=list(FLAGS), default=list(FLAGS))
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--steps", type=int, default=5, help="steps per configuration per round")
+    p.add_argument("--rounds", type=positive_int, default=15)
+    p.add_argument("--steps", type=positive_int, default=5, help="steps per configuration per round")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time not counted)")
     p.add_argument("--nanogpt", metavar="MODEL_PY",

@@ -18,7 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
 
 KINDS = ("q", "k", "v", "attn_out", "fc", "mlp_out")  # the block matrices, as stable_gpt.BLOCK_MATRICES names them
 
@@ -67,9 +67,16 @@ def layers(values):
     return list(range(1, len(values) + 1))
 
 
+PLAIN = FuncFormatter(lambda value, _: f"{value:g}")  # 0.00145 and 6, not 1.45x10^-3 and 6x10^0
+
+
 def save(fig, path, dpi=90, integer_x=True):
-    for ax in fig.axes if integer_x else ():  # blocks and iterations are whole numbers
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for ax in fig.axes:
+        if integer_x:  # blocks and iterations are whole numbers
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_yscale() == "log":
+            ax.yaxis.set_major_formatter(PLAIN)
+            ax.yaxis.set_minor_formatter(PLAIN if ax.get_ylim()[1] / ax.get_ylim()[0] < 20 else NullFormatter())
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
@@ -90,7 +97,7 @@ def plot_run(out_dir):
                 plot_activations(snaps, colors, out_dir / "activations.png"),
                 plot_weight_std(diag, out_dir / "weight_std.png")]
     if "attn_logit_max" in diag[-1]:
-        written += plot_logit_growth({out_dir.name: (log, diag)}, out_dir / "logits.png")
+        written += plot_logit_growth({out_dir.name: (log, diag)}, out_dir / "logits.png", with_loss=False)
     return written
 
 
@@ -109,25 +116,26 @@ def plot_loss(log, name, path):
     return save(fig, path)
 
 
-def plot_snapshots_by_block(snaps, colors, panels, path, width, label="iter {}"):
-    """One panel per (title, ylabel, yscale, [(key, line style), ...]): each key's per-block values in every
-    snapshot, one colour per snapshot; the first panel's first series carries the legend."""
+def plot_snapshots_by_block(snaps, colors, panels, path, width):
+    """One panel per (title, ylabel, yscale, [(key, line style, name), ...]): each key's per-block values in every
+    snapshot, one colour per snapshot, a legend in every panel."""
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.2))
     for ax, (title, ylabel, yscale, series) in zip(axes, panels):
         for r, c in zip(snaps, colors):
-            for i, (key, style) in enumerate(series):
-                legend = label.format(r["iter"]) if ax is axes[0] and i == 0 else None
-                ax.plot(layers(r[key]), r[key], style, color=c, label=legend)
+            for key, style, name in series:
+                ax.plot(layers(r[key]), r[key], style, color=c, label=f"{name}iter {r['iter']}")
         ax.set(title=title, xlabel="block", ylabel=ylabel, yscale=yscale)
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     return save(fig, path)
 
 
 def plot_depth(snaps, colors, path):
     return plot_snapshots_by_block(snaps, colors, [
-        ("Residual-stream variance after block", "variance (per feature)", "log", [("variance", "o-")]),
-        ("Angular distance, block input to output", "arccos(cos sim) / pi", "linear", [("angular_distance", "o-")]),
-        ("Layer importance: loss increase if removed", "delta loss (nats)", "linear", [("layer_importance", "o-")]),
+        ("Residual-stream variance after block", "variance (per feature)", "log", [("variance", "o-", "")]),
+        ("Angular distance, block input to output", "arccos(cos sim) / pi", "linear",
+         [("angular_distance", "o-", "")]),
+        ("Layer importance: loss increase if removed", "delta loss (nats)", "linear",
+         [("layer_importance", "o-", "")]),
     ], path, width=15)
 
 
@@ -144,10 +152,10 @@ def plot_updates(last, path):
 
 def plot_activations(snaps, colors, path):
     return plot_snapshots_by_block(snaps, colors, [
-        ("Max |activation| (o stream, x MLP input)", "max |x|", "linear", [("max_abs", "o-"), ("mlp_in_max_abs", "x--")]),
-        ("Kurtosis (o stream, x MLP input; Gaussian = 3)", "kurtosis", "linear",
-         [("kurtosis", "o-"), ("mlp_in_kurtosis", "x--")]),
-    ], path, width=12, label="stream, iter {}")
+        ("Max |activation|", "max |x|", "linear", [("max_abs", "o-", "stream, "), ("mlp_in_max_abs", "x--", "MLP in, ")]),
+        ("Kurtosis (Gaussian = 3)", "kurtosis", "linear",
+         [("kurtosis", "o-", "stream, "), ("mlp_in_kurtosis", "x--", "MLP in, ")]),
+    ], path, width=13)
 
 
 def plot_weight_std(diag, path):
@@ -161,19 +169,23 @@ def plot_weight_std(diag, path):
         axes[1].plot(layers(values), values, "o-", label=kind)
     axes[0].set(title="Weight std over training (max over blocks)", xlabel="iteration", ylabel="std")
     axes[1].set(title=f"Weight std by block (iter {last['iter']})", xlabel="block", ylabel="std")
-    axes[0].legend(fontsize=8)
+    for ax in axes:
+        ax.legend(fontsize=8)
     return save(fig, path)
 
 
-def plot_logit_growth(runs, path, dpi=90):
+def plot_logit_growth(runs, path, dpi=90, with_loss=True):
     """The two logit divergences of Wortsman et al. (arXiv 2309.14322, Sec. 3) over training, one line per run:
-    the step loss, the largest attention logit |q.k|/sqrt(d) over blocks (Sec. 3.1; QK-norm bounds it) and the
-    mean log Z of the output logits with its spread (Sec. 3.2; z-loss pulls it to 0). runs: {label: read_run()}."""
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    the step loss (with_loss: a run's own plots have it in loss.png), the largest attention logit |q.k|/sqrt(d)
+    over blocks (Sec. 3.1; QK-norm bounds it) and the mean log Z of the output logits with its spread (Sec. 3.2;
+    z-loss pulls it to 0). runs: {label: read_run()}."""
+    fig, axes = plt.subplots(1, 3 if with_loss else 2, figsize=(18 if with_loss else 12, 4.8))
+    axes = axes if with_loss else [None, *axes]
     for i, (label, (log, diag)) in enumerate(runs.items()):
         color = f"C{i}"
         steps = step_records(log)
-        axes[0].plot([r["iter"] for r in steps], [r["loss"] for r in steps], color=color, label=label)
+        if with_loss:
+            axes[0].plot([r["iter"] for r in steps], [r["loss"] for r in steps], color=color, label=label)
         diag = [r for r in diag if "attn_logit_max" in r]
         iters = [r["iter"] for r in diag]
         axes[1].plot(iters, [max(r["attn_logit_max"]) for r in diag], "o-", ms=3, color=color, label=label)
@@ -182,11 +194,13 @@ def plot_logit_growth(runs, path, dpi=90):
         axes[2].plot(iters, mean, "o-", ms=3, color=color, label=label)
         axes[2].fill_between(iters, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                              color=color, alpha=0.2)
-    axes[0].set(title="Training loss (step)", xlabel="iteration", ylabel="cross-entropy (nats/token)")
+    if with_loss:
+        axes[0].set(title="Training loss (step)", xlabel="iteration", ylabel="cross-entropy (nats/token)")
     axes[1].set(title="Largest attention logit over blocks", xlabel="iteration", ylabel="max |q.k| / sqrt(d)",
                 yscale="log")
     axes[2].set(title="log Z of the output logits (mean +- std)", xlabel="iteration", ylabel="log Z")
-    axes[0].legend(fontsize=8)
+    for ax in axes[0 if with_loss else 1:]:
+        ax.legend(fontsize=8)
     return [save(fig, Path(path), dpi)]
 
 
@@ -244,14 +258,15 @@ def plot_lr_sweep(sweep, out_dir, dpi=90):
     mean over seeds, their spread as error bars), diverged runs marked x at the loss they count (their loss at
     init), as Wortsman et al.'s Fig. 1 (arXiv 2309.14322). sweep: train_shakespeare.lr_sweep_results()."""
     fig, ax = plt.subplots(figsize=(11, 6.5))
-    colors = plt.get_cmap("tab10").colors
+    n = len(sweep["configs"])  # a colour of its own for every configuration
+    colors = plt.get_cmap("tab10").colors if n <= 10 else [plt.get_cmap("turbo")(0.05 + 0.9 * i / (n - 1))
+                                                              for i in range(n)]
     for i, (config, c) in enumerate(sweep["configs"].items()):
         lrs = sorted(c["runs"], key=float)
         losses = [[o["counted_loss"] for o in c["runs"][lr]] for lr in lrs]
         mean = [c["mean_loss"][lr] for lr in lrs]
         spread = [(max(v) - min(v)) / 2 for v in losses]
-        # 10 colors, then the same colors dashed with other markers
-        style = dict(color=colors[i % 10], linestyle=("-", "--", ":")[i // 10 % 3], marker="osD"[i // 10 % 3])
+        style = dict(color=colors[i], linestyle=("-", "--", ":")[i % 3], marker="osD"[i % 3])
         ax.errorbar([float(lr) for lr in lrs], mean, yerr=spread, ms=4, capsize=3,
                     label=f"{config} (sens. {c['lr_sensitivity']:.3f})", **style)
         diverged = [(float(lr), o["counted_loss"]) for lr in lrs for o in c["runs"][lr] if o["diverged"]]
@@ -278,8 +293,13 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
     if args.logits:
+        records = [read_run(folder) for folder in args.run_dirs]
+        if without := [f for f, (_, diag) in zip(args.run_dirs, records) if not any("attn_logit_max" in r for r in diag)]:
+            print(f"error: {', '.join(without)} recorded no attention logits (diag.jsonl); train with --diag-interval "
+                  "> 0 to plot them", file=sys.stderr)
+            return 2
         labels = ["/".join(Path(folder).parts[-3:]) for folder in args.run_dirs]  # e.g. baseline/lr0.1/seed1337
-        print(plot_logit_growth(dict(zip(labels, map(read_run, args.run_dirs))), args.logits)[0])
+        print(plot_logit_growth(dict(zip(labels, records)), args.logits)[0])
         return 0
     for folder in args.run_dirs:
         print("\n".join(str(p) for p in plot_run(folder)))

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import pickle
+import shlex
 import shutil
 import signal
 import sys
@@ -89,7 +90,11 @@ def link_checkpoint(src, dst):
 
 def load_checkpoint(path):
     path = Path(path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as e:  # a name too long
+        raise TrainError(f"cannot read {path} ({e.strerror or e})") from None
+    if not found:
         raise TrainError(f"no checkpoint at {path}; train first (python train_shakespeare.py --out-dir "
                          f"{path.parent}), or point --out-dir at a finished run")
     try:
@@ -129,9 +134,16 @@ def load_gpt2(init_from, dropout, block_size):
                          "network once, or a copy in the Hugging Face cache") from None
 
 
-def model_from_checkpoint(ckpt):
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    model.load_state_dict(checkpoint_model_state(ckpt))
+def model_from_checkpoint(ckpt, path="the checkpoint"):
+    """The GPT a checkpoint holds; a model_args key this version does not know, a missing or misshapen tensor is
+    one line."""
+    try:
+        model = GPT(GPTConfig(**ckpt["model_args"]))
+        model.load_state_dict(checkpoint_model_state(ckpt))
+    except (TypeError, ValueError, RuntimeError) as e:
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise TrainError(f"{path} does not hold a model this stable_gpt.py can build ({type(e).__name__}: "
+                         f"{first_line})") from None
     return model
 
 
@@ -166,7 +178,9 @@ def pick_device(name):
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise TrainError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # meta, xla, ...: nothing this script trains on
+        raise TrainError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise TrainError("--device cuda, but CUDA is not available here; use --device cpu (or auto)")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -269,7 +283,10 @@ def check_fresh_start(folder, overwrite):
     run (a .lock and a run's files) and nothing else. Anything else is refused in one line, before anything is
     written."""
     folder = Path(folder)
-    entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    try:
+        entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    except OSError as e:  # a name too long, no permission to list it
+        raise TrainError(f"cannot use --out-dir {folder} ({e.strerror or e}); choose another folder") from None
     if ".lock" in entries:
         RunLock(folder).release()  # one line if another run holds the folder
         if entries == [".lock"]:  # a run that stopped before it wrote anything
@@ -300,6 +317,35 @@ def write_json_atomically(path, record):
     tmp = Path(f"{path}.tmp")
     tmp.write_text(json.dumps(finite_or_null(record), indent=2))
     os.replace(tmp, path)
+
+
+class OutputThatSurvivesAClosedPipe:
+    """stdout for a run whose output may be piped into a reader that quits early (| head): once the pipe is
+    closed, the rest of the output is dropped and the run goes on, instead of dying of BrokenPipeError."""
+
+    def __init__(self, stream):
+        self.stream, self.closed_pipe = stream, False
+
+    def write(self, text):
+        if not self.closed_pipe:
+            try:
+                return self.stream.write(text)
+            except BrokenPipeError:
+                self.closed_pipe = True
+                # nothing more can reach the reader; point the descriptor at /dev/null for Python's exit flush
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+        return len(text)
+
+    def flush(self):
+        if not self.closed_pipe:
+            try:
+                self.stream.flush()
+            except BrokenPipeError:
+                self.closed_pipe = True
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 
 class StopRequest:
@@ -352,7 +398,16 @@ def setup_process(device_name):
     """The device, and under torchrun (which sets RANK) the process group: NCCL on GPUs, gloo on CPUs."""
     if int(os.environ.get("RANK", -1)) == -1:
         return Process(0, 1, pick_device(device_name), ddp=False)
-    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    needed = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets
+    if missing := [k for k in needed if k not in os.environ]:
+        raise TrainError(f"RANK is set but not {', '.join(missing)}: start the processes with torchrun, or unset "
+                         "RANK for one process")
+    try:
+        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    except ValueError:
+        raise TrainError("RANK, LOCAL_RANK and WORLD_SIZE must be whole numbers (torchrun sets them)") from None
+    if not 0 <= rank < world:
+        raise TrainError(f"RANK {rank} is not below WORLD_SIZE {world}")
     if device_name in (None, "auto"):
         device_name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     device = pick_device(device_name)
@@ -367,6 +422,12 @@ def micro_steps_per_rank(grad_accum, world):
     grad_accum / N of them, and at least one, so any preset runs on any N (with more processes than
     micro-batches, a step holds N micro-batches and the tokens per step grow; the start-up line says so)."""
     return max(1, grad_accum // world)
+
+
+def check_can_compile(compiled, device):
+    """torch.compile on CPU builds C++ kernels: without a compiler it fails at the first step, so say it first."""
+    if compiled and device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        raise TrainError("--compile on CPU needs a C++ compiler, and none is on PATH; use --no-compile")
 
 
 def wrap_model(model, compiled, proc):
@@ -517,7 +578,7 @@ class Run:
             save_checkpoint(self.out_dir / "ckpt.pt", state)
             launcher = f"torchrun --standalone --nproc_per_node={self.proc.world}" if self.proc.ddp else "python"
             print(f"stopped at iter {self.iter_num}; wrote {self.out_dir / 'ckpt.pt'}. Resume with:\n"
-                  f"  {launcher} train_shakespeare.py --resume --out-dir {self.out_dir}")
+                  f"  {launcher} train_shakespeare.py --resume --out-dir {shlex.quote(str(self.out_dir))}")
 
     def stopped_at_once(self):
         """A second Ctrl-C stopped the loop mid-step: nothing more is written but summary.json; the last checkpoint
@@ -525,7 +586,7 @@ class Run:
         self.interrupted_at = self.iter_num
         where = f"{self.out_dir / 'ckpt.pt'} (iter {self.last_saved})" if self.last_saved is not None else "none yet"
         print(f"stopped at once at iter {self.iter_num} (a second signal); the last checkpoint: {where}. Resume with:\n"
-              f"  python train_shakespeare.py --resume --out-dir {self.out_dir}", flush=True)
+              f"  python train_shakespeare.py --resume --out-dir {shlex.quote(str(self.out_dir))}", flush=True)
 
     def skip_or_stop_on_nonfinite(self, what, loss, grad_norm):
         """A step with a non-finite loss or gradient made no update. With --skip-nonfinite, count it and return

@@ -22,7 +22,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 from prepare_data import DataError
-from tools import plots
 from tools.runs import (StopRequest, TrainError, check_fresh_start, load_checkpoint, parse_or_none,
                         write_json_atomically)
 from train_shakespeare import Settings, build_parser, resolve, resume_settings, settings_given, train
@@ -127,14 +126,24 @@ def compare(argv):
         write_json_atomically(root / "lr_sweep.json", sweep)
         (root / "lr_sweep.md").write_text(table := lr_sweep_table(sweep))
         print("\n" + table)
-        print("plots: " + ", ".join(str(p) for p in plots.plot_lr_sweep(sweep, root)))
+        print_plots(lambda plots: plots.plot_lr_sweep(sweep, root))
         return 0
     runs = {config: [run_dir for c, _, _, run_dir in plan if c == config] for config in configs}
     table = compare_table(runs)
     (root / "compare.md").write_text(table)
     print("\n" + table)
-    print("plots: " + ", ".join(str(p) for p in plots.plot_compare(runs, root)))
+    print_plots(lambda plots: plots.plot_compare(runs, root))
     return 0
+
+
+def print_plots(draw):
+    """The plots, drawn after the tables are written: a problem with matplotlib costs the figure, not the table."""
+    try:
+        from tools import plots
+
+        print("plots: " + ", ".join(str(p) for p in draw(plots)))
+    except Exception as e:  # an import or a drawing error: the runs and the tables are already safe
+        print(f"warning: no plots ({type(e).__name__}: {e}); the tables are written")
 
 
 def check_compare_config(parser, common, config):
