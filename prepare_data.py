@@ -148,7 +148,8 @@ def prepare(text_path, out_dir, tokenizer="char"):
             raise PermissionError(13, "no permission to write")
     except OSError as e:  # a read-only folder, a file in the way
         raise DataError(f"cannot write the token files into {out_dir} ({e.strerror or e}); prepare_data.py --out-dir "
-                        "elsewhere, or set STABLE_GPT_CACHE to a writable folder for the cache of --data texts") from None
+                        "elsewhere, or set STABLE_GPT_CACHE to a writable folder for the cache of --data texts"
+                        ) from None
     # meta.json is written last: a folder with a meta.json is complete. Each file is written under a name of
     # this process's own and renamed into place atomically, so two processes preparing the same text at once
     # (two runs, or torchrun's ranks) each rename a complete file, and the last one wins.

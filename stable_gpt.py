@@ -462,7 +462,8 @@ class GPT(nn.Module):
         if targets is None:  # inference-time mini-optimization: only forward the lm_head on the very last position
             return self.softcap(self.lm_head(x[:, [-1], :])), None  # note: using list [-1] to preserve the time dim
         logits = self.softcap(self.lm_head(x))  # (b, t, vocab_size)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        # in fp32: under CUDA autocast the logits are bf16, and bf16 log-probs lose the loss's last digits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         if self.training and self.config.z_loss > 0:
             # z-loss (PaLM, arXiv 2204.02311, Sec. 5; Wortsman et al., arXiv 2309.14322, Sec. 3.2): pulls log Z
             # towards 0 so the output logits cannot drift to huge values. Training only: in eval mode the loss

@@ -1755,13 +1755,16 @@ def test_unwritable_out_dirs_are_one_line(tmp_path, data_dir, capsys):
         assert err.startswith(f"error: cannot write into --out-dir {out}") and err.count("\n") == 1, err
 
 
-def test_a_sweep_reuses_a_run_only_with_the_settings_asked_for(tmp_path, data_dir, capsys):
+def test_a_sweep_reuses_a_run_only_with_the_settings_asked_for(tmp_path, data_dir, capsys, monkeypatch):
     """A finished run is reused only when its settings are the ones asked for (else one line says what differs);
     configurations get one folder each (the exponent's sign kept), and two that would share one are refused."""
     out = tmp_path / "cmp"
     argv = lambda iters: train_args(data_dir, out, "--max-iters", iters, "--eval-interval", "2", "--diag-interval",
                                     "0") + ["--compare", "--z-loss 1e-4", "--z-loss 1e+4"]
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
     assert sweep.main(argv("4")) == 0
+    assert len(resets) == 2  # each run compiles afresh (no recompile limit across a sweep's runs)
     for slug, coef in (("z-loss-1e-4", 1e-4), ("z-loss-1e+4", 1e4)):
         assert json.loads((out / slug / "seed1337" / "summary.json").read_text())["config"]["z_loss"] == coef
     capsys.readouterr()
@@ -1802,6 +1805,56 @@ def test_existing_run_is_not_overwritten_by_accident(finished_run, data_dir, cap
     assert train_shakespeare.main(train_args(data_dir, finished_run)) == 2
     assert "already holds a run; --resume to continue it, --overwrite" in capsys.readouterr().err
     assert snapshot(finished_run) == before
+
+
+def test_gpu_device_and_dtype_choice_under_torchrun_and_alone(monkeypatch):
+    """With CUDA mocked: under torchrun each process takes the GPU of its LOCAL_RANK (--device cuda or auto), a
+    fixed cuda:N is refused there; alone, cuda:1 becomes the current GPU (its RNG is what a checkpoint saves).
+    bf16 only where the GPU has it, not emulated (V100, T4: fp16 with a GradScaler)."""
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(runs.dist, "init_process_group", lambda backend: chosen.append(backend))
+    assert runs.setup_process("cuda:1").device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
+    assert runs.setup_process("cuda").device == torch.device("cuda", 0)
+    for k, v in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(k, v)
+    chosen.clear()
+    for name in ("cuda", "auto"):
+        proc = runs.setup_process(name)
+        assert (proc.rank, proc.world, proc.device, proc.ddp) == (3, 4, torch.device("cuda", 1), True)
+    assert chosen == [torch.device("cuda", 1), "nccl"] * 2
+    with pytest.raises(runs.TrainError, match="the GPU of its LOCAL_RANK; use --device cuda, not --device cuda:0"):
+        runs.setup_process("cuda:0")
+    for emulated_only, dtype in ((False, torch.bfloat16), (True, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                            lambda including_emulation=True, e=emulated_only: including_emulation or not e)
+        assert runs.pick_dtype("auto", torch.device("cuda", 0)) == dtype
+
+
+def test_gpu_check_dry_run_runs_every_check(tmp_path, data_dir, capsys):
+    """python -m tools.gpu_check --dry-run: the GPU check's code paths at toy size on CPU (its figures need a GPU)."""
+    from tools import gpu_check
+
+    assert gpu_check.main(["--dry-run", "--data", str(data_dir), "--out-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    for line in ("1. gpt2-124m steps", "2. peak memory", "3. graphs", "4. host syncs", "5. shakespeare-char"):
+        assert line in out
+    assert out.count("graphs 1, breaks 0") == len(gpu_check.FLAG_SETS) and "exit 0" in out
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["iters"] == 4
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(monkeypatch):
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    alone = runs.Process(0, 1, torch.device("cpu"), ddp=False)
+    assert runs.nonfinite_part(1.0, 1.0, scaler, alone) is None
+    assert runs.nonfinite_part(float("nan"), 1.0, scaler, alone) == "loss"
+    assert runs.nonfinite_part(1.0, float("inf"), scaler, alone) == "gradient norm"
+    assert runs.nonfinite_part(1.0, float("inf"), torch.amp.GradScaler("cpu", enabled=True), alone) is None  # fp16
+    monkeypatch.setattr(runs, "any_rank", lambda flag, proc: True)  # another rank's loss was NaN
+    assert runs.nonfinite_part(1.0, 1.0, scaler, runs.Process(0, 2, torch.device("cpu"), ddp=True)) == \
+        "loss (on another rank)"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

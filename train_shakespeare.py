@@ -35,7 +35,7 @@ from tools.cpu_rmsnorm import use_rmsnorm_kernel
 from tools.monitors import DiagnosticsRecorder
 from tools.runs import (Batches, OutputThatSurvivesAClosedPipe, Run, StopRequest, TrainError, any_rank,
                         check_can_compile, check_fresh_start, keep_freed_memory, load_checkpoint, load_gpt2,
-                        model_from_checkpoint, pick_device, pick_dtype, setup_process, wrap_model)
+                        model_from_checkpoint, nonfinite_part, pick_device, pick_dtype, setup_process, wrap_model)
 
 # ----------------------------------------------------------------------------------------------------
 # Settings. Each is defined once below: default, help and allowed range. The command line (--n-layer, ...), the
@@ -128,7 +128,8 @@ class Settings:
     grad_accum: int = setting(1, "micro-batches per optimizer step (split across torchrun ranks)", POSITIVE)
     max_iters: int = setting(5000, "optimizer steps", POSITIVE)
     lr: float = setting(6e-4, "peak learning rate", FINITE_POSITIVE)
-    min_lr: Optional[float] = setting(None, "final learning rate (default: --lr x the preset's ratio)", FINITE_AT_LEAST_0)
+    min_lr: Optional[float] = setting(None, "final learning rate (default: --lr x the preset's ratio)",
+                                      FINITE_AT_LEAST_0)
     warmup_iters: int = setting(100, "linear warmup steps", AT_LEAST_0)
     lr_decay_iters: Optional[int] = setting(None, "steps of the cosine decay (default: --max-iters)", POSITIVE)
     weight_decay: float = setting(0.1, "AdamW weight decay (which tensors: configure_optimizers)", FINITE_AT_LEAST_0)
@@ -156,7 +157,7 @@ class Sampling:
     max_new_tokens: int = setting(500, "tokens per sample", POSITIVE)
     temperature: float = setting(0.8, "sampling temperature",
                                  (lambda v: 1e-3 <= v < math.inf, "a finite number >= 0.001"))
-    top_k: int = setting(200, "sample from the k most likely tokens (0: all)", (lambda v: v >= 0, ">= 0 (0: all tokens)"))
+    top_k: int = setting(200, "sample from the k most likely tokens", (lambda v: v >= 0, ">= 0 (0: all tokens)"))
 
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # the vocabulary comes from the data
@@ -346,11 +347,8 @@ def training_loop(run, model, diag, evaluate, autocast, stop):
         scaler.unscale_(optimizer)
         diag.after_backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
-        # checked every step: a non-finite value is a single-step event (one device sync per step). With
-        # fp16, an inf gradient is the GradScaler's business (it skips the step and lowers its scale).
-        lossf, normf, zf = float(loss_sum), float(grad_norm), float(z_sum)
-        nonfinite = "loss" if not math.isfinite(lossf) else \
-            "gradient norm" if not (math.isfinite(normf) or scaler.is_enabled()) else None
+        lossf, normf, zf = float(loss_sum), float(grad_norm), float(z_sum)  # one device sync per step
+        nonfinite = nonfinite_part(lossf, normf, scaler, proc)  # checked every step: a spike is a one-step event
         if nonfinite is None:
             scaler.step(optimizer)
             scaler.update()

@@ -152,7 +152,8 @@ def plot_updates(last, path):
 
 def plot_activations(snaps, colors, path):
     return plot_snapshots_by_block(snaps, colors, [
-        ("Max |activation|", "max |x|", "linear", [("max_abs", "o-", "stream, "), ("mlp_in_max_abs", "x--", "MLP in, ")]),
+        ("Max |activation|", "max |x|", "linear",
+         [("max_abs", "o-", "stream, "), ("mlp_in_max_abs", "x--", "MLP in, ")]),
         ("Kurtosis (Gaussian = 3)", "kurtosis", "linear",
          [("kurtosis", "o-", "stream, "), ("mlp_in_kurtosis", "x--", "MLP in, ")]),
     ], path, width=13)
@@ -294,7 +295,8 @@ def main(argv=None):
             return 2
     if args.logits:
         records = [read_run(folder) for folder in args.run_dirs]
-        if without := [f for f, (_, diag) in zip(args.run_dirs, records) if not any("attn_logit_max" in r for r in diag)]:
+        if without := [f for f, (_, diag) in zip(args.run_dirs, records)
+                       if not any("attn_logit_max" in r for r in diag)]:
             print(f"error: {', '.join(without)} recorded no attention logits (diag.jsonl); train with --diag-interval "
                   "> 0 to plot them", file=sys.stderr)
             return 2

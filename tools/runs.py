@@ -192,7 +192,9 @@ def pick_dtype(name, device):
     if name in (None, "auto"):
         if device.type != "cuda":
             return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # bf16 only where the GPU has it (sm80+): emulated bf16 (V100, T4) is slow and inductor skips it, so those
+        # get fp16 with a GradScaler
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     if name != "float32" and device.type != "cuda":
         raise TrainError(f"--dtype {name} needs CUDA; on {device.type} use float32")
     return getattr(torch, name)
@@ -397,7 +399,11 @@ class Process:
 def setup_process(device_name):
     """The device, and under torchrun (which sets RANK) the process group: NCCL on GPUs, gloo on CPUs."""
     if int(os.environ.get("RANK", -1)) == -1:
-        return Process(0, 1, pick_device(device_name), ddp=False)
+        device = pick_device(device_name)
+        if device.type == "cuda":  # the GPU asked for (cuda:1) becomes the current one: its RNG is the one saved
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+            torch.cuda.set_device(device)
+        return Process(0, 1, device, ddp=False)
     needed = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")  # what torchrun sets
     if missing := [k for k in needed if k not in os.environ]:
         raise TrainError(f"RANK is set but not {', '.join(missing)}: start the processes with torchrun, or unset "
@@ -408,10 +414,13 @@ def setup_process(device_name):
         raise TrainError("RANK, LOCAL_RANK and WORLD_SIZE must be whole numbers (torchrun sets them)") from None
     if not 0 <= rank < world:
         raise TrainError(f"RANK {rank} is not below WORLD_SIZE {world}")
-    if device_name in (None, "auto"):
-        device_name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = pick_device(device_name)
-    if device.type == "cuda":
+    device = pick_device("cuda" if device_name in (None, "auto") and torch.cuda.is_available() else
+                         "cpu" if device_name in (None, "auto") else device_name)
+    if device.type == "cuda":  # one GPU per process: the one of its LOCAL_RANK on its node
+        if device.index is not None:
+            raise TrainError(f"under torchrun each process takes the GPU of its LOCAL_RANK; use --device cuda, not "
+                             f"--device {device_name}")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     return Process(rank, world, device, ddp=True)
@@ -445,6 +454,17 @@ def any_rank(flag, proc):
     t = torch.tensor(float(flag), device=proc.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.item() > 0
+
+
+def nonfinite_part(loss, grad_norm, scaler, proc):
+    """What of a step is non-finite, "loss" or "gradient norm", or None; under DDP the same answer on every rank
+    (each rank's loss is its own), so that all skip or stop together. With fp16 an inf gradient is the
+    GradScaler's business: it skips the step and lowers its scale."""
+    what = "loss" if not math.isfinite(loss) else \
+        "gradient norm" if not (math.isfinite(grad_norm) or scaler.is_enabled()) else None
+    if proc.ddp and any_rank(what is not None, proc):
+        what = what or "loss (on another rank)"
+    return what
 
 
 def replica_max_diff(model, proc):
@@ -487,7 +507,8 @@ class Run:
         self.cfg, self.proc, self.model, self.optimizer = cfg, proc, model, optimizer
         self.meta, self.batches, self.out_dir = meta, batches, Path(cfg.out_dir)
         # fp16 needs a loss scaler (bf16 and fp32 do not); it is part of the state a checkpoint holds
-        self.scaler = torch.amp.GradScaler(proc.device.type, enabled=pick_dtype(cfg.dtype, proc.device) == torch.float16)
+        fp16 = pick_dtype(cfg.dtype, proc.device) == torch.float16
+        self.scaler = torch.amp.GradScaler(proc.device.type, enabled=fp16)
         self.grad_accum = micro_steps_per_rank(cfg.grad_accum, proc.world)  # micro-batches per step, this rank
         self.tokens_per_iter = self.grad_accum * proc.world * cfg.batch_size * cfg.block_size
         self.iter_num, self.best_val, spike_state = self._restore(resume_ckpt)
@@ -576,7 +597,10 @@ class Run:
         state, self.interrupted_at = self.checkpoint_state(data_state), self.iter_num
         if self.proc.master:
             save_checkpoint(self.out_dir / "ckpt.pt", state)
-            launcher = f"torchrun --standalone --nproc_per_node={self.proc.world}" if self.proc.ddp else "python"
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.proc.world))  # processes per node, under torchrun
+            launcher = "python" if not self.proc.ddp else f"torchrun --standalone --nproc_per_node={local}" if \
+                local == self.proc.world else (f"torchrun --nnodes={self.proc.world // local} --nproc_per_node={local} "
+                                               "--rdzv_backend=c10d --rdzv_endpoint=HOST:PORT (on every node)")
             print(f"stopped at iter {self.iter_num}; wrote {self.out_dir / 'ckpt.pt'}. Resume with:\n"
                   f"  {launcher} train_shakespeare.py --resume --out-dir {shlex.quote(str(self.out_dir))}")
 
@@ -599,7 +623,7 @@ class Run:
             print(f"iter {step}: non-finite {what} ({loss}, {grad_norm}); update skipped ({self.skipped} so far)")
             self.log.write(iter=step, type="skipped", loss=loss, grad_norm=grad_norm)
         elif self.proc.master:
-            where = f"{self.out_dir / 'ckpt.pt'} (iter {self.last_saved})" if self.last_saved is not None else "none yet"
+            where = "none yet" if self.last_saved is None else f"{self.out_dir / 'ckpt.pt'} (iter {self.last_saved})"
             print(f"iter {step}: non-finite {what} (loss {loss}, gradient norm {grad_norm})"
                   + (f", {MAX_SKIPS_IN_A_ROW} updates in a row skipped before it" if self.skipped else "")
                   + f"; stopping without saving. The last good checkpoint: {where}")
@@ -628,13 +652,13 @@ class Run:
         if not self.proc.master:
             return
         # MFU against the detected GPU's bf16 peak, per GPU: each rank runs grad_accum micro-batches
-        mfu = self.model.estimate_mfu(self.grad_accum * cfg.batch_size, dt, self.peak_flops) if self.peak_flops else None
+        mfu = self.peak_flops and self.model.estimate_mfu(self.grad_accum * cfg.batch_size, dt, self.peak_flops)
         z_part = f" + z-loss {z_loss:.2e}" if z_loss is not None else ""
         print(f"iter {self.iter_num:>6}/{cfg.max_iters} | loss {loss:.4f}{z_part} | lr {lr:.2e} | {dt * 1000:.1f} "
-              f"ms/iter | {self.tokens_per_iter / dt:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu is not None else "")
+              f"ms/iter | {self.tokens_per_iter / dt:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "")
               + f" | ETA {fmt_time(smooth_dt * (cfg.max_iters - self.iter_num))}")
         self.log.write(iter=self.iter_num, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000,
-                       **({"z_loss": z_loss} if z_loss is not None else {}), **({"mfu": mfu} if mfu is not None else {}))
+                       **({"z_loss": z_loss} if z_loss is not None else {}), **({"mfu": mfu} if mfu else {}))
 
     def write_summary_and_close(self, diag_s):
         """The end of a run: the DDP replica self-check, summary.json and the plots (rank 0), the lock released

@@ -21,6 +21,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from prepare_data import DataError
 from tools.runs import (StopRequest, TrainError, check_fresh_start, load_checkpoint, parse_or_none,
                         write_json_atomically)
@@ -187,6 +189,7 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
         print(f"{progress} {config} seed {seed}: done already ({summary_path})")
         return
     print(f"\n{progress} {config} seed {seed} -> {run_dir}")
+    torch._dynamo.reset()  # each run compiles afresh: past the recompile limit dynamo would run the rest eager
     if resume_ckpt is not None:  # interrupted earlier: continue it
         train(resume_settings(settings_given(run_args), resume_ckpt), resume_ckpt, stop)
     else:
