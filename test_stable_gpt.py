@@ -2054,16 +2054,24 @@ def test_a_fresh_run_writes_only_into_a_new_empty_or_own_folder(tmp_path, data_d
     assert train_shakespeare.main(train_args(data_dir, run, "--max-iters", "2", "--overwrite")) == 0
 
 
+def training_subprocess(data_dir, out, eval_interval, logged):
+    """A long one-thread training run in its own process, returned once its log.jsonl holds more than `logged`
+    records (or it has ended)."""
+    args = train_args(data_dir, out, "--max-iters", "100000", "--lr-decay-iters", "100000", "--eval-interval",
+                      str(eval_interval))
+    proc = subprocess.Popen([sys.executable, "train_shakespeare.py", *args], cwd=Path(__file__).parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    while proc.poll() is None and not ((out / "log.jsonl").is_file() and len(read_log(out)) > logged):
+        time.sleep(0.1)
+    return proc
+
+
 def test_a_second_signal_stops_at_once_with_one_line_and_the_summary(tmp_path, data_dir):
     """Two Ctrl-C's 50 ms apart: no traceback, exit code 130, summary.json written (atomically), the last
     checkpoint whole and named."""
     out = tmp_path / "run"
-    args = train_args(data_dir, out, "--max-iters", "100000", "--lr-decay-iters", "100000", "--eval-interval", "7")
-    proc = subprocess.Popen([sys.executable, "train_shakespeare.py", *args], cwd=Path(__file__).parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    while proc.poll() is None and not ((out / "log.jsonl").is_file() and len(read_log(out)) > 20):
-        time.sleep(0.1)
+    proc = training_subprocess(data_dir, out, eval_interval=7, logged=20)
     proc.send_signal(signal.SIGINT)
     time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
@@ -2137,12 +2145,7 @@ def test_sigint_writes_a_resumable_checkpoint(tmp_path, data_dir):
     """Ctrl-C in the middle of training: the step finishes, a checkpoint is written, the command to resume is
     printed, exit code 130; resuming gives the same losses as a run that was never interrupted."""
     out = tmp_path / "run"
-    args = train_args(data_dir, out, "--max-iters", "100000", "--lr-decay-iters", "100000", "--eval-interval", "1000")
-    proc = subprocess.Popen([sys.executable, "train_shakespeare.py", *args], cwd=Path(__file__).parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
-    while proc.poll() is None and not ((out / "log.jsonl").is_file() and len(read_log(out)) > 30):
-        time.sleep(0.2)
+    proc = training_subprocess(data_dir, out, eval_interval=1000, logged=30)
     proc.send_signal(signal.SIGINT)
     stdout, _ = proc.communicate()
     assert proc.returncode == 130, stdout[-2000:]
