@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import shlex
+import socket
 import subprocess
 import sys
 import warnings
@@ -1815,7 +1816,8 @@ def test_gpu_device_and_dtype_choice_under_torchrun_and_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(runs.dist, "init_process_group", lambda backend: chosen.append(backend))
+    monkeypatch.setattr(runs.dist, "init_process_group", lambda backend, **kw: chosen.append(backend))
+    monkeypatch.setattr(runs, "join_peers", lambda *a: None)
     assert runs.setup_process("cuda:1").device == torch.device("cuda", 1) and chosen == [torch.device("cuda", 1)]
     assert runs.setup_process("cuda").device == torch.device("cuda", 0)
     for k, v in dict(RANK="3", LOCAL_RANK="1", WORLD_SIZE="4", MASTER_ADDR="localhost", MASTER_PORT="1").items():
@@ -1831,6 +1833,25 @@ def test_gpu_device_and_dtype_choice_under_torchrun_and_alone(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                             lambda including_emulation=True, e=emulated_only: including_emulation or not e)
         assert runs.pick_dtype("auto", torch.device("cuda", 0)) == dtype
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_stale_torchrun_variables_end_in_one_line(rank, monkeypatch):
+    """RANK/WORLD_SIZE/MASTER_* left in a shell from an earlier torchrun, no peers: rank 0 (which hosts the
+    store) and any other rank (which looks for it) give up after PEER_WAIT_S with one line, not 30 minutes."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stale = dict(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    for k, v in stale.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setattr(runs, "PEER_WAIT_S", 1)
+    with pytest.raises(runs.TrainError, match=f"no peers after 1 s \\(RANK={rank}, WORLD_SIZE=2.*unset RANK"):
+        runs.setup_process("cpu")
+    if rank == "1":  # a Ctrl-C or SIGTERM while waiting ends the wait at once
+        with pytest.raises(runs.TrainError, match="stopped by a signal while waiting for the other processes"):
+            runs.setup_process("cpu", stopped=lambda: True)
 
 
 def test_gpu_check_dry_run_runs_every_check(tmp_path, data_dir, capsys):

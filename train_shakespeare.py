@@ -282,7 +282,8 @@ def estimate_loss(model, cfg, data_dir, device, autocast):
 def train(cfg, resume_ckpt=None, stop=None):
     """Train with the resolved settings cfg (continuing resume_ckpt if given); stop's signal ends the run at a
     step boundary with a checkpoint. Returns (model, codec, summary), the summary on rank 0 only."""
-    proc = setup_process(cfg.device)
+    stop = stop or StopRequest()
+    proc = setup_process(cfg.device, lambda: stop.signum is not None)
     keep_freed_memory()  # fewer page faults per step on CPU (docs/speed.md)
     dtype = pick_dtype(cfg.dtype, proc.device)  # bf16 on CUDA (fp16 + GradScaler where bf16 is missing), else fp32
     autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
@@ -299,7 +300,6 @@ def train(cfg, resume_ckpt=None, stop=None):
     # rank 0's diagnostics, on one fixed validation batch of up to 8 sequences, the same at every record
     diag_batch = Batches(data_dir / "val.bin", cfg.block_size, min(8, cfg.batch_size), proc.device, cfg.seed + 7).next()
     diag = DiagnosticsRecorder(raw_model, diag_batch, run.diag_log, cfg.diag_interval if run.diag_log else 0)
-    stop = stop or StopRequest()
     stop.at_once = not proc.ddp  # a second Ctrl-C stops at once (under torchrun the launcher ends every rank)
     try:
         training_loop(run, model, diag, lambda: estimate_loss(raw_model, cfg, data_dir, proc.device, autocast),

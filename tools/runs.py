@@ -6,6 +6,7 @@ that the benchmark shares. Imports torch, numpy and stable_gpt only (plots only 
 """
 
 import ctypes
+import datetime
 import fcntl
 import json
 import math
@@ -14,6 +15,7 @@ import pickle
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -396,8 +398,9 @@ class Process:
         return self.rank == 0  # rank 0 alone prints, logs, evaluates into files and writes checkpoints
 
 
-def setup_process(device_name):
-    """The device, and under torchrun (which sets RANK) the process group: NCCL on GPUs, gloo on CPUs."""
+def setup_process(device_name, stopped=lambda: False):
+    """The device, and under torchrun (which sets RANK) the process group: NCCL on GPUs, gloo on CPUs. stopped():
+    whether a signal came while waiting for the other processes (then TrainError: nothing to save yet)."""
     if int(os.environ.get("RANK", -1)) == -1:
         device = pick_device(device_name)
         if device.type == "cuda":  # the GPU asked for (cuda:1) becomes the current one: its RNG is the one saved
@@ -409,9 +412,11 @@ def setup_process(device_name):
         raise TrainError(f"RANK is set but not {', '.join(missing)}: start the processes with torchrun, or unset "
                          "RANK for one process")
     try:
-        rank, local_rank, world = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        rank, local_rank, world, port = (int(os.environ[k]) for k in
+                                         ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT"))
     except ValueError:
-        raise TrainError("RANK, LOCAL_RANK and WORLD_SIZE must be whole numbers (torchrun sets them)") from None
+        raise TrainError("RANK, LOCAL_RANK, WORLD_SIZE and MASTER_PORT must be whole numbers (torchrun sets them)") \
+            from None
     if not 0 <= rank < world:
         raise TrainError(f"RANK {rank} is not below WORLD_SIZE {world}")
     device = pick_device("cuda" if device_name in (None, "auto") and torch.cuda.is_available() else
@@ -422,8 +427,41 @@ def setup_process(device_name):
                              f"--device {device_name}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    store = join_peers(rank, world, os.environ["MASTER_ADDR"], port, stopped)
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", store=store, rank=rank,
+                            world_size=world)
     return Process(rank, world, device, ddp=True)
+
+
+PEER_WAIT_S = 120  # how long a process waits for the others to appear; launchers start them within seconds
+
+
+def join_peers(rank, world, host, port, stopped):
+    """The rendezvous store that init_process_group would make from MASTER_ADDR/PORT (env://), but with a bounded
+    wait: RANK/WORLD_SIZE left in a shell from an earlier torchrun would otherwise wait 30 minutes for peers that
+    never come. torchrun's agent hosts the store itself (TORCHELASTIC_USE_AGENT_STORE); otherwise rank 0 does."""
+    stale = (f"no peers after {PEER_WAIT_S} s (RANK={rank}, WORLD_SIZE={world}, MASTER_ADDR={host}:{port}): start "
+             "every rank with torchrun, or unset RANK, LOCAL_RANK and WORLD_SIZE (left from an earlier one) for one "
+             "process")
+    hosts_store = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    if not hosts_store:  # wait here, in Python, where a signal still ends the process and C++ logs no retries
+        deadline = time.monotonic() + PEER_WAIT_S
+        while True:
+            try:
+                socket.create_connection((host, port), timeout=1).close()
+                break
+            except OSError:
+                if stopped():
+                    raise TrainError("stopped by a signal while waiting for the other processes; nothing was "
+                                     "written") from None
+                if time.monotonic() > deadline:
+                    raise TrainError(stale) from None
+                time.sleep(0.5)
+    try:
+        return dist.TCPStore(host, port, world, is_master=hosts_store, wait_for_workers=True,
+                             timeout=datetime.timedelta(seconds=PEER_WAIT_S))
+    except dist.DistError as e:
+        raise TrainError(stale if "timed out" in str(e).lower() else f"cannot join the process group: {e}") from None
 
 
 def micro_steps_per_rank(grad_accum, world):
