@@ -121,6 +121,25 @@ class Codec:
             return self.enc.decode(list(ids))
         return "".join(self.chars[i] for i in ids)
 
+    def prompt_ids(self, prompt=None):
+        """The ids of a sample's prompt; None: a newline, or the vocabulary's first token where it has none."""
+        if prompt is None:
+            return self.encode("\n") if self.name == "gpt2" or "\n" in self.chars else [0]
+        if not (ids := self.encode(prompt)):
+            raise DataError("the prompt is empty after tokenization; give at least one character")
+        return ids
+
+    def decode_as_drawn(self, prompt, tokens):
+        """Yield the text of prompt (ids) + tokens (an iterable of ids) piece by piece as the tokens come: a
+        character whose BPE bytes are not all drawn yet waits for the rest."""
+        ids, shown = list(prompt), ""
+        for token in tokens:
+            ids.append(token)
+            text = self.decode(ids).rstrip("\ufffd")
+            yield text[len(shown):]
+            shown = text
+        yield self.decode(ids)[len(shown):]  # what waited, if anything
+
 
 def make_meta(text, tokenizer):
     if tokenizer == "char":

@@ -439,12 +439,14 @@ class GPT(nn.Module):
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, with_z_loss=False):
+        """(logits, loss), nanoGPT's; with_z_loss: (logits, loss, the loss's z-loss term detached, None when off),
+        for a trainer that logs it apart without a second logsumexp over the logits."""
         b, t = idx.size()
         if t > self.config.block_size:
             raise ValueError(f"sequence of length {t} is longer than block_size {self.config.block_size}")
-        # Validating ids costs a device sync, so it is done on CPU only (the training script checks its
-        # data once at load time); on GPU an out-of-range id would be a device-side assert.
+        # Validating ids costs a device sync, so it is done on CPU only (the training script checks every
+        # batch on the host before it moves); on GPU an out-of-range id would be a device-side assert.
         if idx.device.type == "cpu" and not torch.compiler.is_compiling() and t > 0:
             lo, hi = int(idx.min()), int(idx.max())
             if lo < 0 or hi >= self.config.vocab_size:
@@ -460,15 +462,20 @@ class GPT(nn.Module):
                 x = block(x)
         x = self.transformer.ln_f(x)
         if targets is None:  # inference-time mini-optimization: only forward the lm_head on the very last position
-            return self.softcap(self.lm_head(x[:, [-1], :])), None  # note: using list [-1] to preserve the time dim
+            logits = self.softcap(self.lm_head(x[:, [-1], :]))  # note: using list [-1] to preserve the time dim
+            return (logits, None, None) if with_z_loss else (logits, None)
         logits = self.softcap(self.lm_head(x))  # (b, t, vocab_size)
         # in fp32: under CUDA autocast the logits are bf16, and bf16 log-probs lose the loss's last digits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        z = None
         if self.training and self.config.z_loss > 0:
             # z-loss (PaLM, arXiv 2204.02311, Sec. 5; Wortsman et al., arXiv 2309.14322, Sec. 3.2): pulls log Z
             # towards 0 so the output logits cannot drift to huge values. Training only: in eval mode the loss
             # is the cross-entropy alone, so val losses compare across runs with and without it.
-            loss = loss + z_loss_term(logits, self.config.z_loss, targets)
+            z = z_loss_term(logits, self.config.z_loss, targets)
+            loss = loss + z
+        if with_z_loss:
+            return logits, loss, None if z is None else z.detach()
         return logits, loss
 
     def softcap(self, logits):
@@ -558,6 +565,13 @@ class GPT(nn.Module):
         """Take a conditioning sequence of indices idx (LongTensor of shape (b, t)) and complete it
         max_new_tokens times, feeding each prediction back in. Call model.eval() first. vocab_limit: sample
         only ids below it (a vocabulary padded for speed, 50257 -> 50304, has ids no tokenizer knows)."""
+        for idx_next in self.generate_tokens(idx, max_new_tokens, temperature, top_k, vocab_limit):
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    @torch.no_grad()
+    def generate_tokens(self, idx, max_new_tokens, temperature=1.0, top_k=None, vocab_limit=None):
+        """generate, one token at a time: yields each new (b, 1) batch of ids as soon as it is drawn."""
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         for _ in range(max_new_tokens):
@@ -571,7 +585,8 @@ class GPT(nn.Module):
             probs = F.softmax(logits, dim=-1)
             idx_next = torch.multinomial(probs, num_samples=1)  # (b, 1)
             idx = torch.cat((idx, idx_next), dim=1)
-        return idx
+            yield idx_next
+
 
 # ----------------------------------------------------------------------------------------------------
 # Functions a training loop calls
@@ -805,8 +820,11 @@ def matrix_snapshot(model):
 def update_ratios(before, model):
     """WeSaR's metric (arXiv 2410.05052, Fig. 1): |W_after - W_before| / |W_before| for every block matrix
     in use, given matrix_snapshot(model) taken before the optimizer step."""
-    after = matrix_snapshot(model)
-    return {k: ((after[k] - w).norm() / w.norm()).item() for k, w in before.items()}
+    ratios = {}
+    for name, w in matrices_in_use(model):  # one matrix at a time, each snapshot freed once used: no second copy
+        w_before = before.pop(name)
+        ratios[name] = (w.detach().float() - w_before).norm() / w_before.norm()
+    return dict(zip(ratios, torch.stack(list(ratios.values())).tolist()))  # one device sync
 
 
 # ----------------------------------------------------------------------------------------------------

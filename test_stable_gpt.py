@@ -446,6 +446,28 @@ def test_prepare_gpt2_round_trip(tmp_path, text_file):
     assert prepare_data.Codec(meta).decode(ids.tolist()) == text_file.read_text()
 
 
+def test_samples_print_as_each_token_is_drawn(tmp_path, capsys):
+    """Sampling streams: the pieces come one per token and join to the sample's text; a character whose BPE
+    bytes arrive over two tokens waits for the second (no replacement character is ever printed)."""
+    try:
+        bpe = prepare_data.Codec(prepare_data.make_meta("", "gpt2"))
+    except prepare_data.DataError as e:
+        pytest.skip(f"GPT-2 BPE not loadable here: {e}")
+    text = "naïve 日本語 ok"
+    ids = bpe.encode(text)
+    pieces = list(bpe.decode_as_drawn(ids[:1], ids[1:]))
+    assert "".join(pieces) == text and len(pieces) == len(ids) and not any("\ufffd" in p for p in pieces)
+    assert any(p == "" for p in pieces)  # 日本語's bytes span tokens: a piece that waited
+    codec = prepare_data.Codec(prepare_data.make_meta("abc\nd", "char"))
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=codec.vocab_size))
+    torch.manual_seed(0)
+    whole = codec.decode(model.eval().generate(torch.tensor([codec.prompt_ids("ab")]), 12)[0].tolist())
+    torch.manual_seed(0)
+    train_shakespeare.print_samples(model, codec, train_shakespeare.Sampling(prompt="ab", max_new_tokens=12,
+                                                                             temperature=1.0, top_k=0), "cpu")
+    assert capsys.readouterr().out == whole + "\n" + "-" * 60 + "\n"
+
+
 def test_prepare_data_errors(tmp_path):
     with pytest.raises(prepare_data.DataError, match="input text not found.*--input"):
         prepare_data.find_shakespeare(tmp_path / "missing.txt")
@@ -1396,10 +1418,10 @@ def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):
 def test_ddp_two_cpu_processes(tmp_path, data_dir):
     """torchrun with 2 processes on CPU (gloo): the replicas stay identical (TVR included) and the loss falls."""
     out = tmp_path / "ddp"
-    args = train_args(data_dir, out, "--max-iters", "30", "--eval-interval", "30", "--grad-accum", "2", "--tvr",
-                      "--tvr-interval", "10", "--tvr-target", "0.02", "--diag-interval", "10", "--dropout", "0.1")
+    flags = ["--eval-interval", "30", "--grad-accum", "2", "--tvr", "--tvr-interval", "10", "--tvr-target", "0.02",
+             "--diag-interval", "10", "--dropout", "0.1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "train_shakespeare.py", *args]
+           "train_shakespeare.py", *train_args(data_dir, out, "--max-iters", "30", *flags)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=Path(__file__).parent, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -1408,6 +1430,13 @@ def test_ddp_two_cpu_processes(tmp_path, data_dir):
     evals = [r["val_loss"] for r in read_log(out) if r.get("type") == "eval"]
     assert evals[-1] < evals[0] - 0.5
     assert "2 processes" in proc.stdout and proc.stdout.count("--- sample ---") == 1  # rank 0 alone prints
+    # each rank evaluates half of the eval batches: the first evaluation equals one process's, bit for bit
+    alone = subprocess.run([sys.executable, "train_shakespeare.py", *train_args(data_dir, tmp_path / "alone",
+                                                                                 "--max-iters", "1", *flags)],
+                           cwd=Path(__file__).parent, capture_output=True, text=True, env=env)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    first = [next(r for r in read_log(d) if r.get("type") == "eval") for d in (out, tmp_path / "alone")]
+    assert (first[0]["train_loss"], first[0]["val_loss"]) == (first[1]["train_loss"], first[1]["val_loss"])
 
 
 def test_any_grad_accum_runs_on_two_processes(tmp_path, data_dir):
@@ -1835,6 +1864,29 @@ def test_gpu_device_and_dtype_choice_under_torchrun_and_alone(monkeypatch):
         assert runs.pick_dtype("auto", torch.device("cuda", 0)) == dtype
 
 
+def test_the_step_time_leaves_out_the_first_step(monkeypatch):
+    """The first step of a run holds torch.compile's minutes: the first lap's ms/iter (and MFU) leave it out."""
+    now = [100.0]
+    monkeypatch.setattr(monitors.time, "time", lambda: now[0])
+    timer = monitors.StepTimer(0)
+    for it, seconds in enumerate([30.0] + [0.5] * 9, start=1):  # a 30 s compile, then 0.5 s steps
+        now[0] += seconds
+        timer.step_done(it)
+    assert timer.lap(10) == (0.5, 0.5)
+    now[0] += 5.0
+    timer.step_done(20)
+    assert timer.lap(20) == (0.5, 0.5)  # later laps: every step counts
+
+
+def test_mfu_peaks_by_gpu_name(monkeypatch):
+    cuda = torch.device("cuda", 0)
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12),
+                       ("NVIDIA H100 PCIe", 756e12), ("NVIDIA B200", 2.25e15), ("NVIDIA H800", 989e12),
+                       ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("Some GPU", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
+        assert runs.gpu_peak_flops(cuda) == peak, name
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_stale_torchrun_variables_end_in_one_line(rank, monkeypatch):
     """RANK/WORLD_SIZE/MASTER_* left in a shell from an earlier torchrun, no peers: rank 0 (which hosts the
@@ -1983,14 +2035,36 @@ def nan_loss_at(monkeypatch, bad):
     """Make the training loss NaN at the training forwards whose 1-based count satisfies bad(count)."""
     real_forward, calls = GPT.forward, []
 
-    def forward(self, idx, targets=None):
-        logits, loss = real_forward(self, idx, targets)
+    def forward(self, idx, targets=None, with_z_loss=False):
+        logits, loss, z = real_forward(self, idx, targets, with_z_loss=True)
         if targets is not None and self.training:
             calls.append(1)
             loss = loss * float("nan") if bad(len(calls)) else loss
-        return logits, loss
+        return (logits, loss, z) if with_z_loss else (logits, loss)
 
     monkeypatch.setattr(GPT, "forward", forward)
+
+
+def test_a_divergence_found_at_the_next_log_step_stops_at_its_step_unsaved(tmp_path, data_dir, monkeypatch, capsys):
+    """The steps' losses reach the host every --log-interval steps (no sync per step): a NaN at step 3, seen at
+    step 5's evaluation, still stops the run as diverged at step 3, before step 5's checkpoint is written."""
+    nan_loss_at(monkeypatch, lambda count: count == 3)
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--log-interval", "10", "--eval-interval", "5")) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diverged_at"] == 3 and summary["iters"] == 2
+    assert train_shakespeare.load_checkpoint(out / "ckpt.pt")["iter_num"] == 0
+    assert "iter 3: non-finite loss (loss nan" in capsys.readouterr().out
+
+
+def test_every_batch_is_checked_against_the_vocabulary(tmp_path):
+    path = tmp_path / "train.bin"
+    np.array([1, 2, 3, 9, 4, 5, 6, 7] * 4, dtype=np.uint16).tofile(path)
+    batches = runs.Batches(path, 4, 2, torch.device("cpu"), 0, vocab_size=10)
+    x, y = batches.next()
+    assert x.shape == y.shape == (2, 4) and x.is_contiguous() and torch.equal(x[:, 1:], y[:, :-1])
+    with pytest.raises(runs.TrainError, match="holds token id 9, outside the vocabulary of 9"):
+        runs.Batches(path, 4, 2, torch.device("cpu"), 0, vocab_size=9).next()
 
 
 def test_skip_nonfinite_skips_one_bad_update(tmp_path, data_dir, monkeypatch):

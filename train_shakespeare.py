@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.distributed as dist
 
 import prepare_data
 from prepare_data import Codec, DataError
-from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig, tvr_after_step, z_loss_term
+from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig, tvr_after_step
 from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE, add_flags, check_ranges,
                        default_out_dir, gpt2_architecture, model_setting, setting)
 from tools.cpu_rmsnorm import use_rmsnorm_kernel
@@ -73,14 +74,14 @@ class Settings:
     """Every setting of a run, as summary.json and the checkpoints store them."""
     # --- the run
     preset: Optional[str] = setting(None, "base config (default: cpu, or shakespeare-char with CUDA)", choices=PRESETS)
-    data: Optional[str] = setting(None, "a text file (tokenized once, cached in data/cache) or a folder of train.bin/"
-                                  "val.bin (prepare_data.py, nanoGPT); default: tiny Shakespeare")
+    data: Optional[str] = setting(None, "a text file (tokenized once, cached) or a folder of train/val.bin; default: "
+                                  "tiny Shakespeare")
     tokenizer: str = setting("char", "char level or GPT-2 BPE, for text input", choices=prepare_data.TOKENIZERS)
     out_dir: Optional[str] = setting(None, "where checkpoints and logs go (default: out/<preset>[-<flags>][-<data>])")
     seed: int = setting(1337, "seed for init, data order and dropout", (lambda v: 0 <= v < 2**32, "in [0, 2^32)"))
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
-    dtype: str = setting("auto", "autocast dtype; auto: bf16 on CUDA (fp16 + GradScaler without bf16), else fp32",
-                         choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = setting("auto", "auto: bf16 on CUDA (else fp16), fp32 elsewhere", choices=("auto", "float32",
+                                                                                         "bfloat16", "float16"))
     compile: Optional[bool] = setting(None, "torch.compile (default: on with CUDA; on CPU it needs a C++ compiler)")
     init_from: Optional[str] = setting(None, "start from OpenAI's GPT-2 weights (needs transformers)",
                                        choices=GPT2_SIZES, out_dir=True)
@@ -92,30 +93,23 @@ class Settings:
     block_size: int = model_setting("block_size", "context length in tokens")
     dropout: float = model_setting("dropout", "dropout probability")
     bias: bool = setting(False, "biases in Linears and norms (off, as nanoGPT's configs; GPTConfig's default is on)")
-    init_std: float = model_setting("init_std", "base init std sigma of every matrix; with --lir block l gets "
-                                    "sigma/sqrt(l)", aliases=("--lir-sigma",))
-    scaled_init: Optional[bool] = model_setting("scaled_init", "GPT-2's c_proj init std/sqrt(2L) (default: plain "
-                                                "Pre-LN only)")
+    init_std: float = model_setting("init_std", "init std of every matrix (--lir: / sqrt(l))", aliases=("--lir-sigma",))
+    scaled_init: Optional[bool] = model_setting("scaled_init", "GPT-2's c_proj init std/sqrt(2L) (default: Pre-LN)")
     # --- the four papers' stabilizers, each off by default (then the model is nanoGPT's)
-    sdd: bool = model_setting("sdd", "Scale-Distribution Decoupling (arXiv 2502.15499): RMSNorm + gain on each block "
-                              "linear's output", out_dir=True)
+    sdd: bool = model_setting("sdd", "SDD (arXiv 2502.15499): norm + gain on each block linear's output", out_dir=True)
     sdd_official_decay: bool = setting(True, "with --sdd, the official SDD weight-decay groups (off: nanoGPT's)")
-    lns: bool = model_setting("lns", "LayerNorm Scaling (arXiv 2502.05795): pre-norm output of layer l x 1/sqrt(l)",
-                              out_dir=True)
+    lns: bool = model_setting("lns", "LNS (arXiv 2502.05795): pre-norm output of layer l x 1/sqrt(l)", out_dir=True)
     wesar: bool = model_setting("wesar", "WeSaR (arXiv 2410.05052): one common raw std, one gate per matrix",
                                 out_dir=True)
     wesar_sigma: float = model_setting("wesar_sigma", "WeSaR's common raw std")
-    lir: bool = model_setting("lir", "Layer Index Rescaling init (arXiv 2503.17500): block l ~ N(0, sigma^2 / l)",
-                              out_dir=True)
-    tvr: bool = model_setting("tvr", "Target Variance Rescaling (arXiv 2503.17500): block matrices' std held at a "
-                              "target", out_dir=True)
+    lir: bool = model_setting("lir", "LIR init (arXiv 2503.17500): block l ~ N(0, sigma^2 / l)", out_dir=True)
+    tvr: bool = model_setting("tvr", "TVR (arXiv 2503.17500): block matrices' std held at a target", out_dir=True)
     tvr_target: float = model_setting("tvr_target", "TVR target std")
     tvr_interval: int = model_setting("tvr_interval", "TVR interval in optimizer steps")
     tvr_threshold: float = model_setting("tvr_threshold", "TVR rescales only when std > threshold * target")
     # --- the fixes practitioners use, to weigh the papers against (off by default)
     qk_norm: bool = model_setting("qk_norm", "--norm on q and k per head (arXiv 2309.14322)", out_dir=True)
-    z_loss: float = model_setting("z_loss", "COEF * mean(log^2 Z) added to the training loss (PaLM, arXiv "
-                                  "2204.02311)", out_dir=True)
+    z_loss: float = model_setting("z_loss", "COEF * mean(log^2 Z) added to the loss (arXiv 2204.02311)", out_dir=True)
     logit_softcap: float = model_setting("logit_softcap", "C * tanh(logits / C) (Gemma 2; 0: off)", out_dir=True)
     # --- normalization type and placement
     norm: str = model_setting("norm", "normalization layer", choices=NORMS, out_dir=True)
@@ -128,8 +122,7 @@ class Settings:
     grad_accum: int = setting(1, "micro-batches per optimizer step (split across torchrun ranks)", POSITIVE)
     max_iters: int = setting(5000, "optimizer steps", POSITIVE)
     lr: float = setting(6e-4, "peak learning rate", FINITE_POSITIVE)
-    min_lr: Optional[float] = setting(None, "final learning rate (default: --lr x the preset's ratio)",
-                                      FINITE_AT_LEAST_0)
+    min_lr: Optional[float] = setting(None, "final learning rate (default: --lr x preset's ratio)", FINITE_AT_LEAST_0)
     warmup_iters: int = setting(100, "linear warmup steps", AT_LEAST_0)
     lr_decay_iters: Optional[int] = setting(None, "steps of the cosine decay (default: --max-iters)", POSITIVE)
     weight_decay: float = setting(0.1, "AdamW weight decay (which tensors: configure_optimizers)", FINITE_AT_LEAST_0)
@@ -257,19 +250,24 @@ def get_lr(it, cfg):
 
 
 @torch.no_grad()
-def estimate_loss(model, cfg, data_dir, device, autocast):
+def estimate_loss(model, cfg, data_dir, vocab_size, proc, autocast):
     """Mean loss over eval_iters batches per split. The batches are the same at every evaluation (a fixed
-    generator), so evaluations are comparable and consume none of the training randomness."""
+    generator), so evaluations are comparable and consume none of the training randomness. Under torchrun each
+    rank computes every world-th batch's loss and one all-reduce fills in the rest; the losses stay on the device
+    until the mean (one sync per split)."""
     out = {}
     model.eval()
     for i, split in enumerate(("train", "val")):
-        batches = Batches(data_dir / f"{split}.bin", cfg.block_size, cfg.batch_size, device, cfg.seed + i)
-        losses = torch.zeros(cfg.eval_iters)
+        batches = Batches(data_dir / f"{split}.bin", cfg.block_size, cfg.batch_size, proc.device, cfg.seed + i,
+                          vocab_size)
+        losses = torch.zeros(cfg.eval_iters, device=proc.device)  # (eval_iters,), this rank's entries filled in
         for k in range(cfg.eval_iters):
-            x, y = batches.next()
-            with autocast:
-                _, loss = model(x, y)
-            losses[k] = loss.item()
+            x, y = batches.next()  # every rank draws every batch, so that the k-th is the same on all
+            if k % proc.world == proc.rank:
+                with autocast:
+                    losses[k] = model(x, y)[1].float()
+        if proc.ddp:  # x + 0 is x: the sum of the ranks' vectors is the whole vector, exactly
+            dist.all_reduce(losses)
         out[split] = losses.mean().item()
     model.train()
     return out
@@ -293,16 +291,20 @@ def train(cfg, resume_ckpt=None, stop=None):
 
     data_dir, meta = prepare_data.load_prepared(cfg.data, cfg.tokenizer, cfg.block_size)
     raw_model, optimizer = build_model(cfg, meta, resume_ckpt, proc)
-    batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, proc.device, cfg.seed + 1000 + proc.rank)
+    vocab = meta["vocab_size"]
+    batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, proc.device,
+                      cfg.seed + 1000 + proc.rank, vocab)
     run = Run(cfg, proc, raw_model, optimizer, batches, meta, resume_ckpt)  # restores resume_ckpt
     model = wrap_model(raw_model, compiled, proc)
     run.print_start(dtype, compiled, data_dir, resume_ckpt)
     # rank 0's diagnostics, on one fixed validation batch of up to 8 sequences, the same at every record
-    diag_batch = Batches(data_dir / "val.bin", cfg.block_size, min(8, cfg.batch_size), proc.device, cfg.seed + 7).next()
+    diag_batch = Batches(data_dir / "val.bin", cfg.block_size, min(8, cfg.batch_size), proc.device, cfg.seed + 7,
+                         vocab).next()
     diag = DiagnosticsRecorder(raw_model, diag_batch, run.diag_log, cfg.diag_interval if run.diag_log else 0)
     stop.at_once = not proc.ddp  # a second Ctrl-C stops at once (under torchrun the launcher ends every rank)
     try:
-        training_loop(run, model, diag, lambda: estimate_loss(raw_model, cfg, data_dir, proc.device, autocast),
+        eval_model = model.module if proc.ddp else model  # compiled where training is, without DDP's hooks
+        training_loop(run, model, diag, lambda: estimate_loss(eval_model, cfg, data_dir, vocab, proc, autocast),
                       autocast, stop)
     except KeyboardInterrupt:
         run.stopped_at_once()
@@ -313,86 +315,85 @@ def train(cfg, resume_ckpt=None, stop=None):
 def training_loop(run, model, diag, evaluate, autocast, stop):
     """Optimizer steps until run.cfg.max_iters, a stop request or a divergence. model: what the step runs (compiled,
     DDP); run.model: the model itself."""
-    cfg, proc, optimizer, scaler, batches, z_loss = run.cfg, run.proc, run.optimizer, run.scaler, run.batches, \
-        run.model.config.z_loss
+    cfg, proc, optimizer, scaler, batches = run.cfg, run.proc, run.optimizer, run.scaler, run.batches
     data_state = batches.gen.get_state()  # the data RNG state *before* this iteration's first batch
     x, y = batches.next()
     while True:
-        if any_rank(stop.signum is not None, proc):
-            return run.write_checkpoint_and_stop(data_state)
+        evaluating = run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters
+        # the host learns the steps' losses (a divergence, a spike) and of a stop request every --log-interval
+        # steps and before each checkpoint: one device sync then, not one per step (nanoGPT's rhythm)
+        if evaluating or run.iter_num % cfg.log_interval == 0:
+            if run.settle_steps():
+                return
+            if any_rank(stop.signum is not None, proc):
+                return run.write_checkpoint_and_stop(data_state)
         lr = get_lr(run.iter_num, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters:
+        if evaluating:
             run.record_eval_and_write_checkpoint(evaluate(), data_state)
         if run.iter_num >= cfg.max_iters:
             return
 
         # --- the step: forward and backward over the micro-batches, clip, update -----------------------
         diag.before_step(run.iter_num)
-        loss_sum = z_sum = 0.0
+        loss_sum = z_sum = None
         for micro_step in range(run.grad_accum):
             if proc.ddp:  # all-reduce the gradients only on the last micro-step
                 model.require_backward_grad_sync = micro_step == run.grad_accum - 1
-            with autocast:
-                logits, loss = model(x, y)
+            with autocast:  # the z-loss term comes back apart (None when off), to be logged apart
+                _, loss, z = model(x, y, with_z_loss=True)  # the logits not kept: no two alive at once
                 loss = loss / run.grad_accum
-            if z_loss:  # the loss includes the z-loss; its share is logged apart from the cross-entropy
-                z_sum = z_sum + z_loss_term(logits.detach(), z_loss, y) / run.grad_accum
             if micro_step == run.grad_accum - 1:
                 data_state = batches.gen.get_state()
             x, y = batches.next()  # prefetch the next batch while the backward runs
             scaler.scale(loss).backward()
-            loss_sum = loss_sum + loss.detach()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+            if z is not None:
+                z_sum = z / run.grad_accum if z_sum is None else z_sum + z / run.grad_accum
         scaler.unscale_(optimizer)
         diag.after_backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
-        lossf, normf, zf = float(loss_sum), float(grad_norm), float(z_sum)  # one device sync per step
-        nonfinite = nonfinite_part(lossf, normf, scaler, proc)  # checked every step: a spike is a one-step event
-        if nonfinite is None:
+        # with --skip-nonfinite a bad step must be known before its update (a host sync per step); else it is
+        # found by settle_steps, before anything is saved, and the run stops there
+        nonfinite = cfg.skip_nonfinite and nonfinite_part(float(loss_sum), float(grad_norm), scaler, proc)
+        if not nonfinite:
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         # --------------------------------------------------------------------------------------------------
 
-        if nonfinite:  # no update was made: with --skip-nonfinite count it and go on, else stop without saving
-            if run.skip_or_stop_on_nonfinite(nonfinite, lossf, normf):
+        if nonfinite:  # no update was made: count it and go on, or stop without saving after too many
+            if run.skip_or_stop_on_nonfinite(nonfinite, float(loss_sum), float(grad_norm)):
                 continue
             return
         diag.after_update()  # update ratios, before TVR edits the weights
         tvr_after_step(run.model, run.iter_num + 1)  # TVR (arXiv 2503.17500), when on
-        run.count_step(lossf - zf)  # the spike rules watch the cross-entropy (lossf includes the z-loss)
+        run.count_step(loss_sum, z_sum, grad_norm, lr)
         diag.end_step()
-        run.log_progress(lossf - zf, zf if z_loss else None, lr, normf)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Sampling
 
 
-def generate_text(model, codec, sampling, device):
-    """Yield sampling.num_samples texts from its prompt (None: a newline, or the vocabulary's first token), each as
-    soon as it is made."""
-    if sampling.prompt is None:
-        ids = codec.encode("\n") if codec.name == "gpt2" or "\n" in codec.chars else [0]
-    else:
-        ids = codec.encode(sampling.prompt)
-    if not ids:
-        raise TrainError("the prompt is empty after tokenization; give at least one character")
-    x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
+def print_samples(model, codec, sampling, device):
+    """sampling.num_samples samples from its prompt, each token printed as soon as it is drawn."""
+    prompt = codec.prompt_ids(sampling.prompt)
     model.eval()
     for _ in range(sampling.num_samples):
-        y = model.generate(x, sampling.max_new_tokens, temperature=sampling.temperature, top_k=sampling.top_k or None,
-                           vocab_limit=codec.vocab_size)
-        yield codec.decode(y[0].tolist())
+        tokens = model.generate_tokens(torch.tensor([prompt], device=device), sampling.max_new_tokens,
+                                       sampling.temperature, sampling.top_k or None, vocab_limit=codec.vocab_size)
+        for piece in codec.decode_as_drawn(prompt, (int(t) for t in tokens)):
+            print(piece, end="", flush=True)
+        print("\n" + "-" * 60)
 
 
 def sample_from_checkpoint(cfg, sampling):
     ckpt, device = load_checkpoint(path := Path(cfg.out_dir) / "ckpt.pt"), pick_device(cfg.device)
     model = use_rmsnorm_kernel(model_from_checkpoint(ckpt, path).to(device))
     torch.manual_seed(cfg.seed)
-    for text in generate_text(model, Codec(ckpt["meta"]), sampling, device):
-        print(text + "\n" + "-" * 60, flush=True)
+    print_samples(model, Codec(ckpt["meta"]), sampling, device)
 
 
 def settings_given(args):  # the Settings given on a command line: build_parser's namespace holds only those
@@ -431,7 +432,7 @@ def main(argv=None):
                 return 128 + (stop.signum or signal.SIGINT)  # the shell's convention: 130 SIGINT, 143 SIGTERM
             torch.manual_seed(cfg.seed)
             print("\n--- sample ---")
-            print(next(generate_text(model, codec, replace(sampling, num_samples=1), next(model.parameters()).device)))
+            print_samples(model, codec, replace(sampling, num_samples=1), next(model.parameters()).device)
         return 0
     except (TrainError, DataError) as e:
         # under torchrun one line per node (its local rank 0), not one per process; without torchrun always

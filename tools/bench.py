@@ -29,11 +29,13 @@ import torch
 
 from stable_gpt import GPT, GPTConfig, tvr_after_step
 from tools.cpu_rmsnorm import RMSNormCPU, layer_norm_kernel, use_rmsnorm_kernel
-from tools.runs import keep_freed_memory
+from tools.runs import keep_freed_memory, pick_dtype
 
-SHAPES = {
-    "cpu-preset": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32),
-    "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12),
+SHAPES = {  # vocab 65: tiny Shakespeare's characters; 50304: GPT-2's BPE padded to a multiple of 64
+    "cpu-preset": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, vocab_size=65),
+    "nanogpt-cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, vocab_size=65),
+    # the gpt2-124m preset's micro-batch on a GPU (python -m tools.bench --shape gpt2-124m --device cuda --compile)
+    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768, block_size=1024, batch_size=32, vocab_size=50304),
 }
 FLAGS = {
     "baseline": {}, "sdd": dict(sdd=True), "lns": dict(lns=True), "wesar": dict(wesar=True), "lir": dict(lir=True),
@@ -42,7 +44,6 @@ FLAGS = {
     "qk-norm": dict(qk_norm=True), "z-loss": dict(z_loss=1e-4), "peri": dict(norm_position="peri"),
     "softcap": dict(logit_softcap=30.0),
 }
-VOCAB_SIZE = 65  # tiny Shakespeare's characters
 
 
 def load_nanogpt(path):
@@ -64,26 +65,31 @@ def build_model(shape, flag, nanogpt=None, rmsnorm_kernel=RMSNormCPU.apply):
     s = {k: v for k, v in shape.items() if k != "batch_size"}
     if flag == "nanogpt":
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
-            return nanogpt.GPT(nanogpt.GPTConfig(vocab_size=VOCAB_SIZE, bias=False, dropout=0.0, **s))
-    return use_rmsnorm_kernel(GPT(GPTConfig(vocab_size=VOCAB_SIZE, bias=False, **s, **FLAGS[flag])), rmsnorm_kernel)
+            return nanogpt.GPT(nanogpt.GPTConfig(bias=False, dropout=0.0, **s))
+    return use_rmsnorm_kernel(GPT(GPTConfig(bias=False, **s, **FLAGS[flag])), rmsnorm_kernel)
 
 
 class Runner:
-    """One model and optimizer, stepped on a fixed random batch."""
+    """One model and optimizer, stepped on a fixed random batch, in the training script's precision: bf16
+    autocast and TF32 on CUDA (fp16 where bf16 is missing), fp32 elsewhere; fused AdamW on CUDA."""
 
     def __init__(self, model, batch_size, device, compile_model=False):
         torch.manual_seed(0)
         self.model = model.to(device)
         with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT's configure_optimizers prints
             self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
-        self.x = torch.randint(0, VOCAB_SIZE, (batch_size, model.config.block_size), device=device)
+        dtype = pick_dtype("auto", device)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
+        self.x = torch.randint(0, model.config.vocab_size, (batch_size, model.config.block_size), device=device)
         self.tokens = self.x.numel()
         self.step_num = 0
         self.forward = torch.compile(self.model) if compile_model else self.model
         self.device = device
 
     def step(self):
-        _, loss = self.forward(self.x, self.x)
+        with self.autocast:
+            _, loss = self.forward(self.x, self.x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()

@@ -33,15 +33,23 @@ class StepTimer:
 
     def __init__(self, iter_num):
         self.start, self.start_iter, self.smooth = time.time(), iter_num, None
+        self.first_iter, self.first_done = iter_num + 1, None  # the first step holds one-time costs (compile)
 
     def restart(self):
         """After an evaluation: its time is not step time."""
-        self.start = time.time()
+        self.start, self.first_done = time.time(), None
+
+    def step_done(self, iter_num):
+        if iter_num == self.first_iter:
+            self.first_done = time.time()
 
     def lap(self, iter_num):
-        """(seconds per step since the last lap, the smoothed value), iter_num the steps done; starts the next lap."""
-        dt = (time.time() - self.start) / (iter_num - self.start_iter)
-        self.start, self.start_iter = time.time(), iter_num
+        """(seconds per step since the last lap, the smoothed value), iter_num the steps done; starts the next lap.
+        A lap that holds the run's first step and others leaves the first out: it includes torch.compile."""
+        steps, now = iter_num - self.start_iter, time.time()
+        first_done, self.first_done = self.first_done, None
+        dt = (now - first_done) / (steps - 1) if first_done and steps > 1 else (now - self.start) / steps
+        self.start, self.start_iter = now, iter_num
         self.smooth = dt if self.smooth is None else 0.8 * self.smooth + 0.2 * dt
         return dt, self.smooth
 

@@ -35,25 +35,33 @@ class TrainError(Exception):
 
 
 # bf16 dense tensor-core peak FLOP/s by GPU name, for MFU (NVIDIA data sheets); an unknown GPU gets no MFU
-GPU_PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L4": 121e12,
-                  "L40S": 362e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+# dense bf16 tensor-core peaks from the vendor's data sheets (without sparsity), for MFU; the first name that
+# the device's name contains wins, so the specific forms come first (NVL and PCIe boards run at lower clocks)
+GPU_PEAK_FLOPS = {"GB200": 2.5e15, "B200": 2.25e15, "H200 NVL": 835e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
+                  "H800 PCIe": 756e12, "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
+                  "A800": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12,
+                  "RTX 3090": 71e12, "V100": 125e12}
 
 
 class Batches:
     """Random (x, y) windows from a uint16 token file, drawn with the run's own generator, so that the data
-    order is reproducible and its state can be saved for an exact resume."""
+    order is reproducible and its state can be saved for an exact resume. Every batch's ids are checked against
+    vocab_size on the host, where it costs nothing (on a GPU a bad id would be a device-side assert)."""
 
-    def __init__(self, path, block_size, batch_size, device, seed):
+    def __init__(self, path, block_size, batch_size, device, seed, vocab_size):
         self.path, self.block_size, self.batch_size, self.device = path, block_size, batch_size, device
-        self.n = len(np.memmap(path, dtype=np.uint16, mode="r"))
+        self.n, self.vocab_size = len(np.memmap(path, dtype=np.uint16, mode="r")), vocab_size
         self.gen = torch.Generator().manual_seed(seed)
 
     def next(self):
         # re-open the memmap on every batch: a long-lived memmap grows RSS (nanoGPT #287)
         data = np.memmap(self.path, dtype=np.uint16, mode="r")
         ix = torch.randint(self.n - self.block_size, (self.batch_size,), generator=self.gen).tolist()
-        x = torch.from_numpy(np.stack([data[i:i + self.block_size] for i in ix]).astype(np.int64))
-        y = torch.from_numpy(np.stack([data[i + 1:i + 1 + self.block_size] for i in ix]).astype(np.int64))
+        windows = np.stack([data[i:i + self.block_size + 1] for i in ix])  # (batch, block + 1)
+        if (top := int(windows.max())) >= self.vocab_size:
+            raise TrainError(f"{self.path} holds token id {top}, outside the vocabulary of {self.vocab_size}")
+        windows = torch.from_numpy(windows.astype(np.int64))
+        x, y = windows[:, :-1].contiguous(), windows[:, 1:].contiguous()  # y: x shifted by one
         if self.device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
@@ -481,7 +489,9 @@ def wrap_model(model, compiled, proc):
     """The model the step runs: torch.compile'd (CUDA default), in DistributedDataParallel under torchrun."""
     model = torch.compile(model) if compiled else model
     if proc.ddp:
-        model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
+        model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None,
+                    gradient_as_bucket_view=True)
     return model
 
 
@@ -494,15 +504,29 @@ def any_rank(flag, proc):
     return t.item() > 0
 
 
-def nonfinite_part(loss, grad_norm, scaler, proc):
-    """What of a step is non-finite, "loss" or "gradient norm", or None; under DDP the same answer on every rank
-    (each rank's loss is its own), so that all skip or stop together. With fp16 an inf gradient is the
-    GradScaler's business: it skips the step and lowers its scale."""
-    what = "loss" if not math.isfinite(loss) else \
+def nonfinite_what(loss, grad_norm, scaler):
+    """What of a step is non-finite on this rank, "loss" or "gradient norm", or None. With fp16 an inf gradient
+    is the GradScaler's business: it skips the step and lowers its scale."""
+    return "loss" if not math.isfinite(loss) else \
         "gradient norm" if not (math.isfinite(grad_norm) or scaler.is_enabled()) else None
+
+
+def nonfinite_part(loss, grad_norm, scaler, proc):
+    """nonfinite_what, the same answer on every rank under DDP (each rank's loss is its own), so that all skip
+    or stop together."""
+    what = nonfinite_what(loss, grad_norm, scaler)
     if proc.ddp and any_rank(what is not None, proc):
         what = what or "loss (on another rank)"
     return what
+
+
+def first_on_any_rank(index, proc):
+    """The smallest of every rank's index (None: none on this rank): where a non-finite step was, on any."""
+    if not proc.ddp:
+        return index
+    t = torch.tensor(float("inf") if index is None else float(index), device=proc.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return None if math.isinf(t.item()) else int(t.item())
 
 
 def replica_max_diff(model, proc):
@@ -550,10 +574,13 @@ class Run:
         self.grad_accum = micro_steps_per_rank(cfg.grad_accum, proc.world)  # micro-batches per step, this rank
         self.tokens_per_iter = self.grad_accum * proc.world * cfg.batch_size * cfg.block_size
         self.iter_num, self.best_val, spike_state = self._restore(resume_ckpt)
+        for key in ("model", "optimizer") if resume_ckpt else ():  # restored: the host copy is not kept all run
+            resume_ckpt.pop(key)  # (18.7 GB per process at gpt2-1.5b)
         self.spikes = SpikeWatch(cfg.spike_factor, cfg.spike_window, spike_state)
         self.resumed_at = self.last_saved = self.iter_num if resume_ckpt else None
         self.last_eval = self.diverged_at = self.interrupted_at = None
         self.skipped = self.skips_in_a_row = self.tokens_trained = 0
+        self.pending = []  # steps whose values are still on the device (count_step, settle_steps)
         self.lock = self.log = self.diag_log = None
         if proc.master:
             self.lock, self.log, self.diag_log = open_run_folder(self.out_dir, self.resumed_at)
@@ -651,7 +678,7 @@ class Run:
               f"  python train_shakespeare.py --resume --out-dir {shlex.quote(str(self.out_dir))}", flush=True)
 
     def skip_or_stop_on_nonfinite(self, what, loss, grad_norm):
-        """A step with a non-finite loss or gradient made no update. With --skip-nonfinite, count it and return
+        """A step with a non-finite loss or gradient. With --skip-nonfinite it made no update: count it and return
         True (go on), up to MAX_SKIPS_IN_A_ROW in a row; else the run has diverged: say so, return False."""
         self.skips_in_a_row += 1
         skip = self.cfg.skip_nonfinite and self.skips_in_a_row <= MAX_SKIPS_IN_A_ROW
@@ -671,31 +698,56 @@ class Run:
             self.diverged_at = step
         return skip
 
-    def count_step(self, loss):
-        """An optimizer step made: the counters, and the spike rules fed the step's cross-entropy."""
+    def count_step(self, loss, z_loss, grad_norm, lr):
+        """An optimizer step made. Its values (device tensors: loss with the z-loss, the z-loss term, the gradient
+        norm; z_loss None when off) wait on the device until settle_steps, so that a step costs no host sync."""
         self.skips_in_a_row = 0
         self.iter_num += 1
         self.tokens_trained += self.tokens_per_iter
-        if (median := self.spikes.update(self.iter_num, loss)) is not None and self.proc.master:
-            print(f"spike at iter {self.iter_num}: loss {loss:.4f} > {self.cfg.spike_factor} x median {median:.4f}")
-            self.log.write(iter=self.iter_num, type="spike", loss=loss, median=median)
+        self.timer.step_done(self.iter_num)
+        z_loss = torch.zeros_like(loss) if z_loss is None else z_loss
+        self.pending.append((self.iter_num, lr, torch.stack([loss, z_loss, grad_norm.to(loss.device)])))
 
-    def log_progress(self, loss, z_loss, lr, grad_norm):
-        """Every --log-interval steps: the progress line and its log.jsonl record; the ETA from the smoothed step
-        time, so it does not swing. loss is the cross-entropy; z_loss the step's z-loss term (None when off)."""
+    def settle_steps(self):
+        """The host learns the values of the steps since the last call, in one device sync (every --log-interval
+        steps and before each evaluation and checkpoint): a non-finite step stops the run there, without saving
+        (True: stopped); else the spike rules and the progress lines see each step in order."""
+        steps, self.pending = self.pending, []
+        if not steps:
+            return False
+        values = torch.stack([v for _, _, v in steps]).float().tolist()  # the sync: (steps, [loss, z, grad norm])
+        bad = next((k for k, (loss, _, norm) in enumerate(values) if nonfinite_what(loss, norm, self.scaler)), None)
+        bad = first_on_any_rank(bad, self.proc)  # every rank stops at the same step
+        for k, ((it, lr, _), (loss, z, norm)) in enumerate(zip(steps, values)):
+            if k == bad:  # this step and those after it are not counted: the run stops at the step before
+                self.iter_num = it - 1
+                self.tokens_trained -= (len(steps) - k) * self.tokens_per_iter
+                what = nonfinite_what(loss, norm, self.scaler) or "loss (on another rank)"
+                return not self.skip_or_stop_on_nonfinite(what, loss, norm)
+            self.watch_spikes(it, loss - z)  # the spike rules watch the cross-entropy (loss includes the z-loss)
+            if it % self.cfg.log_interval == 0 or it == self.cfg.max_iters:
+                self.log_progress(it, loss - z, z if self.model.config.z_loss else None, lr, norm)
+        return False
+
+    def watch_spikes(self, it, loss):
+        if (median := self.spikes.update(it, loss)) is not None and self.proc.master:
+            print(f"spike at iter {it}: loss {loss:.4f} > {self.cfg.spike_factor} x median {median:.4f}")
+            self.log.write(iter=it, type="spike", loss=loss, median=median)
+
+    def log_progress(self, it, loss, z_loss, lr, grad_norm):
+        """Step it's progress line and its log.jsonl record; the ETA from the smoothed step time, so it does not
+        swing. loss is the cross-entropy; z_loss the step's z-loss term (None when off)."""
         cfg = self.cfg
-        if not (self.iter_num % cfg.log_interval == 0 or self.iter_num == cfg.max_iters):
-            return
-        dt, smooth_dt = self.timer.lap(self.iter_num)
+        dt, smooth_dt = self.timer.lap(it)
         if not self.proc.master:
             return
         # MFU against the detected GPU's bf16 peak, per GPU: each rank runs grad_accum micro-batches
         mfu = self.peak_flops and self.model.estimate_mfu(self.grad_accum * cfg.batch_size, dt, self.peak_flops)
         z_part = f" + z-loss {z_loss:.2e}" if z_loss is not None else ""
-        print(f"iter {self.iter_num:>6}/{cfg.max_iters} | loss {loss:.4f}{z_part} | lr {lr:.2e} | {dt * 1000:.1f} "
+        print(f"iter {it:>6}/{cfg.max_iters} | loss {loss:.4f}{z_part} | lr {lr:.2e} | {dt * 1000:.1f} "
               f"ms/iter | {self.tokens_per_iter / dt:,.0f} tok/s" + (f" | MFU {mfu * 100:.1f}%" if mfu else "")
-              + f" | ETA {fmt_time(smooth_dt * (cfg.max_iters - self.iter_num))}")
-        self.log.write(iter=self.iter_num, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000,
+              + f" | ETA {fmt_time(smooth_dt * (cfg.max_iters - it))}")
+        self.log.write(iter=it, loss=loss, lr=lr, grad_norm=grad_norm, ms=dt * 1000,
                        **({"z_loss": z_loss} if z_loss is not None else {}), **({"mfu": mfu} if mfu else {}))
 
     def write_summary_and_close(self, diag_s):
