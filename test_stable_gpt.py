@@ -1733,6 +1733,13 @@ def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, finis
     with pytest.raises(SystemExit) as e:
         prepare_data.main(["--input", str(prepare_data.load_meta(data_dir)["source"]), "--out-dir", str(a_file)])
     one_line(e.value.code, f"cannot write the token files into {a_file}")
+    # a read-only data folder (root writes anyway, so the permission is mocked): one line naming the way out
+    text = tmp_path / "new_text.txt"
+    text.write_text("a new text to tokenize\n" * 200)
+    with monkeypatch.context() as m:
+        m.setattr(prepare_data.os, "access", lambda path, mode: mode != os.W_OK)
+        one_line(train_shakespeare.main(train_args(text, tmp_path / "ro")), "set STABLE_GPT_CACHE to a writable")
+    assert not (tmp_path / "ro").exists()
     for argv, message in ((["--rounds", "0"], "must be a positive integer, got 0"),
                           (["--steps", "0"], "must be a positive integer, got 0")):
         with pytest.raises(SystemExit):
