@@ -6,9 +6,10 @@ With every GPTConfig field at its default this *is* nanoGPT's GPT (same module a
 same init, same forward), so nanoGPT checkpoints load with strict=True, and this file works as nanoGPT's
 model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, from_pretrained). The flags:
 
-  norm            "layernorm" | "rmsnorm"
+  norm            "layernorm" | "rmsnorm" | "dyt" (DyT, arXiv 2503.10622)      -> make_norm, DyT, emb_scale
   norm_position   "pre" (GPT-2) | "post" (Vaswani et al. 2017) | "mix" (Mix-LN, arXiv 2412.13795)
-                  | "deepnorm" (DeepNet, arXiv 2203.00555) | "peri" (Peri-LN, arXiv 2502.02732) -> Block, emb_norm
+                  | "deepnorm" (DeepNet, arXiv 2203.00555) | "peri" (Peri-LN, arXiv 2502.02732)
+                  | "reorder" (OLMo 2, arXiv 2501.00656)                      -> Block, emb_norm
   sdd             Scale-Distribution Decoupling, arXiv 2502.15499        -> SDDNorm, CausalSelfAttention, MLP,
                                                      GPT (emb_norm), GPT.configure_optimizers (decay groups)
   lns             LayerNorm Scaling ("The Curse of Depth"), arXiv 2502.05795 -> Block.lns_scale
@@ -18,9 +19,13 @@ model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, fr
   lir             Layer Index Rescaling init, arXiv 2503.17500           -> GPT._init_stds
   tvr             Target Variance Rescaling, arXiv 2503.17500            -> target_variance_rescale(), tvr_after_step()
 The fixes practitioners already use, to weigh the papers against:
-  qk_norm         a norm on q and k per head (OLMo 2; arXiv 2309.14322)          -> CausalSelfAttention
+  qk_norm         a norm on q and k per head (arXiv 2309.14322); qk_norm_full: over all heads (OLMo 2)
+                                                                                  -> CausalSelfAttention
+  qk_clip         QK-Clip (Kimi K2, arXiv 2507.20534)   -> CausalSelfAttention.record_max_logit, qk_clip_after_step()
+  attn_gate       gated attention (arXiv 2505.06708)                              -> CausalSelfAttention.c_gate
   z_loss          PaLM's auxiliary loss z_loss * mean(log^2 Z), arXiv 2204.02311  -> GPT.forward, z_loss_term()
   logit_softcap   C * tanh(logits / C) (Gemma 2, arXiv 2408.00118)                -> GPT.softcap
+  Muon            GPT.configure_optimizers(optimizer="muon"): torch.optim.Muon + AdamW -> MuonWithAdamW
 
 Where a technique must touch several places (SDD wraps linears inside two modules), each place names the
 paper at the point of use. Read top to bottom: the config, the norms, the stabilizers' modules, attention, MLP,
@@ -44,13 +49,13 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from torch.nn import functional as F
 
-NORMS = ("layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm", "dyt")
 # OpenAI's GPT-2 sizes (124M, 350M, 774M, 1558M parameters), for GPT.from_pretrained
 GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),
               "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),
               "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
               "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}
-NORM_POSITIONS = ("pre", "post", "mix", "deepnorm", "peri")
+NORM_POSITIONS = ("pre", "post", "mix", "deepnorm", "peri", "reorder")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -66,8 +71,8 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and norms, like GPT-2. False: a bit better and faster
-    norm: str = "layernorm"  # "layernorm" | "rmsnorm"
-    norm_position: str = "pre"  # "pre" | "post" | "mix" | "deepnorm" | "peri"
+    norm: str = "layernorm"  # "layernorm" | "rmsnorm" | "dyt" (DyT: no normalization, a tanh)
+    norm_position: str = "pre"  # "pre" | "post" | "mix" | "deepnorm" | "peri" | "reorder" (OLMo 2)
     mix_fraction: float = 0.25  # Mix-LN: the first floor(mix_fraction * n_layer) blocks are Post-LN
     init_std: float = 0.02  # base std of every weight matrix (GPT-2); with lir, block l gets init_std/sqrt(l)
     scaled_init: Optional[bool] = None  # GPT-2's c_proj std init_std/sqrt(2*n_layer); None = auto (see below)
@@ -81,6 +86,9 @@ class GPTConfig:
     tvr_interval: int = 50  # rescale after every tvr_interval optimizer steps
     tvr_threshold: float = 1.0  # rescale a matrix only when std > tvr_threshold * tvr_target
     qk_norm: bool = False  # a norm (of type `norm`, with a gain) on q and k per head
+    qk_norm_full: bool = False  # with qk_norm: over the whole q and k projections (OLMo 2), not per head
+    qk_clip: float = 0.0  # QK-Clip's tau (Kimi K2): after each step, heads whose max logit exceeded it shrink W_q, W_k
+    attn_gate: bool = False  # gated attention: the attention output times sigmoid(x W_gate), elementwise
     z_loss: float = 0.0  # coefficient of PaLM's z-loss in the training loss (0: off; Wortsman et al. use 1e-4)
     logit_softcap: float = 0.0  # cap the output logits at +-logit_softcap with a tanh (0: off; Gemma 2 uses 30)
 
@@ -116,8 +124,10 @@ class GPTConfig:
 
     def techniques(self) -> str:
         """One line that says what is on, e.g. 'pre-layernorm + sdd + lns'."""
-        on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr", "qk_norm") if getattr(self, name)]
-        on += [f"{name}({getattr(self, name):g})" for name in ("z_loss", "logit_softcap") if getattr(self, name)]
+        on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr", "qk_norm", "qk_norm_full", "attn_gate")
+              if getattr(self, name)]
+        on += [f"{name}({getattr(self, name):g})" for name in ("z_loss", "logit_softcap", "qk_clip")
+               if getattr(self, name)]
         place = f"mix({self.mix_fraction:g})" if self.norm_position == "mix" else self.norm_position
         return " + ".join([f"{place}-{self.norm}"] + on + (["scaled_init"] if self.depth_scaled_init() else []))
 
@@ -166,9 +176,45 @@ class SDDNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-def make_norm(config, ndim):
-    """The model's norm type (--norm), with a bias where config.bias."""
-    return RMSNorm(ndim, config.bias) if config.norm == "rmsnorm" else LayerNorm(ndim, config.bias)
+class DyT(nn.Module):
+    """Dynamic Tanh (Zhu et al. 2025, "Transformers without Normalization", arXiv 2503.10622, Eq. 1):
+    gamma * tanh(alpha * x) (+ beta), in place of a norm. No statistics over the features: an elementwise
+    squashing, with one learnable scalar alpha that sets where the tanh bends."""
+
+    def __init__(self, ndim, alpha=0.5, bias=False):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.full((1,), float(alpha)))
+        self.weight = nn.Parameter(torch.ones(ndim))  # gamma
+        self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None  # beta
+
+    def forward(self, x):  # (..., ndim) -> (..., ndim)
+        y = torch.tanh(self.alpha * x) * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+class ScalarGain(nn.Module):
+    """x * g, with one learnable scalar g."""
+
+    def __init__(self, init):
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(float(init)))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+# DyT's alpha init for LLMs (arXiv 2503.10622, its LLaMA 2 7B setting, the smallest LLM it reports; official code
+# jiachenzhu/DyT, other_tasks/LLaMA: attn_alpha_init_value, ffn_ and dec_alpha_init_value): 0.8 for the norm of
+# the attention sublayer, 0.2 for every other (the MLP's, the final one, output norms)
+DYT_ALPHA_ATTN, DYT_ALPHA_OTHER = 0.8, 0.2
+
+
+def make_norm(config, ndim, dyt_alpha=DYT_ALPHA_OTHER, bias=None):
+    """The model's norm type (--norm), with a bias where bias (default: config.bias); dyt_alpha: DyT's alpha."""
+    bias = config.bias if bias is None else bias
+    if config.norm == "dyt":
+        return DyT(ndim, dyt_alpha, bias)
+    return RMSNorm(ndim, bias) if config.norm == "rmsnorm" else LayerNorm(ndim, bias)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -244,30 +290,62 @@ class CausalSelfAttention(nn.Module):
         # normalized with a gain starting at 1/sqrt(2*n_layer) (official code; the paper text says 1/sqrt(L)),
         # which replaces GPT-2's depth-scaled c_proj init.
         sdd = config.sdd
-        # QK-norm (--qk-norm): the model's norm type with a gain, per head, on q and k before attention, so the
-        # attention logits q.k/sqrt(hs) cannot grow with the weights' scale (Dehghani et al. 2023, arXiv
-        # 2302.05442; Wortsman et al., arXiv 2309.14322, Sec. 3.1; the SDD paper's OLMo 2 baselines use it).
-        # SDD's q_norm and k_norm sit in the same place; GPTConfig refuses the pair.
+        # QK-norm (--qk-norm): the model's norm type with a gain and no bias on q and k before attention, so the
+        # attention logits q.k/sqrt(hs) cannot grow with the weights' scale (QK-layernorm: Dehghani et al. 2023,
+        # arXiv 2302.05442, Sec. 3.1.1; Wortsman et al., arXiv 2309.14322, Sec. 3.1.1; both without a bias). Per
+        # head by default; qk_norm_full: over the whole q and k projections before they split into heads, as
+        # OLMo 2 does (arXiv 2501.00656, Sec. 3; OLMo-core's attention builds q_norm over d_model). SDD's
+        # q_norm and k_norm sit in the per-head place; GPTConfig refuses the pair.
         def qk_norm():  # one for q, one for k
             if sdd:
                 return SDDNorm(head_size)
-            return make_norm(config, head_size) if config.qk_norm else nn.Identity()
+            width = config.n_embd if config.qk_norm_full else head_size
+            return make_norm(config, width, bias=False) if config.qk_norm else nn.Identity()
 
         self.q_norm, self.k_norm = qk_norm(), qk_norm()
+        self.qk_norm_full = config.qk_norm_full
         self.context_norm = SDDNorm(config.n_embd) if sdd else nn.Identity()
         self.out_norm = SDDNorm(config.n_embd, gain=config.scale_for_depth(1.0)) if sdd else nn.Identity()
+        # Gated attention (Qiu et al. 2025, arXiv 2505.06708, Sec. 2-3, their best variant G1: elementwise,
+        # head-specific, sigmoid, after SDPA): Y' = Y * sigmoid(X W_gate), X the attention's input (after the
+        # pre-norm, the hidden state q, k and v are computed from). Elementwise over the concatenated heads is
+        # head-specific already. Under SDD the gate multiplies the normalized context, right before c_proj.
+        self.c_gate = make_linear(config, config.n_embd, config.n_embd) if config.attn_gate else None
+        # QK-Clip (Kimi K2, arXiv 2507.20534, Sec. 2.1): the largest logit of each head in the step's
+        # forwards, kept here (not saved: it starts afresh each step) for qk_clip_after_step
+        if config.qk_clip > 0:
+            self.register_buffer("max_logit", torch.full((config.n_head,), -math.inf), persistent=False)
 
     def forward(self, x):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         hs = C // self.n_head
-        q = self.q_norm(q.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_norm(k.view(B, T, self.n_head, hs)).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm_full:  # OLMo 2: one norm over all heads' q (and k), (B, T, C)
+            q, k = self.q_norm(q), self.k_norm(k)
+        else:  # per head, (B, T, nh, hs)
+            q, k = self.q_norm(q.view(B, T, self.n_head, hs)), self.k_norm(k.view(B, T, self.n_head, hs))
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if hasattr(self, "max_logit") and self.training:
+            self.record_max_logit(q, k)
         # causal self-attention, fused (flash) kernels where available: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble all head outputs side by side
-        return self.resid_dropout(self.out_norm(self.c_proj(self.context_norm(y))))
+        y = self.context_norm(y.transpose(1, 2).contiguous().view(B, T, C))  # all head outputs side by side
+        if self.c_gate is not None:
+            y = y * torch.sigmoid(self.c_gate(x))  # (B, T, C), the gate from the attention's input
+        return self.resid_dropout(self.out_norm(self.c_proj(y)))
+
+    @torch.no_grad()
+    def record_max_logit(self, q, k):
+        """QK-Clip's statistic: each head's largest pre-softmax logit q_i . k_j / sqrt(hs) over the causal pairs
+        j <= i of this forward, the running max over the step's micro-batches. Flash attention never forms
+        the logits, so this is one more q @ k^T (the cost QK-Clip pays; nothing when it is off)."""
+        T = q.size(2)
+        logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, nh, T, T)
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        head_max = logits.masked_fill(~causal, -math.inf).amax(dim=(0, 2, 3))  # (nh,)
+        self.max_logit.copy_(torch.maximum(self.max_logit, head_max))
 
 
 class MLP(nn.Module):
@@ -291,7 +369,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config, layer_idx):
         super().__init__()
-        self.ln_1 = make_norm(config, config.n_embd)
+        self.ln_1 = make_norm(config, config.n_embd, dyt_alpha=DYT_ALPHA_ATTN)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config, config.n_embd)
         self.mlp = MLP(config)
@@ -306,22 +384,28 @@ class Block(nn.Module):
         # adaptation keeps LNS's intent (damp deep blocks' contributions so the residual variance stops
         # growing with depth) by putting the same constant where scale survives: on each branch's output,
         # after SDD's output norm and gain. Not the paper's placement; see the README, "How the flags combine".
-        # (Peri-LN's output norms cancel it in the same way; the same adaptation applies there.)
-        normed = config.branch_output_normed()
-        self.lns_scale = lns_scale if not normed else None  # on the pre-norm output (Eq. 12)
-        self.lns_branch_scale = lns_scale if normed else None  # on the branch output (under SDD or Peri-LN)
-        # Peri-LN (arXiv 2502.02732, Sec. 3; Gemma 2's "sandwich"): a second norm on each sublayer's output,
+        # Under Peri-LN Eq. 12 is not a no-op (un-normalized q and k make q.k scale by 1/l, the GELU input by
+        # 1/sqrt(l), before the output norm), so there the paper's placement stays.
+        self.lns_scale = lns_scale if not config.sdd else None  # on the pre-norm output (Eq. 12)
+        self.lns_branch_scale = lns_scale if config.sdd else None  # on the branch output (under SDD)
+        # Peri-LN (arXiv 2502.02732, Sec. 3; CogView's Sandwich-LN, arXiv 2105.13290): a second norm on each sublayer's output,
         # x = x + norm_out(f(norm_in(x))), gain 1 at init. The stream itself is never normalized, so ln_f stays,
         # and GPT-2's 1/sqrt(2L) c_proj init is off (depth_scaled_init): the output norm would remove it. The
         # embeddings are normalized too (GPT.transformer.emb_norm).
         peri = config.norm_position == "peri"
         self.attn_out_norm = make_norm(config, config.n_embd) if peri else nn.Identity()
         self.mlp_out_norm = make_norm(config, config.n_embd) if peri else nn.Identity()
+        # OLMo 2's reordered norm (arXiv 2501.00656, Sec. 3; OLMo-core ReorderedNormTransformerBlock):
+        # x = x + norm(f(x)), the norm on each sublayer's output only (ln_1 and ln_2 keep their names)
+        self.reorder = config.norm_position == "reorder"
 
     def forward(self, x):  # x: (B, T, C)
         if self.post_norm:  # Post-LN (Vaswani et al. 2017): x = norm(x + sublayer(x))
             x = self.ln_1(self._times(x, self.deepnorm_alpha) + self.attn(x))
             x = self.ln_2(self._times(x, self.deepnorm_alpha) + self.mlp(x))
+        elif self.reorder:  # OLMo 2: x = x + norm(sublayer(x))
+            x = x + self.ln_1(self.attn(x))
+            x = x + self.ln_2(self.mlp(x))
         else:  # Pre-LN (GPT-2): x = x + sublayer(norm(x)); Peri-LN: x = x + norm_out(sublayer(norm(x)))
             x = x + self._branch(self.ln_1, self.attn, self.attn_out_norm, x)
             x = x + self._branch(self.ln_2, self.mlp, self.mlp_out_norm, x)
@@ -357,6 +441,9 @@ class GPT(nn.Module):
             # Measured, 2 layers x 32, 100 steps: val 2.27 without, 1.63 with (Pre-LN: 1.66).
             emb_norm=RMSNorm(C) if config.sdd else make_norm(config, C) if config.norm_position == "peri"
             else nn.Identity(),
+            # DyT's LLaMA recipe (official code, other_tasks/LLaMA: shared_scale): a learnable scalar after the
+            # embeddings, init sqrt(n_embd), since no norm rescales the embeddings' std 0.02 any more
+            emb_scale=ScalarGain(math.sqrt(C)) if config.norm == "dyt" else nn.Identity(),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             # Pre-LN needs a final norm before the head. A Post-LN stack already ends in a norm (the last
             # block's ln_2), so, as in the original Transformer, it gets none.
@@ -394,7 +481,7 @@ class GPT(nn.Module):
         for module in (self.transformer.wte, self.transformer.wpe):  # lm_head is wte
             self._init_matrix(module, [c.init_std])
         for layer, block in enumerate(self.transformer.h, start=1):
-            for path, kinds in BLOCK_MATRICES:
+            for path, kinds in block_matrix_paths(block):
                 module = block.get_submodule(path)
                 self._init_matrix(module, self._init_stds(path, kinds, module, layer))
         if isinstance(self.lm_head, WESAR_MODULES):
@@ -410,7 +497,7 @@ class GPT(nn.Module):
             beta = (8 * c.n_layer) ** -0.25
             fan_out, fan_in = module.weight.shape
             xavier = math.sqrt(2.0 / (fan_in + fan_out // len(kinds)))
-            return [xavier if kind in ("q", "k") else beta * xavier for kind in kinds]
+            return [xavier if kind in ("q", "k", "gate") else beta * xavier for kind in kinds]  # gate: off v's path
         if c.lir:
             # LIR (arXiv 2503.17500, Sec. 3.1): every matrix of block l drawn from N(0, (sigma/sqrt(l))^2),
             # l 1-based, plain (not truncated) normal; no extra shrink of the residual projections.
@@ -454,7 +541,7 @@ class GPT(nn.Module):
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
         tok_emb = self.transformer.wte(idx)  # token embeddings (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # position embeddings (t, n_embd)
-        x = self.transformer.emb_norm(self.transformer.drop(tok_emb + pos_emb))
+        x = self.transformer.emb_norm(self.transformer.emb_scale(self.transformer.drop(tok_emb + pos_emb)))
         for block in self.transformer.h:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
@@ -485,29 +572,47 @@ class GPT(nn.Module):
         return c * torch.tanh(logits / c) if c > 0 else logits
 
     # --- training -----------------------------------------------------------------------------------
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, sdd_official_decay=True):
-        """AdamW with two groups, one decayed by weight_decay and one not.
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, sdd_official_decay=True,
+                             optimizer="adamw", olmo_decay=False):
+        """AdamW with two groups, one decayed by weight_decay and one not; optimizer="muon": torch.optim.Muon for
+        the block matrices and AdamW for the rest (MuonWithAdamW).
         nanoGPT's groups (the default): decay every >= 2-D tensor (matrices and embeddings), not the biases
         and norm gains. Under SDD with sdd_official_decay (default), the official SDD configs' groups instead
         (kaihemo/SDD@79cf800, dense yaml: decay_norm_and_bias true, embeddings not decayed): decay the block
         matrices, every norm gain (SDD's included) and every bias; not the embeddings (wte, which is also
-        the head, and wpe). WeSaR gates are never decayed: decay would pull a whole matrix's scale toward 0,
-        which the gate exists to set (arXiv 2410.05052, Sec. 3)."""
+        the head, and wpe). These are OLMo's groups (OLMo-core: every tensor decayed but the embeddings), and
+        olmo_decay=True asks for them without SDD (OLMo 2 trains so, arXiv 2501.00656, Sec. 3). WeSaR gates are
+        never decayed: decay would pull a whole matrix's scale toward 0, which the gate exists to set (arXiv
+        2410.05052, Sec. 3).
+        Muon (Jordan et al. 2024; torch.optim.Muon) orthogonalizes the momentum of each 2-D hidden matrix with
+        Newton-Schulz; everything else (embeddings, the tied head, gains, biases, gates, DyT's alpha) stays
+        on AdamW, as modded-nanogpt and nanochat split it. adjust_lr_fn="match_rms_adamw" (Moonlight, arXiv
+        2502.16982, Sec. 2: update scaled by 0.2 sqrt(max(A, B)), the RMS of an AdamW update) lets Muon take
+        AdamW's learning rate and weight decay, so one --lr grid means the same for both. c_attn is one (3C, C)
+        matrix, as nanoGPT's, orthogonalized whole (Megatron's Muon and modded-nanogpt split q, k, v)."""
         embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
         gates = {id(m.gate) for m in self.modules() if isinstance(m, WESAR_MODULES)}
-        official_sdd = self.config.sdd and sdd_official_decay
+        olmo_groups = (self.config.sdd and sdd_official_decay) or olmo_decay
+        muon = {id(m.weight) for _, _, m in _block_linears(self)} if optimizer == "muon" else set()
 
         def decayed(p):
             if id(p) in gates:
                 return False
-            return id(p) not in embeddings if official_sdd else p.dim() >= 2
+            return id(p) not in embeddings if olmo_groups else p.dim() >= 2
 
         params = [p for p in self.parameters() if p.requires_grad]  # a tied tensor comes once
-        groups = [{"params": [p for p in params if decayed(p)], "weight_decay": weight_decay},
-                  {"params": [p for p in params if not decayed(p)], "weight_decay": 0.0}]
+        rest = [p for p in params if id(p) not in muon]
+        groups = [{"params": [p for p in rest if decayed(p)], "weight_decay": weight_decay},
+                  {"params": [p for p in rest if not decayed(p)], "weight_decay": 0.0}]
         # the fused AdamW kernel is much faster on CUDA
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
+        if optimizer == "adamw":
+            return adamw
+        if optimizer != "muon":
+            raise ValueError(f"unknown optimizer {optimizer!r}; valid: adamw, muon")
+        return MuonWithAdamW(torch.optim.Muon([p for p in params if id(p) in muon], lr=learning_rate,
+                                              weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"), adamw)
 
     def estimate_mfu(self, fwdbwd_per_iter, dt, peak_flops=312e12):
         """Model FLOPs utilization, as nanoGPT's: fwdbwd_per_iter sequences of block_size tokens per iteration
@@ -592,6 +697,36 @@ class GPT(nn.Module):
 # Functions a training loop calls
 
 
+class MuonWithAdamW:
+    """Two optimizers stepped as one (what a training loop, a GradScaler and a checkpoint need of one):
+    param_groups lists both's groups (the same dicts, so setting a group's "lr" sets it where it lives), and
+    the state dict holds both."""
+
+    def __init__(self, muon, adamw):
+        self.optimizers = {"muon": muon, "adamw": adamw}
+
+    @property
+    def param_groups(self):  # read afresh: load_state_dict replaces each optimizer's group dicts
+        return [group for opt in self.optimizers.values() for group in opt.param_groups]
+
+    def step(self, closure=None):
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"not a Muon + AdamW state: it holds {sorted(state)}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state[name])
+
+
 def log_z(logits):
     """log Z = logsumexp of the output logits at each position, in fp32: (..., vocab) -> (...). The softmax is
     exp(logit - log Z); the logits can drift up together with no effect on it, which z-loss prevents."""
@@ -634,13 +769,18 @@ def fold_wesar(model):
 # The weight matrices inside a block, by module path, with the names of their row blocks: the fused c_attn
 # holds q, k and v, which the papers treat as three matrices.
 BLOCK_MATRICES = (("attn.c_attn", ("q", "k", "v")), ("attn.c_proj", ("attn_out",)), ("mlp.c_fc", ("fc",)),
-                  ("mlp.c_proj", ("mlp_out",)))
+                  ("mlp.c_proj", ("mlp_out",)), ("attn.c_gate", ("gate",)))  # c_gate: with attn_gate only
+
+
+def block_matrix_paths(block):
+    """BLOCK_MATRICES' (path, kinds) that this block has (attn.c_gate only with attn_gate)."""
+    return [(path, kinds) for path, kinds in BLOCK_MATRICES if path != "attn.c_gate" or block.attn.c_gate is not None]
 
 
 def _block_linears(model):
     """Yield (layer, kinds, module) for every linear inside the blocks."""
     for layer, block in enumerate(model.transformer.h):
-        for path, kinds in BLOCK_MATRICES:
+        for path, kinds in block_matrix_paths(block):
             yield layer, kinds, block.get_submodule(path)
 
 
@@ -684,6 +824,35 @@ def tvr_after_step(model, step):
     return target_variance_rescale(model, c.tvr_target, c.tvr_threshold)
 
 
+@torch.no_grad()
+def qk_clip_after_step(model):
+    """QK-Clip (Kimi K2, arXiv 2507.20534, Sec. 2.1; per head, its form for multi-head attention): call after
+    each optimizer step. For every head h whose largest logit S_h in the step's forwards (record_max_logit)
+    exceeded tau, scale that head's rows of W_q and of W_k (and their biases) by sqrt(tau / S_h), so that the
+    same inputs would give a largest logit of exactly tau; other heads are left alone. Under torchrun the ranks
+    first agree on S_h (the max over all ranks' batches), so that every replica makes the same edit. Returns
+    the number of heads clipped, as a tensor (reading it would cost a device sync)."""
+    tau, clipped = model.config.qk_clip, torch.zeros((), dtype=torch.long)
+    if tau <= 0:
+        return clipped
+    for block in model.transformer.h:
+        attn = block.attn
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(attn.max_logit, op=torch.distributed.ReduceOp.MAX)
+        over = attn.max_logit > tau  # (nh,); -inf (no forward this step) never is
+        gamma = torch.where(over, tau / attn.max_logit, torch.ones_like(attn.max_logit))  # (nh,)
+        row_scale = gamma.sqrt().repeat_interleave(attn.n_embd // attn.n_head)  # (C,): each head's rows of q or k
+        q_rows, k_rows = split_rows(attn.c_attn.weight, 3)[:2]  # (C, C) each, views (raw W under WeSaR)
+        q_rows.mul_(row_scale[:, None])
+        k_rows.mul_(row_scale[:, None])
+        if attn.c_attn.bias is not None:
+            for b in attn.c_attn.bias.view(3, -1)[:2]:
+                b.mul_(row_scale)
+        attn.max_logit.fill_(-math.inf)  # the next step's forwards record afresh
+        clipped = clipped.to(over.device) + over.sum()
+    return clipped
+
+
 # ----------------------------------------------------------------------------------------------------
 # Diagnostics: what happens inside, per layer and per matrix. Nothing here runs unless called.
 
@@ -704,13 +873,14 @@ def kurtosis(x):
 
 
 def attention_logit_max(q, k):
-    """The largest |q_i . k_j| / sqrt(head size) over heads and causal pairs j <= i: the attention logits whose
-    growth makes the softmax one-hot and training diverge (Dehghani et al. 2023, arXiv 2302.05442; Wortsman et
-    al., arXiv 2309.14322, Sec. 3.1). q, k: (B, T, n_head, head_size), as they enter attention."""
+    """The largest attention logit q_i . k_j / sqrt(head size) over heads and causal pairs j <= i, signed, as
+    Wortsman et al. plot it (arXiv 2309.14322, Sec. 3.1.1; Dehghani et al. 2023, arXiv 2302.05442): the logits
+    whose growth makes the softmax one-hot and training diverge, and what QK-Clip bounds. q, k: (B, T, n_head,
+    head_size), as they enter attention."""
     T, hs = q.shape[1], q.shape[-1]
-    logits = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()).abs() / math.sqrt(hs)  # (B, nh, T, T)
+    logits = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) / math.sqrt(hs)  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    return logits.masked_fill(~causal, 0.0).max().item()
+    return logits.masked_fill(~causal, -math.inf).max().item()
 
 
 @torch.no_grad()
@@ -723,7 +893,7 @@ def activation_stats(model, idx, targets=None):
     attn_logit_max: attention_logit_max() of block l (q and k after any q/k norm).
     With targets (the forward then computes every position's logits), also, over all positions:
     logit_lse_mean, logit_lse_std: of log Z of the output logits (output-logit divergence, Wortsman et al.,
-      arXiv 2309.14322, Sec. 3.2: what z-loss controls)."""
+      arXiv 2309.14322, Sec. 3.1.2: what z-loss controls)."""
     stats = {k: [] for k in ("variance", "rms", "angular_distance", "max_abs", "kurtosis", "mlp_in_max_abs",
                              "mlp_in_kurtosis", "attn_logit_max")}
     queries = []
@@ -854,19 +1024,29 @@ def check_config(config):
     for name in ("init_std", "wesar_sigma", "tvr_target", "tvr_threshold"):
         if not 0 < getattr(config, name) < math.inf:
             refuse(f"{name} must be a finite number > 0, got {getattr(config, name)}")
-    for name in ("z_loss", "logit_softcap"):
+    for name in ("z_loss", "logit_softcap", "qk_clip"):
         if not 0 <= getattr(config, name) < math.inf:
             refuse(f"{name} must be a finite number >= 0 (0: off), got {getattr(config, name)}")
     # Combinations that make no sense are refused here, with the reason.
-    if config.lns and config.norm_position in ("post", "deepnorm"):
+    if config.lns and config.norm_position in ("post", "deepnorm", "reorder"):
         refuse(f"lns scales the output of a *pre*-norm (arXiv 2502.05795, Eq. 12); {config.norm_position!r} has "
                "none, and scaling after the residual add diverges (paper Table 8). Use norm_position 'pre' or "
                "'mix'")
     if config.sdd and config.qk_norm:
         refuse("qk_norm with sdd: SDD already normalizes q and k per head (its q_norm and k_norm); drop one")
-    if config.sdd and config.norm_position == "peri":
-        refuse("sdd with norm_position 'peri': SDD already normalizes every branch output (its out_norm, gain "
-               "1/sqrt(2L)); Peri-LN's output norm on top would undo that gain. Use 'pre' or 'post' with sdd")
+    if config.sdd and config.norm_position in ("peri", "reorder"):
+        refuse(f"sdd with norm_position {config.norm_position!r}: SDD already normalizes every branch output (its "
+               "out_norm, gain 1/sqrt(2L)); another output norm on top would undo that gain. Use 'pre' or 'post' "
+               "with sdd")
+    if config.qk_norm_full and not config.qk_norm:
+        refuse("qk_norm_full says where QK-norm normalizes (over all heads, as OLMo 2); it needs qk_norm=True")
+    if config.qk_clip and (config.qk_norm or config.sdd):
+        refuse(f"qk_clip with {'qk_norm' if config.qk_norm else 'sdd'}: QK-Clip shrinks W_q and W_k, and the norm "
+               "on q and k undoes any scale of theirs, so the clip would change nothing; QK-Clip is the fix for "
+               "attention without QK-norm (arXiv 2507.20534, Sec. 2.1): use one of them")
+    if config.norm == "dyt" and config.qk_norm:
+        refuse("qk_norm with norm 'dyt': DyT does not normalize (tanh(alpha q) keeps q's scale below the bend), so "
+               "it would not bound the logits as QK-norm does; use --norm layernorm or rmsnorm with qk_norm")
     if config.lir and config.norm_position == "deepnorm":
         refuse("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
     if config.scaled_init:
@@ -882,10 +1062,9 @@ def combination_notes(config) -> list:
     """One line for each flag that, in this combination, acts differently from its paper (printed by
     the training script at start-up; the README's "How the flags combine" table lists every pair)."""
     notes = []
-    if config.lns and config.branch_output_normed():
-        by = "sdd" if config.sdd else "peri"
-        notes.append(f"lns under {by}: 1/sqrt(l) multiplies each branch's output (after its output norm), "
-                     f"since {by}'s norms would cancel it on the pre-norm output (this project's adaptation)")
+    if config.lns and config.sdd:
+        notes.append("lns under sdd: 1/sqrt(l) multiplies each branch's output (after its output norm), since "
+                     "sdd's norms would cancel it on the pre-norm output (this project's adaptation)")
     for flag in ("lir", "tvr"):
         if config.sdd and getattr(config, flag):
             notes.append(f"{flag} under sdd: SDD's output norms hide a block matrix's scale from the forward "
@@ -893,8 +1072,9 @@ def combination_notes(config) -> list:
     if config.sdd and config.wesar:
         notes.append("wesar under sdd: only the embeddings and the head are gated (SDD's gains already "
                      "carry the block matrices' scale)")
-    for flag, on, which in (("qk_norm", config.qk_norm, "q and k"), ("peri", config.norm_position == "peri",
-                                                                   "attn.c_proj and mlp.c_proj")):
+    for flag, on, which in (("qk_norm", config.qk_norm, "q and k"),
+                            ("peri", config.norm_position == "peri", "attn.c_proj and mlp.c_proj"),
+                            ("reorder", config.norm_position == "reorder", "attn.c_proj and mlp.c_proj")):
         if config.wesar and on:
             notes.append(f"wesar under {flag}: the gates of {which} get no gradient (the norm after them "
                          "removes their scale); they stay at their init")

@@ -573,11 +573,13 @@ def test_a_text_without_newlines_trains_and_samples(tmp_path, capsys):
     assert "--- sample ---" in capsys.readouterr().out
 
 
-def test_resume_continues_exactly(tmp_path, data_dir):
+@pytest.mark.parametrize("flags", [("--tvr", "--tvr-interval", "5", "--tvr-target", "0.02"),
+                                   ("--optimizer", "muon", "--qk-clip", "0.3", "--attn-gate")], ids=["tvr", "muon"])
+def test_resume_continues_exactly(tmp_path, data_dir, flags):
     """Stop at iter 37 (odd, not an eval step, of a 60-iter schedule) and resume: the next losses equal an
-    uninterrupted run's, bit for bit, dropout and TVR included."""
+    uninterrupted run's, bit for bit, dropout and TVR (or Muon's state and QK-Clip) included."""
     full, part = tmp_path / "full", tmp_path / "part"
-    common = ("--dropout", "0.1", "--tvr", "--tvr-interval", "5", "--tvr-target", "0.02")
+    common = ("--dropout", "0.1", *flags)
     assert train_shakespeare.main(train_args(data_dir, full, *common)) == 0
     assert train_shakespeare.main(train_args(data_dir, part, *common, "--max-iters", "37",
                                              "--lr-decay-iters", "60")) == 0
@@ -1086,13 +1088,14 @@ def test_every_flag_keeps_causality_and_round_trips_checkpoints(kw):
 # is classified here, so no flag can join the config without a test that it does something.
 FLAG_EFFECT = {"bias": "function", "norm": "function", "norm_position": "function", "sdd": "function",
                "lns": "function", "wesar": "function", "lir": "init", "scaled_init": "init", "tvr": "step",
-               "qk_norm": "function", "z_loss": "step", "logit_softcap": "function"}
+               "qk_norm": "function", "z_loss": "step", "logit_softcap": "function", "qk_norm_full": "function",
+               "qk_clip": "step", "attn_gate": "function"}
 MATRIX_OFF = {"norm": "layernorm", "norm_position": "pre", "scaled_init": False, "z_loss": 0.0,
-              "logit_softcap": 0.0}  # else False
+              "logit_softcap": 0.0, "qk_clip": 0.0}  # else False
 # The float fields that switch a technique on (0: off), with the value the matrix tries; every other float
 # field is a setting of a technique (a std, a fraction) and listed in SETTINGS, so that a new float field must
 # be classified too.
-FLOAT_FLAGS = {"z_loss": (0.0, 0.5), "logit_softcap": (0.0, 0.2)}
+FLOAT_FLAGS = {"z_loss": (0.0, 0.5), "logit_softcap": (0.0, 0.2), "qk_clip": (0.0, 1e-7)}
 SETTINGS = {"dropout", "mix_fraction", "init_std", "wesar_sigma", "tvr_target", "tvr_threshold"}
 
 
@@ -1116,7 +1119,8 @@ def discrete_fields():
 
 
 # pruned to run in seconds: these fields keep one value, except in their own test (the full product is ~25,000)
-MATRIX_FIXED = {"bias": False, "scaled_init": None, "z_loss": 0.0, "logit_softcap": 0.0}
+MATRIX_FIXED = {"bias": False, "scaled_init": None, "z_loss": 0.0, "logit_softcap": 0.0, "qk_clip": 0.0,
+                "qk_norm_full": False, "attn_gate": False}
 
 
 def accepted_configs(vary=()):
@@ -1141,12 +1145,15 @@ MATRIX_BASE = dict(block_size=8, vocab_size=11, n_layer=4, n_head=2, n_embd=16, 
 
 def matrix_model(kw, seed=0):
     """A model of the matrix, its RMSNorms with eps 0: at this tiny width the eps alone would move a
-    scale-invariant function by ~1e-3 and hide a flag that does nothing (as LNS under SDD once did)."""
+    scale-invariant function by ~1e-3 and hide a flag that does nothing (as LNS under SDD once did). Its DyTs
+    bend (alpha 2): this tiny model's activations at init sit on tanh's straight part, where DyT is a gain."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**MATRIX_BASE, **kw))
     for m in model.modules():
         if isinstance(m, (RMSNorm, SDDNorm)):
             m.eps = 0.0
+        if isinstance(m, stable_gpt.DyT):
+            m.alpha.data.fill_(2.0)
     return model
 
 
@@ -1172,16 +1179,19 @@ def one_thread():
 def logits_on_weights_of(model_on, kw_off, idx):
     """(logits of model_on, logits of the kw_off model given model_on's weights, loaded non-strictly)."""
     model_off = matrix_model(kw_off).eval()
-    model_off.load_state_dict(model_on.state_dict(), strict=False)
+    shapes = {k: v.shape for k, v in model_off.state_dict().items()}  # qk_norm_full's norms are wider
+    model_off.load_state_dict({k: v for k, v in model_on.state_dict().items() if shapes.get(k) == v.shape},
+                              strict=False)
     return model_on.eval()(idx, idx)[0], model_off(idx, idx)[0]
 
 
 def one_step(model, idx):
-    """The parameters after one AdamW step followed by the training loop's TVR call."""
+    """The parameters after one AdamW step followed by the training loop's TVR and QK-Clip calls."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model(idx, idx)[1].backward()
+    model.train()(idx, idx)[1].backward()
     opt.step()
     stable_gpt.tvr_after_step(model, 1)
+    stable_gpt.qk_clip_after_step(model)
     return [p.detach() for p in model.parameters()]
 
 
@@ -1250,6 +1260,219 @@ def test_training_with_each_flag_lowers_the_loss(tmp_path, data_dir, flags, caps
     # the checkpoint holds the technique's parameters and rebuilds the same model
     model = runs.model_from_checkpoint(train_shakespeare.load_checkpoint(out / "ckpt.pt"))
     assert model.config.techniques() == summary["techniques"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stabilizers of 2025-26: Muon, QK-Clip, gated attention, OLMo 2's reordered norm, DyT
+
+
+def test_muon_steps_the_block_matrices_as_torch_muon_and_the_rest_with_adamw():
+    """--optimizer muon: every block matrix (and only those) in torch.optim.Muon with the Moonlight LR rule;
+    one step of MuonWithAdamW equals torch's Muon on those and AdamW on the rest, built apart."""
+    torch.manual_seed(0)
+    model = GPT(tiny(attn_gate=True, wesar=True))
+    twin = copy.deepcopy(model)
+    opt = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu", optimizer="muon")
+    muon_params = opt.optimizers["muon"].param_groups[0]["params"]
+    assert {id(p) for p in muon_params} == {id(m.weight) for _, _, m in stable_gpt._block_linears(model)}
+    assert all(p.dim() == 2 for p in muon_params) and len(muon_params) == 2 * 5  # c_attn, c_proj, c_fc, c_proj, c_gate
+    assert opt.optimizers["muon"].param_groups[0]["adjust_lr_fn"] == "match_rms_adamw"
+    blocks = {id(m.weight) for _, _, m in stable_gpt._block_linears(twin)}
+    ref_muon = torch.optim.Muon([p for p in twin.parameters() if id(p) in blocks], lr=1e-2, weight_decay=0.1,
+                                adjust_lr_fn="match_rms_adamw")
+    ref_adamw = twin.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")  # then drop the block matrices from it
+    for group in ref_adamw.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in blocks]
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    for m, steps in ((model, [opt]), (twin, [ref_muon, ref_adamw])):
+        m(idx, idx)[1].backward()
+        for o in steps:
+            o.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+    state = opt.state_dict()
+    assert set(state) == {"muon", "adamw"} and state["muon"]["state"]  # the momentum buffers are saved
+    opt.load_state_dict(copy.deepcopy(state))
+    with pytest.raises(ValueError, match="not a Muon \\+ AdamW state"):
+        opt.load_state_dict(ref_adamw.state_dict())
+
+
+def test_resume_refuses_another_optimizer(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "3")) == 0
+    assert train_shakespeare.main(train_args(data_dir, out, "--resume", "--optimizer", "muon")) == 2
+    assert "cannot resume with another --optimizer (adamw -> muon)" in capsys.readouterr().err
+
+
+def clip_model(**kw):
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny(**dict(dict(qk_clip=1.0), **kw))), scale=2.0)  # large logits to clip
+    return model
+
+
+def attention_inputs(model, idx):
+    """Each block's attention input (after its pre-norm) on idx, in train mode (dropout 0)."""
+    seen = []
+    hooks = [b.attn.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for b in model.transformer.h]
+    model.train()(idx, idx)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def head_logit_max(attn, x):
+    """(n_head,) the largest causal logit of each head of attn on its input x (B, T, C)."""
+    B, T, C = x.shape
+    q, k, _ = attn.c_attn(x).split(C, dim=2)
+    heads = lambda t: t.view(B, T, attn.n_head, -1).transpose(1, 2)  # (B, nh, T, hs)
+    logits = heads(q) @ heads(k).transpose(-2, -1) / math.sqrt(C // attn.n_head)
+    return logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf).amax(dim=(0, 2, 3))
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(bias=True), dict(wesar=True)], ids=["plain", "bias", "wesar"])
+def test_qk_clip_bounds_the_clipped_heads_logit_on_the_same_batch_at_tau(kw):
+    """Kimi K2's QK-Clip: after qk_clip_after_step, on the same inputs, the largest logit of every head that
+    exceeded tau is tau (its q and k rows scaled by sqrt(tau / max): the logit by tau / max); other heads and
+    v are untouched; the recorded maxima match a direct computation and start afresh."""
+    model, idx = clip_model(**kw), torch.randint(0, 40, (4, 16), generator=torch.Generator().manual_seed(1))
+    tau, blocks = 1.0, model.transformer.h
+    inputs = attention_inputs(model, idx)  # the step's forward records the maxima
+    with torch.no_grad():
+        before = [head_logit_max(b.attn, x) for b, x in zip(blocks, inputs)]
+        for b, m in zip(blocks, before):
+            torch.testing.assert_close(b.attn.max_logit, m, rtol=1e-5, atol=1e-5)
+        assert any((m > tau).any() for m in before) and any((m <= tau).any() for m in before)
+        w_before = [b.attn.c_attn.weight.clone() for b in blocks]
+        assert int(stable_gpt.qk_clip_after_step(model)) == sum(int((m > tau).sum()) for m in before)
+        assert all(torch.isneginf(b.attn.max_logit).all() for b in blocks)  # the next step records afresh
+        for b, x, m0, w0 in zip(blocks, inputs, before, w_before):
+            expected = torch.where(m0 > tau, torch.full_like(m0, tau), m0)
+            torch.testing.assert_close(head_logit_max(b.attn, x), expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(split_v(b.attn.c_attn.weight), split_v(w0))
+
+
+def split_v(weight):
+    return stable_gpt.split_rows(weight, 3)[2]
+
+
+def test_qk_clip_costs_nothing_when_off_and_is_refused_where_a_norm_undoes_it():
+    assert not hasattr(GPT(tiny()).transformer.h[0].attn, "max_logit")  # no buffer, no extra matmul
+    assert int(stable_gpt.qk_clip_after_step(GPT(tiny()))) == 0
+    for kw, message in ((dict(qk_norm=True), "qk_clip with qk_norm"), (dict(sdd=True), "qk_clip with sdd")):
+        with pytest.raises(ValueError, match=message):
+            tiny(qk_clip=1.0, **kw)
+    assert "max_logit" not in GPT(tiny(qk_clip=1.0)).state_dict()  # a checkpoint is unchanged by it
+
+
+def test_qk_clip_keeps_the_logged_attention_logits_near_tau_at_a_high_learning_rate(tmp_path, data_dir):
+    """The diagnostics show QK-Clip acting: at lr 3e-2 the largest attention logit (diag.jsonl, on a fixed
+    batch after each recorded step) grows past 10 x tau without it and stays near tau with it."""
+    peaks = {}
+    for name, extra in (("off", ()), ("clip", ("--qk-clip", "2"))):
+        out = tmp_path / name
+        assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "80", "--eval-interval", "80",
+                                                 "--lr", "3e-2", "--warmup-iters", "0", "--diag-interval", "10",
+                                                 *extra)) in (0, 1)
+        peaks[name] = [max(r["attn_logit_max"]) for r in read_jsonl(out / "diag.jsonl")]
+    assert max(peaks["off"]) > 10 * 2.0, peaks  # measured: 7 -> 68
+    assert max(peaks["clip"]) < 2.5 * 2.0, peaks  # measured: 2.6 to 3.9 (the diag batch is not a training batch)
+
+
+def test_gated_attention_multiplies_the_attention_output_by_sigmoid_of_x_w():
+    """arXiv 2505.06708's G1 gate on hand-set weights: attn(x) = c_proj(y * sigmoid(x W_gate)), y the SDPA
+    output of the same module without a gate."""
+    torch.manual_seed(0)
+    attn = stable_gpt.CausalSelfAttention(tiny(attn_gate=True)).eval()
+    with torch.no_grad():
+        attn.c_gate.weight.copy_(torch.linspace(-0.5, 0.5, 32 * 32).view(32, 32))
+    x = torch.randn(2, 5, 32)
+    gate = attn.c_gate
+    attn.c_gate = None  # the same module without its gate, with c_proj an identity to read y
+    proj, attn.c_proj = attn.c_proj, torch.nn.Identity()
+    with torch.no_grad():
+        y = attn(x)
+        attn.c_gate, attn.c_proj = gate, proj
+        torch.testing.assert_close(attn(x), proj(y * torch.sigmoid(x @ gate.weight.T)))
+
+
+def test_reordered_norm_block_is_x_plus_norm_of_each_sublayer():
+    """OLMo 2 (OLMo-core's ReorderedNormTransformerBlock): h = x + norm(attn(x)); out = h + norm(mlp(h))."""
+    torch.manual_seed(0)
+    model = perturbed(GPT(tiny(norm_position="reorder", norm="rmsnorm"))).eval()
+    block, x = model.transformer.h[1], torch.randn(2, 7, 32)
+    with torch.no_grad():
+        h = x + block.ln_1(block.attn(x))
+        torch.testing.assert_close(block(x), h + block.ln_2(block.mlp(h)), rtol=0, atol=0)
+    assert isinstance(model.transformer.emb_norm, torch.nn.Identity) and not model.config.depth_scaled_init()
+    for kw, message in ((dict(lns=True), "lns scales the output of a \\*pre\\*-norm"),
+                        (dict(sdd=True), "sdd with norm_position 'reorder'")):
+        with pytest.raises(ValueError, match=message):
+            tiny(norm_position="reorder", **kw)
+
+
+def test_olmo2_shorthand_and_its_decay_groups(capsys):
+    """--olmo2 = reorder + QK-norm over the full q and k + z-loss 1e-5 + RMSNorm + no decay on the embeddings
+    (every other tensor, gains included, decayed); flags given still win."""
+    cfg = train_shakespeare.resolve({"olmo2": True})
+    assert (cfg.norm_position, cfg.qk_norm, cfg.qk_norm_full, cfg.z_loss, cfg.norm, cfg.olmo_decay) == \
+        ("reorder", True, True, 1e-5, "rmsnorm", True)
+    assert train_shakespeare.resolve({"olmo2": True, "z_loss": 1e-4}).z_loss == 1e-4
+    model = GPT(tiny(norm_position="reorder", qk_norm=True, qk_norm_full=True, norm="rmsnorm"))
+    decayed, plain = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", olmo_decay=True).param_groups
+    embeddings = {id(model.transformer.wte.weight), id(model.transformer.wpe.weight)}
+    assert {id(p) for p in plain["params"]} == embeddings
+    assert any(p.dim() == 1 for p in decayed["params"])  # the norm gains
+
+
+def test_qk_norm_full_normalizes_all_heads_at_once_without_a_bias():
+    """OLMo 2's QK-norm: one RMSNorm over the whole q projection (width n_embd), not one per head; no bias
+    (QK-layernorm has none), even with bias=True elsewhere."""
+    model = GPT(tiny(qk_norm=True, qk_norm_full=True, norm="rmsnorm", bias=True))
+    attn = model.transformer.h[0].attn
+    assert attn.q_norm.weight.shape == (32,) and attn.q_norm.bias is None and attn.c_attn.bias is not None
+    assert GPT(tiny(qk_norm=True, bias=True)).transformer.h[0].attn.q_norm.bias is None
+    seen = []
+    attn.q_norm.register_forward_hook(lambda m, a, o: seen.append((a[0], o)))
+    model(torch.randint(0, 40, (2, 16)))
+    q_in, q_out = seen[0]
+    assert q_in.shape == (2, 16, 32)  # before the split into heads
+    torch.testing.assert_close(q_out, q_in * torch.rsqrt(q_in.pow(2).mean(-1, keepdim=True) + 1e-5))
+    with pytest.raises(ValueError, match="qk_norm_full .* needs qk_norm=True"):
+        tiny(qk_norm_full=True)
+
+
+def test_dyt_forward_and_its_alpha_init():
+    """DyT (arXiv 2503.10622): gamma * tanh(alpha * x) + beta; alpha 0.8 on the attention sublayer's norm and
+    0.2 elsewhere (the paper's LLaMA 2 7B values), and a learnable scalar sqrt(n_embd) after the embeddings."""
+    dyt = stable_gpt.DyT(4, alpha=0.7, bias=True)
+    with torch.no_grad():
+        dyt.weight.copy_(torch.tensor([1.0, 2.0, -1.0, 0.5]))
+        dyt.bias.copy_(torch.tensor([0.0, 0.1, 0.2, 0.3]))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(dyt(x), dyt.weight * torch.tanh(0.7 * x) + dyt.bias)
+    model = GPT(tiny(norm="dyt"))
+    for block in model.transformer.h:
+        assert block.ln_1.alpha.item() == pytest.approx(0.8) and block.ln_2.alpha.item() == pytest.approx(0.2)
+    assert model.transformer.ln_f.alpha.item() == pytest.approx(0.2) and model.transformer.ln_f.bias is None
+    assert model.transformer.emb_scale.weight.item() == pytest.approx(math.sqrt(32))
+    assert not any(isinstance(m, (LayerNorm, RMSNorm)) for m in model.modules())  # no norm left
+    with pytest.raises(ValueError, match="qk_norm with norm 'dyt'"):
+        tiny(norm="dyt", qk_norm=True)
+
+
+NEW_FLAG_ARGS = [["--optimizer", "muon"], ["--optimizer", "muon", "--qk-clip", "2"], ["--attn-gate"], ["--olmo2"],
+                 ["--norm", "dyt", "--lr", "1e-2"], ["--norm-position", "reorder"], ["--optimizer", "muon", "--sdd", "--lns"],
+                 ["--optimizer", "muon", "--wesar", "--tvr"]]
+
+
+@pytest.mark.parametrize("flags", NEW_FLAG_ARGS, ids=" ".join)
+def test_training_with_each_new_flag_lowers_the_loss(tmp_path, data_dir, flags):
+    out = tmp_path / "run"
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "80", "--eval-interval", "80",
+                                             *flags)) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    assert summary["final_val_loss"] < 0.75 * math.log(vocab), summary["final_val_loss"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2375,7 +2598,9 @@ def test_logit_softcap_bounds_the_logits_and_is_the_identity_well_inside():
 
 def test_attention_logit_max_on_a_known_case():
     q, k = torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2, 4)  # (B, T, n_head, head_size)
-    q[0, 2, 1, 0], k[0, 1, 1, 0] = 3.0, -4.0  # head 1, query 2 . key 1 = -12: |.| / sqrt(4) = 6
+    q[:, :, :, 0], k[:, :, :, 0] = -1.0, 1.0  # every logit -1/sqrt(4) = -0.5: signed, the max is -0.5
+    assert stable_gpt.attention_logit_max(q, k) == pytest.approx(-0.5)
+    q[0, 2, 1, 0], k[0, 1, 1, 0] = 3.0, 4.0  # head 1, query 2 . key 1 = 12: / sqrt(4) = 6
     assert stable_gpt.attention_logit_max(q, k) == pytest.approx(6.0)
     q[0, 0, 0, 3], k[0, 2, 0, 3] = 10.0, 10.0  # query 0 . key 2 = 100, but a future key: masked
     assert stable_gpt.attention_logit_max(q, k) == pytest.approx(6.0)

@@ -29,9 +29,9 @@ import torch.distributed as dist
 
 import prepare_data
 from prepare_data import Codec, DataError
-from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig, tvr_after_step
+from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig, qk_clip_after_step, tvr_after_step
 from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE, add_flags, check_ranges,
-                       default_out_dir, gpt2_architecture, model_setting, setting)
+                       default_out_dir, gpt2_architecture, model_setting, saved_settings, setting)
 from tools.cpu_rmsnorm import use_rmsnorm_kernel
 from tools.monitors import DiagnosticsRecorder
 from tools.runs import (Batches, OutputThatSurvivesAClosedPipe, Run, StopRequest, TrainError, any_rank,
@@ -55,9 +55,8 @@ PRESETS = {
 
 
 def gpt2_preset(n_layer, n_head, n_embd, batch_size, lr, min_lr, **kw):
-    """GPT-2 sizes with BPE and block 1024: 2^19 tokens (~0.5M) per optimizer step as GPT-2/GPT-3 used, the
-    micro-batch sized for one 80 GB GPU in bf16 and the rest accumulated (split across torchrun ranks); the
-    learning rate from GPT-3's Table 2.1 (arXiv 2005.14165) for the nearest size."""
+    """GPT-2 sizes, BPE, block 1024: 2^19 tokens per step (GPT-2/3), the micro-batch sized for one 80 GB GPU in bf16,
+    the rest accumulated (split across ranks); the LR from GPT-3's Table 2.1 (arXiv 2005.14165), nearest size."""
     return dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, batch_size=batch_size, grad_accum=2**19 // (
         1024 * batch_size), lr=lr, min_lr=min_lr, tokenizer="gpt2", block_size=1024, max_iters=600000,
         warmup_iters=2000, beta2=0.95, dropout=0.0, eval_interval=1000, eval_iters=200, diag_interval=1000, **kw)
@@ -109,13 +108,17 @@ class Settings:
     tvr_threshold: float = model_setting("tvr_threshold", "TVR rescales only when std > threshold * target")
     # --- the fixes practitioners use, to weigh the papers against (off by default)
     qk_norm: bool = model_setting("qk_norm", "--norm on q and k per head (arXiv 2309.14322)", out_dir=True)
+    qk_norm_full: bool = model_setting("qk_norm_full", "QK-norm over all heads at once (OLMo 2)", out_dir=True)
+    qk_clip: float = model_setting("qk_clip", "QK-Clip's tau (arXiv 2507.20534; 0: off)", out_dir=True)
+    attn_gate: bool = model_setting("attn_gate", "gated attention (arXiv 2505.06708)", out_dir=True)
+    olmo2: bool = setting(False, "OLMo 2's recipe (OLMO2 below; flags given win)", out_dir=True)
     z_loss: float = model_setting("z_loss", "COEF * mean(log^2 Z) added to the loss (arXiv 2204.02311)", out_dir=True)
     logit_softcap: float = model_setting("logit_softcap", "C * tanh(logits / C) (Gemma 2; 0: off)", out_dir=True)
     # --- normalization type and placement
     norm: str = model_setting("norm", "normalization layer", choices=NORMS, out_dir=True)
     norm_position: str = model_setting("norm_position", "pre: x + f(norm(x)); post: norm(x + f(x)); mix: Mix-LN; "
-                                       "deepnorm: DeepNet; peri: x + norm(f(norm(x)))", choices=NORM_POSITIONS,
-                                       out_dir=True)
+                                       "deepnorm: DeepNet; peri: x + norm(f(norm(x))); reorder: x + norm(f(x))",
+                                       choices=NORM_POSITIONS, out_dir=True)
     mix_fraction: float = model_setting("mix_fraction", "Mix-LN: fraction of Post-LN blocks at the bottom")
     # --- optimization
     batch_size: int = setting(12, "sequences per micro-batch", POSITIVE)
@@ -125,7 +128,10 @@ class Settings:
     min_lr: Optional[float] = setting(None, "final learning rate (default: --lr x preset's ratio)", FINITE_AT_LEAST_0)
     warmup_iters: int = setting(100, "linear warmup steps", AT_LEAST_0)
     lr_decay_iters: Optional[int] = setting(None, "steps of the cosine decay (default: --max-iters)", POSITIVE)
+    optimizer: str = setting("adamw", "muon: Muon for block matrices, AdamW for the rest", choices=("adamw", "muon"),
+                             out_dir=True)
     weight_decay: float = setting(0.1, "AdamW weight decay (which tensors: configure_optimizers)", FINITE_AT_LEAST_0)
+    olmo_decay: bool = setting(False, "decay every tensor but the embeddings (OLMo's groups; --sdd's by default)")
     beta1: float = setting(0.9, "AdamW beta1", (lambda v: 0 <= v < 1, "in [0, 1)"))
     beta2: float = setting(0.95, "AdamW beta2", (lambda v: 0 <= v < 1, "in [0, 1)"))
     grad_clip: float = setting(1.0, "clip the global gradient norm to this (0: off)",
@@ -153,6 +159,8 @@ class Sampling:
     top_k: int = setting(200, "sample from the k most likely tokens", (lambda v: v >= 0, ">= 0 (0: all tokens)"))
 
 
+# OLMo 2 (arXiv 2501.00656, Sec. 3; OLMo-core's configs): reorder, full-width QK-norm, z-loss, no embedding decay
+OLMO2 = dict(norm_position="reorder", qk_norm=True, qk_norm_full=True, z_loss=1e-5, norm="rmsnorm", olmo_decay=True)
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # the vocabulary comes from the data
 GROUPS = dict(preset="run", n_layer="model", sdd="stabilizers", qk_norm="practitioners' fixes",
               norm="normalization", batch_size="optimization", eval_interval="evaluation and logging")
@@ -176,7 +184,8 @@ def resolve(given, base=None):
     if base is None:
         preset = given.get("preset") or ("shakespeare-char" if torch.cuda.is_available() else "cpu")
         base = dict(asdict(Settings()), **PRESETS[preset], preset=preset)
-    cfg = dict(base, **{k: v for k, v in given.items() if k in base})
+    shorthand = OLMO2 if given.get("olmo2") else {}  # what --olmo2 stands for; flags given still win
+    cfg = {**base, **shorthand, **{k: v for k, v in given.items() if k in base}}
     if cfg["min_lr"] is None:
         cfg["min_lr"] = cfg["lr"] / 10
     elif "lr" in given and "min_lr" not in given:  # the preset's final/peak ratio, at the new peak
@@ -194,16 +203,8 @@ def resolve(given, base=None):
 
 
 def resume_settings(given, ckpt):
-    """The settings of a resumed run: the checkpoint's (defaults for settings added since), then the flags given;
-    a flag that changes the model is refused."""
-    saved = ckpt["config"]
-    if changed := {k: (saved.get(k), v) for k, v in given.items() if k in MODEL_KEYS and saved.get(k) != v}:
-        raise TrainError("cannot resume with a different model: " + ", ".join(
-            f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
-    if given.get("seed", saved.get("seed")) != saved.get("seed"):  # it fixes the eval batches and the data order
-        raise TrainError(f"cannot resume with another --seed ({saved.get('seed')} -> {given['seed']}): it sets the "
-                         "evaluation batches, so the losses would not compare; drop --seed")
-    return resolve(given, base=dict(asdict(Settings()), **{k: v for k, v in saved.items() if k in asdict(Settings())}))
+    """The settings of a resumed run: the checkpoint's, then the flags given (what may not change: saved_settings)."""
+    return resolve(given, base=saved_settings(given, ckpt, Settings))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -235,7 +236,7 @@ def build_model(cfg, meta, resume_ckpt, proc):
     use_rmsnorm_kernel(model)  # eager fp32 CPU only: the same function as F.rms_norm, ~2.3x faster there
     model.grad_checkpointing = cfg.grad_checkpoint
     optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), proc.device.type,
-                                           sdd_official_decay=cfg.sdd_official_decay)
+                                           cfg.sdd_official_decay, cfg.optimizer, cfg.olmo_decay)
     return model, optimizer
 
 
@@ -251,10 +252,8 @@ def get_lr(it, cfg):
 
 @torch.no_grad()
 def estimate_loss(model, cfg, data_dir, vocab_size, proc, autocast):
-    """Mean loss over eval_iters batches per split. The batches are the same at every evaluation (a fixed
-    generator), so evaluations are comparable and consume none of the training randomness. Under torchrun each
-    rank computes every world-th batch's loss and one all-reduce fills in the rest; the losses stay on the device
-    until the mean (one sync per split)."""
+    """Mean loss over eval_iters batches per split, the same batches at every evaluation (a fixed generator) and
+    none of the training randomness. Under torchrun each rank computes every world-th batch, one all-reduce the rest."""
     out = {}
     model.eval()
     for i, split in enumerate(("train", "val")):
@@ -369,6 +368,7 @@ def training_loop(run, model, diag, evaluate, autocast, stop):
             return
         diag.after_update()  # update ratios, before TVR edits the weights
         tvr_after_step(run.model, run.iter_num + 1)  # TVR (arXiv 2503.17500), when on
+        qk_clip_after_step(run.model)  # QK-Clip (arXiv 2507.20534), when on
         run.count_step(loss_sum, z_sum, grad_norm, lr)
         diag.end_step()
 

@@ -64,12 +64,29 @@ def default_out_dir(cfg):
     return str(Path("out") / "-".join(parts + (["bpe"] if cfg.tokenizer != "char" and not cfg.init_from else [])))
 
 
+def saved_settings(given, ckpt, settings_class):
+    """The base settings of a resumed run: the checkpoint's (defaults for settings added since), once the flags
+    given that cannot change on resume are refused: the model's, the seed, the optimizer."""
+    saved, model_keys = ckpt["config"], {f.name for f in fields(GPTConfig)}
+    if changed := {k: (saved.get(k), v) for k, v in given.items() if k in model_keys and saved.get(k) != v}:
+        raise TrainError("cannot resume with a different model: " + ", ".join(
+            f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
+    defaults = {f.name: f.default for f in fields(settings_class)}
+    for key, why in (("seed", "it sets the evaluation batches, so the losses would not compare"),
+                     ("optimizer", "the checkpoint holds the other one's state")):
+        old = saved.get(key, defaults[key])  # a checkpoint from before a setting existed ran its default
+        if given.get(key, old) != old:
+            raise TrainError(f"cannot resume with another --{key} ({old} -> {given[key]}): {why}; drop --{key}")
+    return dict(defaults, **{k: v for k, v in saved.items() if k in defaults})
+
+
 def gpt2_architecture(init_from, given, settings_class):
     """The settings that --init-from takes from GPT-2's weights (shape, biases, plain Pre-LN, GPT-2 BPE); a flag
     given that would change them is refused."""
     defaults = {f.name: f.default for f in fields(settings_class)}
     fixed = dict(bias=True, norm="layernorm", norm_position="pre", sdd=False, lns=False, wesar=False, lir=False,
-                 init_std=defaults["init_std"], scaled_init=None, qk_norm=False, logit_softcap=0.0,
+                 init_std=defaults["init_std"], scaled_init=None, qk_norm=False, qk_norm_full=False, attn_gate=False,
+                 logit_softcap=0.0,
                  mix_fraction=defaults["mix_fraction"], **GPT2_SIZES[init_from])
     if changed := [k for k in fixed if k in given and given[k] != fixed[k]]:
         raise TrainError(f"--init-from {init_from} loads GPT-2's architecture and weights; it cannot be combined "

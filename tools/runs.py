@@ -490,8 +490,10 @@ def wrap_model(model, compiled, proc):
     model = torch.compile(model) if compiled else model
     if proc.ddp:
         # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets, not in a second copy
+        # broadcast_buffers off: the model's only buffers are QK-Clip's per-rank logit maxima, which the ranks
+        # combine themselves (qk_clip_after_step); a broadcast from rank 0 at every forward would overwrite them
         model = DDP(model, device_ids=[proc.device.index] if proc.device.type == "cuda" else None,
-                    gradient_as_bucket_view=True)
+                    gradient_as_bucket_view=True, broadcast_buffers=False)
     return model
 
 
