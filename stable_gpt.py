@@ -909,16 +909,19 @@ def activation_stats(model, idx, targets=None):
         stats["mlp_in_max_abs"].append(args[0].abs().max().item())
         stats["mlp_in_kurtosis"].append(kurtosis(args[0]))
 
-    def after_q_norm(module, args, q):  # called before k_norm in every block
-        queries.append(q)
+    heads = lambda t, attn: t.view(*t.shape[:2], attn.n_head, -1)  # (B, T, C) (full-width QK-norm) or heads
 
-    def after_k_norm(module, args, k):
-        stats["attn_logit_max"].append(attention_logit_max(queries.pop(), k))
+    def after_q_norm(attn):  # called before k_norm in every block
+        return lambda module, args, q: queries.append(heads(q, attn))
+
+    def after_k_norm(attn):
+        return lambda module, args, k: stats["attn_logit_max"].append(attention_logit_max(queries.pop(),
+                                                                                          heads(k, attn)))
 
     hooks = [h for b in model.transformer.h for h in (b.register_forward_hook(after_block),
                                                       b.mlp.register_forward_pre_hook(before_mlp),
-                                                      b.attn.q_norm.register_forward_hook(after_q_norm),
-                                                      b.attn.k_norm.register_forward_hook(after_k_norm))]
+                                                      b.attn.q_norm.register_forward_hook(after_q_norm(b.attn)),
+                                                      b.attn.k_norm.register_forward_hook(after_k_norm(b.attn)))]
     was_training = model.training
     model.eval()
     try:

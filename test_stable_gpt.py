@@ -1469,10 +1469,11 @@ NEW_FLAG_ARGS = [["--optimizer", "muon"], ["--optimizer", "muon", "--qk-clip", "
 def test_training_with_each_new_flag_lowers_the_loss(tmp_path, data_dir, flags):
     out = tmp_path / "run"
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "80", "--eval-interval", "80",
-                                             *flags)) == 0
+                                             "--diag-interval", "40", *flags)) == 0
     summary = json.loads((out / "summary.json").read_text())
     vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
     assert summary["final_val_loss"] < 0.75 * math.log(vocab), summary["final_val_loss"]
+    assert len(read_jsonl(out / "diag.jsonl")) == 2  # the diagnostics read every new module too
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from stable_gpt import GPT, GPTConfig, tvr_after_step
+from stable_gpt import GPT, GPTConfig, qk_clip_after_step, tvr_after_step
 from tools.cpu_rmsnorm import RMSNormCPU, layer_norm_kernel, use_rmsnorm_kernel
 from tools.runs import keep_freed_memory, pick_dtype
 
@@ -42,7 +42,10 @@ FLAGS = {
     "tvr": dict(tvr=True), "sdd+lns": dict(sdd=True, lns=True),
     "all": dict(sdd=True, lns=True, wesar=True, lir=True, tvr=True),
     "qk-norm": dict(qk_norm=True), "z-loss": dict(z_loss=1e-4), "peri": dict(norm_position="peri"),
-    "softcap": dict(logit_softcap=30.0),
+    "softcap": dict(logit_softcap=30.0), "attn-gate": dict(attn_gate=True), "qk-clip": dict(qk_clip=30.0),
+    "dyt": dict(norm="dyt"), "reorder": dict(norm_position="reorder"),
+    "olmo2": dict(norm_position="reorder", qk_norm=True, qk_norm_full=True, z_loss=1e-5, norm="rmsnorm"),
+    "muon": dict(optimizer="muon"),  # not a GPTConfig field: the optimizer the Runner builds
 }
 
 
@@ -66,18 +69,20 @@ def build_model(shape, flag, nanogpt=None, rmsnorm_kernel=RMSNormCPU.apply):
     if flag == "nanogpt":
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
             return nanogpt.GPT(nanogpt.GPTConfig(bias=False, dropout=0.0, **s))
-    return use_rmsnorm_kernel(GPT(GPTConfig(bias=False, **s, **FLAGS[flag])), rmsnorm_kernel)
+    config = {k: v for k, v in FLAGS[flag].items() if k != "optimizer"}
+    return use_rmsnorm_kernel(GPT(GPTConfig(bias=False, **s, **config)), rmsnorm_kernel)
 
 
 class Runner:
     """One model and optimizer, stepped on a fixed random batch, in the training script's precision: bf16
     autocast and TF32 on CUDA (fp16 where bf16 is missing), fp32 elsewhere; fused AdamW on CUDA."""
 
-    def __init__(self, model, batch_size, device, compile_model=False):
+    def __init__(self, model, batch_size, device, compile_model=False, optimizer="adamw"):
         torch.manual_seed(0)
         self.model = model.to(device)
         with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT's configure_optimizers prints
-            self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type)
+            self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type,
+                                                       **({"optimizer": optimizer} if optimizer != "adamw" else {}))
         dtype = pick_dtype("auto", device)
         self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device.type == "cuda"
@@ -97,6 +102,7 @@ class Runner:
         self.step_num += 1
         if isinstance(self.model, GPT):  # (not nanoGPT's own model)
             tvr_after_step(self.model, self.step_num)
+            qk_clip_after_step(self.model)
 
     def time(self, steps):
         self.synchronize()  # the previous configuration's queued GPU work is not this one's
@@ -170,7 +176,8 @@ def run(args):
 
     def runner(name):
         kernel = layer_norm_kernel if args.rmsnorm_as_layernorm else RMSNormCPU.apply
-        return Runner(build_model(shape, name, nanogpt, kernel), shape["batch_size"], device, args.compile)
+        return Runner(build_model(shape, name, nanogpt, kernel), shape["batch_size"], device, args.compile,
+                      FLAGS.get(name, {}).get("optimizer", "adamw"))
 
     if args.measure_peak:
         if device.type == "cuda":
