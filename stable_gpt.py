@@ -292,7 +292,7 @@ class CausalSelfAttention(nn.Module):
         sdd = config.sdd
         # QK-norm (--qk-norm): the model's norm type with a gain and no bias on q and k before attention, so the
         # attention logits q.k/sqrt(hs) cannot grow with the weights' scale (QK-layernorm: Dehghani et al. 2023,
-        # arXiv 2302.05442, Sec. 3.1.1; Wortsman et al., arXiv 2309.14322, Sec. 3.1.1; both without a bias). Per
+        # arXiv 2302.05442; Wortsman et al., arXiv 2309.14322, Sec. 3.1.1; both without a bias). Per
         # head by default; qk_norm_full: over the whole q and k projections before they split into heads, as
         # OLMo 2 does (arXiv 2501.00656, Sec. 3; OLMo-core's attention builds q_norm over d_model). SDD's
         # q_norm and k_norm sit in the per-head place; GPTConfig refuses the pair.
@@ -556,7 +556,7 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         z = None
         if self.training and self.config.z_loss > 0:
-            # z-loss (PaLM, arXiv 2204.02311, Sec. 5; Wortsman et al., arXiv 2309.14322, Sec. 3.2): pulls log Z
+            # z-loss (PaLM, arXiv 2204.02311, Sec. 5; Wortsman et al., arXiv 2309.14322, Sec. 3.1.2): pulls log Z
             # towards 0 so the output logits cannot drift to huge values. Training only: in eval mode the loss
             # is the cross-entropy alone, so val losses compare across runs with and without it.
             z = z_loss_term(logits, self.config.z_loss, targets)

@@ -205,7 +205,7 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
 def run_outcome(run_dir):
     """One run of a sweep: its final and best val loss, the val loss at init (the eval at iter 0), whether it
     diverged, and the loss the sweep counts: the final val loss, or the loss at init for a run that diverged
-    (a non-finite loss), never more than the loss at init (Wortsman et al., Sec. 2.3)."""
+    (a non-finite loss), never more than the loss at init (Wortsman et al., Sec. 2.2)."""
     summary = json.loads((run_dir / "summary.json").read_text())
     evals = [r for r in map(parse_or_none, (run_dir / "log.jsonl").read_text().splitlines())
              if r and r.get("type") == "eval"]
@@ -218,7 +218,7 @@ def run_outcome(run_dir):
 
 
 def lr_sensitivity(losses):
-    """Wortsman et al. (arXiv 2309.14322, Sec. 2.3): E_lr[min(loss(lr), loss at init)] - min_lr loss(lr) over
+    """Wortsman et al. (arXiv 2309.14322, Sec. 2.2): E_lr[min(loss(lr), loss at init)] - min_lr loss(lr) over
     the grid; losses {lr: loss already capped at the loss at init}. 0: every learning rate of the grid trains
     as well as the best one; large: the configuration is sensitive to its learning rate."""
     values = list(losses.values())
