@@ -1683,7 +1683,9 @@ def test_any_grad_accum_runs_on_two_processes(tmp_path, data_dir):
 
 EVERY_FLAG = [{}, dict(sdd=True), dict(lns=True), dict(wesar=True), dict(norm="rmsnorm"), dict(norm_position="mix"),
               dict(norm_position="deepnorm"), ALL_FLAGS, dict(qk_norm=True), dict(norm_position="peri"),
-              dict(z_loss=1e-4), dict(logit_softcap=30.0), ALL_PRACTITIONER_FIXES]
+              dict(z_loss=1e-4), dict(logit_softcap=30.0), ALL_PRACTITIONER_FIXES, dict(attn_gate=True),
+              dict(qk_clip=1.0), dict(norm="dyt"), dict(norm_position="reorder"),
+              {k: v for k, v in train_shakespeare.OLMO2.items() if k != "olmo_decay"}]
 
 
 def flag_ids(kw):
