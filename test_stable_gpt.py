@@ -2290,6 +2290,19 @@ def test_a_divergence_found_at_the_next_log_step_stops_at_its_step_unsaved(tmp_p
     assert "iter 3: non-finite loss (loss nan" in capsys.readouterr().out
 
 
+def test_forward_returns_the_z_loss_term_it_added():
+    """with_z_loss: the trainer logs the z-loss apart from the cross-entropy without a second logsumexp."""
+    torch.manual_seed(0)
+    model = GPT(tiny(z_loss=1e-2)).train()
+    idx = torch.randint(0, 40, (2, 16))
+    logits, loss, z = model(idx, idx, with_z_loss=True)
+    assert not z.requires_grad and z == stable_gpt.z_loss_term(logits.detach(), 1e-2, idx)
+    ce = torch.nn.functional.cross_entropy(logits.view(-1, 40), idx.view(-1))
+    torch.testing.assert_close(loss, ce + z)
+    assert model(idx, idx, with_z_loss=True)[2] is not None and GPT(tiny())(idx, idx, with_z_loss=True)[2] is None
+    assert len(model(idx, idx)) == 2  # nanoGPT's (logits, loss) stays
+
+
 def test_every_batch_is_checked_against_the_vocabulary(tmp_path):
     path = tmp_path / "train.bin"
     np.array([1, 2, 3, 9, 4, 5, 6, 7] * 4, dtype=np.uint16).tofile(path)
