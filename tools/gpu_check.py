@@ -13,7 +13,6 @@ The GPU check: every figure the README's GPU paragraph promises, from one comman
 """
 
 import argparse
-import contextlib
 import time
 import warnings
 
@@ -21,6 +20,7 @@ import torch
 
 import train_shakespeare as ts
 from stable_gpt import GPT, GPTConfig
+from tools.bench import Runner
 from tools.runs import gpu_peak_flops
 
 FLAG_SETS = {"baseline": {}, "sdd+lns": dict(sdd=True, lns=True), "qk_norm": dict(qk_norm=True),
@@ -37,37 +37,10 @@ def preset_model(preset, flags, dry_run):
     return GPTConfig(vocab_size=vocab, bias=False, dropout=0.0, **shape, **flags), 2 if dry_run else p["batch_size"]
 
 
-class Step:
-    """One model with its fused AdamW, stepped as the training script steps it (autocast, clip, update)."""
-
-    def __init__(self, config, batch_size, device, compiled):
-        torch.manual_seed(0)
-        self.model = GPT(config).to(device)
-        self.opt = self.model.configure_optimizers(0.1, 6e-4, (0.9, 0.95), device.type)
-        self.forward = torch.compile(self.model) if compiled else self.model
-        self.x = torch.randint(0, config.vocab_size, (batch_size, config.block_size), device=device)
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-        self.device = device
-
-    def __call__(self):
-        with self.autocast:
-            _, loss = self.forward(self.x, self.x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-    def seconds(self, steps):
-        self()  # warm-up (and compilation)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(steps):
-            self()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / steps
+def Step(config, batch_size, device, compiled):
+    """One model stepped as the training script steps it (autocast, clip, update): the benchmark's Runner."""
+    torch.manual_seed(0)
+    return Runner(GPT(config), batch_size, device, compiled)
 
 
 def flash_attention_runs(device):
@@ -88,7 +61,8 @@ def check_throughput(args, device):
     for name in ("baseline", "sdd+lns"):
         config, batch = preset_model("gpt2-124m", FLAG_SETS[name], args.dry_run)
         step = Step(config, batch, device, compiled=not args.dry_run)  # on CPU compiling would take minutes
-        dt = step.seconds(2 if args.dry_run else 20)
+        step.step()  # warm-up (and compilation)
+        dt = step.time(2 if args.dry_run else 20)
         mfu = step.model.estimate_mfu(batch, dt, peak) if peak else None
         print(f"   {name:<8} {batch * config.block_size / dt:12,.0f} tok/s" + (f"  MFU {mfu:.1%}" if mfu else ""))
 
@@ -101,7 +75,7 @@ def check_memory(args, device):
             torch.cuda.reset_peak_memory_stats(device)
         step = Step(config, batch, device, compiled=False)  # eager: compiling six presets would take the budget
         step.model.grad_checkpointing = ts.PRESETS[preset].get("grad_checkpoint", False)
-        step()
+        step.step()
         peak = f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB" if device.type == "cuda" else "(CPU)"
         print(f"   {preset:<17} batch {batch:>3}: {peak}")
         del step
@@ -122,11 +96,11 @@ def check_syncs(args, device):
     if device.type != "cuda":
         return print("4. host syncs per step: (CUDA only)")
     step = Step(*preset_model("gpt2-124m", {}, args.dry_run), device, compiled=not args.dry_run)
-    step()
+    step.step()
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        step()
+        step.step()
     torch.cuda.set_sync_debug_mode("default")
     print(f"4. host syncs in one gpt2-124m step: {sum('synchroniz' in str(w.message) for w in caught)}")
 
