@@ -2638,17 +2638,65 @@ def test_activation_stats_attention_logits_and_log_z_on_known_cases():
     assert "logit_lse_mean" not in stable_gpt.activation_stats(model, idx)  # without targets: last position only
 
 
-def test_olmo_spike_score_on_a_synthetic_curve():
+def olmo_core_spike_scores(losses, grad_norms, window_size=128, rolling_window=10_000, threshold_std=6.0):
+    """A transcription of OLMo-core's StabilityMonitorCallback.pre_log_metrics/_is_spike (olmo_core/train/
+    callbacks/stability_monitor.py): plain lists, histories checked before the value joins them. Returns the
+    spiking step indices, the total score and the rolling score (None where OLMo-core records none)."""
+    def is_spike(value, history):
+        if len(history) < window_size:
+            return False
+        mean = sum(history) / len(history)
+        std = math.sqrt(sum((x - mean) ** 2 for x in history) / len(history))
+        return False if std < 1e-10 else value > mean + threshold_std * std
+
+    loss_history, grad_history, spike_history, spikes, total = [], [], [], [], 0
+    for step, (loss, grad_norm) in enumerate(zip(losses, grad_norms)):
+        loss_spike = is_spike(loss, loss_history)
+        loss_history = (loss_history + [loss])[-window_size:]
+        grad_spike = is_spike(grad_norm, grad_history)
+        grad_history = (grad_history + [grad_norm])[-window_size:]
+        spike_history = (spike_history + [loss_spike or grad_spike])[-rolling_window:]
+        total += 1
+        if loss_spike or grad_spike:
+            spikes.append(step)
+    rolling = sum(spike_history) / rolling_window if len(spike_history) >= rolling_window else None
+    return spikes, (len(spikes) / total if total >= window_size else None), rolling
+
+
+def test_olmo_spike_score_is_olmo_cores_rule():
     g = torch.Generator().manual_seed(0)
-    curve = (2.0 + 0.01 * torch.randn(400, generator=g)).tolist()
-    curve[300] = 2.2  # 20 std above the mean: a spike
-    curve[350] = 2.03  # 3 std: not one
-    curve[50] = 9.0  # before a full window of 128 steps: never scored
-    score = monitors.OLMoSpikeScore(sigmas=6, window=128)
-    found = [i for i, loss in enumerate(curve) if score.update(i, loss)]
-    assert found == [300] and score.scored == 400 - 128 and score.score == pytest.approx(100 / 272)
-    again = monitors.OLMoSpikeScore(**score.state())  # what a checkpoint stores: the score continues
-    assert again.update(400, 2.3) and again.spike_iters == [300, 400]
+    n = 3000
+    losses = (2.0 + 0.01 * torch.randn(n, generator=g)).tolist()
+    grad_norms = (1.0 + 0.05 * torch.randn(n, generator=g)).abs().tolist()
+    losses[50] = 9.0  # before a full window of 128 steps: never flagged
+    losses[300] = 2.2  # 20 std above the mean: a loss spike
+    losses[350] = 2.03  # 3 std: not one
+    grad_norms[1000] = 5.0  # a gradient-norm spike with an ordinary loss: OLMo-core counts it
+    losses[2000], grad_norms[2000] = 2.3, 6.0  # both at once: one spiking step
+    score = monitors.OLMoSpikeScore(rolling_window=500)
+    found = [i for i in range(n) if score.update(i, losses[i], grad_norms[i])]
+    spikes, total, rolling = olmo_core_spike_scores(losses, grad_norms, rolling_window=500)
+    assert found == spikes and {300, 1000, 2000} <= set(found) and 50 not in found and 350 not in found
+    assert score.score == pytest.approx(total) and score.score == len(found) / n  # a fraction of all steps
+    assert score.rolling_score == pytest.approx(rolling)
+    # the paper's variant (Sec. 3.2): 7 std over the last 1,000 values
+    paper = monitors.OLMoSpikeScore(threshold_std=7, window_size=1000)
+    assert [i for i in range(n) if paper.update(i, losses[i], grad_norms[i])] == \
+        olmo_core_spike_scores(losses, grad_norms, window_size=1000, threshold_std=7)[0]
+    # a flat history flags nothing, however small the std's threshold: OLMo-core's 1e-10 floor
+    flat = monitors.OLMoSpikeScore(window_size=4)
+    assert not any(flat.update(i, 2.0, 1.0) for i in range(4)) and not flat.update(4, 2.0 + 1e-9, 1.0)
+    assert flat.score == 0.0 and flat.rolling_score is None  # rolling: only once 10,000 steps are seen
+    # fewer steps than one window: OLMo-core records no score
+    assert monitors.OLMoSpikeScore().score is None
+    # what a checkpoint stores: the scores continue
+    half = monitors.OLMoSpikeScore(rolling_window=500)
+    for i in range(1500):
+        half.update(i, losses[i], grad_norms[i])
+    again = monitors.OLMoSpikeScore.from_state(half.state())
+    assert [i for i in range(1500, n) if again.update(i, losses[i], grad_norms[i])] == [i for i in found if i >= 1500]
+    assert again.score == score.score and again.rolling_score == score.rolling_score
+    assert monitors.OLMoSpikeScore.from_state({"sigmas": 6, "recent": [1.0]}).steps == 0  # an older state
 
 
 def test_summary_reports_the_olmo_spike_score(tmp_path, data_dir):
@@ -2656,6 +2704,8 @@ def test_summary_reports_the_olmo_spike_score(tmp_path, data_dir):
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "140", "--eval-interval", "140")) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["olmo_spike_score"] is not None and summary["olmo_spikes"] == len(summary["olmo_spike_iters"])
+    assert summary["olmo_spike_score"] == summary["olmo_spikes"] / 140  # a fraction of every step trained
+    assert summary["olmo_spike_score_rolling"] is None  # 140 steps < OLMo-core's rolling window of 10,000
 
 
 # ----------------------------------------------------------------------------------------------------

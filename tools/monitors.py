@@ -55,33 +55,62 @@ class StepTimer:
 
 
 class OLMoSpikeScore:
-    """Loss spikes as OLMo counts them (the "spike score" of OLMo 2, arXiv 2501.00656; the numbers of
-    OLMo-core's stability monitor): a step whose loss is more than `sigmas` standard deviations above the mean
-    of the previous `window` steps. `score` is the percentage of scored steps (those with a full window
-    before them) that spiked, comparable across runs of different lengths; the state survives a resume."""
+    """Spikes as OLMo-core's StabilityMonitorCallback counts them (olmo_core/train/callbacks/
+    stability_monitor.py; the "spike score" of OLMo 2, arXiv 2501.00656 Sec. 3.2). A step spikes when its loss
+    *or* its gradient norm exceeds mean + `threshold_std` x std (population std) of that series' previous
+    `window_size` values; nothing is flagged before a full window, nor when the window's std is below 1e-10
+    (a flat history). Two scores, both fractions (not percentages): `score`, spiking steps / all steps seen,
+    reported once `window_size` steps are seen, and `rolling_score`, the rate over the last `rolling_window`
+    steps, reported once that many are seen. OLMo-core's defaults are 6 std over 128 values; the OLMo 2 paper
+    (Sec. 3.2) uses 7 std over 1,000: OLMoSpikeScore(threshold_std=7, window_size=1000). The state survives a
+    resume."""
+    STATE_KEYS = ("threshold_std", "window_size", "rolling_window", "losses", "grad_norms", "flags", "spike_iters",
+                  "steps")
 
-    def __init__(self, sigmas=6.0, window=128, recent=(), spike_iters=(), scored=0):
-        self.sigmas, self.recent = sigmas, deque(recent, maxlen=window)
-        self.spike_iters, self.scored = list(spike_iters), scored
+    def __init__(self, threshold_std=6.0, window_size=128, rolling_window=10_000, losses=(), grad_norms=(),
+                 flags=(), spike_iters=(), steps=0):
+        self.threshold_std, self.window_size, self.rolling_window = threshold_std, window_size, rolling_window
+        self.losses, self.grad_norms = deque(losses, maxlen=window_size), deque(grad_norms, maxlen=window_size)
+        self.flags = deque(flags, maxlen=rolling_window)  # one bool per step: did it spike
+        self.spike_iters, self.steps = list(spike_iters), steps
 
-    def update(self, iter_num, loss):
-        """Feed step iter_num's loss; returns whether it is a spike."""
-        spike = False
-        if len(self.recent) == self.recent.maxlen:
-            self.scored += 1
-            spike = loss > statistics.fmean(self.recent) + self.sigmas * statistics.pstdev(self.recent)
-            if spike:
-                self.spike_iters.append(iter_num)
-        self.recent.append(loss)
+    def is_spike(self, value, history):
+        if len(history) < self.window_size:
+            return False
+        mean = statistics.fmean(history)
+        std = statistics.pstdev(history, mean)
+        return std >= 1e-10 and value > mean + self.threshold_std * std
+
+    def update(self, iter_num, loss, grad_norm=None):
+        """Feed step iter_num's loss and gradient norm (None: not measured); returns whether it spiked."""
+        spike = self.is_spike(loss, self.losses)
+        self.losses.append(loss)
+        if grad_norm is not None:
+            spike = self.is_spike(grad_norm, self.grad_norms) or spike
+            self.grad_norms.append(grad_norm)
+        self.flags.append(spike)
+        self.steps += 1
+        if spike:
+            self.spike_iters.append(iter_num)
         return spike
 
     @property
     def score(self):
-        return 100.0 * len(self.spike_iters) / self.scored if self.scored else None
+        return len(self.spike_iters) / self.steps if self.steps >= self.window_size else None
+
+    @property
+    def rolling_score(self):
+        return sum(self.flags) / self.rolling_window if len(self.flags) >= self.rolling_window else None
 
     def state(self):
-        return dict(sigmas=self.sigmas, window=self.recent.maxlen, recent=list(self.recent),
-                    spike_iters=list(self.spike_iters), scored=self.scored)
+        return dict(threshold_std=self.threshold_std, window_size=self.window_size,
+                    rolling_window=self.rolling_window, losses=list(self.losses), grad_norms=list(self.grad_norms),
+                    flags=list(self.flags), spike_iters=list(self.spike_iters), steps=self.steps)
+
+    @classmethod
+    def from_state(cls, state):
+        """A checkpoint's state; one written before the rule followed OLMo-core (other keys) starts afresh."""
+        return cls(**state) if state and set(state) == set(cls.STATE_KEYS) else cls()
 
 
 class SpikeWatch:
@@ -93,11 +122,12 @@ class SpikeWatch:
         state = state or {}
         self.median_rule = SpikeDetector(factor, window, state.get("recent_losses", ()))
         self.iters = list(state.get("spikes", ()))
-        self.olmo = OLMoSpikeScore(**state.get("olmo_spikes", {}))
+        self.olmo = OLMoSpikeScore.from_state(state.get("olmo_spikes"))
 
-    def update(self, iter_num, loss):
-        """Feed step iter_num's loss; returns the median it was compared with if ours calls it a spike, else None."""
-        self.olmo.update(iter_num, loss)
+    def update(self, iter_num, loss, grad_norm=None):
+        """Feed step iter_num's loss (and gradient norm, for OLMo's rule); returns the median it was compared with
+        if ours calls it a spike, else None."""
+        self.olmo.update(iter_num, loss, grad_norm)
         median = self.median_rule.update(loss)
         if median is not None:
             self.iters.append(iter_num)
@@ -108,7 +138,8 @@ class SpikeWatch:
 
     def summary(self):
         return dict(spikes=len(self.iters), spike_iters=self.iters[:100], olmo_spikes=len(self.olmo.spike_iters),
-                    olmo_spike_score=self.olmo.score, olmo_spike_iters=self.olmo.spike_iters[:100])
+                    olmo_spike_score=self.olmo.score, olmo_spike_score_rolling=self.olmo.rolling_score,
+                    olmo_spike_iters=self.olmo.spike_iters[:100])
 
 
 class DiagnosticsRecorder:

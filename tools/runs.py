@@ -726,13 +726,13 @@ class Run:
                 self.tokens_trained -= (len(steps) - k) * self.tokens_per_iter
                 what = nonfinite_what(loss, norm, self.scaler) or "loss (on another rank)"
                 return not self.skip_or_stop_on_nonfinite(what, loss, norm)
-            self.watch_spikes(it, loss - z)  # the spike rules watch the cross-entropy (loss includes the z-loss)
+            self.watch_spikes(it, loss - z, norm)  # the spike rules watch the cross-entropy (loss has the z-loss)
             if it % self.cfg.log_interval == 0 or it == self.cfg.max_iters:
                 self.log_progress(it, loss - z, z if self.model.config.z_loss else None, lr, norm)
         return False
 
-    def watch_spikes(self, it, loss):
-        if (median := self.spikes.update(it, loss)) is not None and self.proc.master:
+    def watch_spikes(self, it, loss, grad_norm):
+        if (median := self.spikes.update(it, loss, grad_norm)) is not None and self.proc.master:
             print(f"spike at iter {it}: loss {loss:.4f} > {self.cfg.spike_factor} x median {median:.4f}")
             self.log.write(iter=it, type="spike", loss=loss, median=median)
 
