@@ -2,9 +2,10 @@
 stable-gpt: a nanoGPT-style GPT in one file, where every normalization placement and every recent
 training stabilizer is one config flag away.
 
-With every GPTConfig field at its default this *is* nanoGPT's GPT (same module and parameter names,
-same init, same forward), so nanoGPT checkpoints load with strict=True, and this file works as nanoGPT's
-model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size, from_pretrained). The flags:
+With every GPTConfig field at its default this *is* nanoGPT's GPT (same module and parameter names, same
+forward, and the same seed draws nanoGPT's weights bit for bit), so nanoGPT checkpoints load with strict=True,
+and this file works as nanoGPT's model.py for nanoGPT's train.py and sample.py (estimate_mfu, crop_block_size,
+from_pretrained). The flags:
 
   norm            "layernorm" | "rmsnorm" | "dyt" (DyT, arXiv 2503.10622)      -> make_norm, DyT, emb_scale
   norm_position   "pre" (GPT-2) | "post" (Vaswani et al. 2017) | "mix" (Mix-LN, arXiv 2412.13795)
@@ -462,9 +463,9 @@ class GPT(nn.Module):
     # --- init ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def _init_weights(self):
-        """Every weight matrix ~ N(0, std^2), drawn row block by row block (q, k, v of c_attn each its own),
-        in module order; biases 0; norms init themselves (gain 1; SDD's residual-output gains 1/sqrt(2L)).
-        The std, with sigma = init_std, l the 1-based layer, L = n_layer, x = xavier sqrt(2/(fan_in + fan_out)):
+        """Every weight matrix ~ N(0, std^2), biases 0; norms init themselves (gain 1; SDD's residual-output
+        gains 1/sqrt(2L)). The std, with sigma = init_std, l the 1-based layer, L = n_layer, x = xavier
+        sqrt(2/(fan_in + fan_out)):
 
         | matrix                  | default (nanoGPT) | scaled_init (1) | lir (2)       | deepnorm (3)  |
         |-------------------------|-------------------|-----------------|---------------|---------------|
@@ -476,16 +477,27 @@ class GPT(nn.Module):
 
         (1) GPT-2; on by default for plain Pre-LN only (GPTConfig.depth_scaled_init). (2) arXiv 2503.17500,
         Sec. 3.1. (3) arXiv 2203.00555. WeSaR (arXiv 2410.05052, Sec. 3.2): every raw W ~ N(0, wesar_sigma^2)
-        and gate = std / wesar_sigma, so gate * W has the std of the table."""
+        and gate = std / wesar_sigma, so gate * W has the std of the table.
+
+        The draws follow nanoGPT's order, so that with every flag off the same seed gives nanoGPT's weights bit
+        for bit: its self.apply(_init_weights) draws wte, wpe, each block's matrices (c_proj at sigma) and last
+        lm_head, which redraws the tied wte; then a loop over named_parameters redraws every c_proj at GPT-2's
+        sigma/sqrt(2L). A matrix is one draw unless its row blocks' stds differ (DeepNet's q, k against v)."""
         c = self.config
-        for module in (self.transformer.wte, self.transformer.wpe):  # lm_head is wte
-            self._init_matrix(module, [c.init_std])
+        self._init_matrix(self.transformer.wte, [c.init_std])  # redrawn below as lm_head: kept for the RNG order
+        self._init_matrix(self.transformer.wpe, [c.init_std])
+        redraw = []  # GPT-2's scaled c_proj: nanoGPT's second pass
         for layer, block in enumerate(self.transformer.h, start=1):
             for path, kinds in block_matrix_paths(block):
                 module = block.get_submodule(path)
-                self._init_matrix(module, self._init_stds(path, kinds, module, layer))
-        if isinstance(self.lm_head, WESAR_MODULES):
-            self.lm_head.gate.copy_(self.transformer.wte.gate)
+                stds = self._init_stds(path, kinds, module, layer)
+                if path.endswith("c_proj") and c.depth_scaled_init():
+                    redraw.append((module, stds))
+                    stds = [c.init_std]
+                self._init_matrix(module, stds)
+        self._init_matrix(self.lm_head, [c.init_std])  # the tied wte (under WeSaR with its own gate)
+        for module, stds in redraw:
+            self._init_matrix(module, stds)
 
     def _init_stds(self, path, kinds, module, layer):
         """The init std of each row block ("kind") of the block matrix at path in block layer (1-based)."""
@@ -511,6 +523,8 @@ class GPT(nn.Module):
         if isinstance(module, WESAR_MODULES):
             nn.init.normal_(module.weight, 0.0, self.config.wesar_sigma)
             module.gate.copy_(torch.tensor(stds) / self.config.wesar_sigma)
+        elif len(set(stds)) == 1:
+            nn.init.normal_(module.weight, 0.0, stds[0])
         else:
             for rows, std in zip(split_rows(module.weight, len(stds)), stds):
                 nn.init.normal_(rows, 0.0, std)

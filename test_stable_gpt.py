@@ -4,8 +4,10 @@
 """
 
 import ast
+import contextlib
 import copy
 import inspect
+import io
 import itertools
 import json
 import math
@@ -238,6 +240,60 @@ def test_default_init_is_nanogpt():
             assert torch.all(p == 0), name
         else:
             assert torch.all(p == 1), name  # LayerNorm gains
+
+
+def nanogpt_init_transcription(config, seed):
+    """The weights nanoGPT's model.py draws for GPT(config) after torch.manual_seed(seed), its RNG calls written
+    out in order: the constructors' default inits (each nn.Embedding's N(0, 1), each nn.Linear's uniform weight
+    and bias) in module order; then self.apply(_init_weights), which visits modules children first: wte, wpe,
+    per block c_attn, c_proj, c_fc, c_proj at N(0, 0.02), lm_head last (the tied wte again); then the loop over
+    named_parameters that redraws each c_proj weight at 0.02/sqrt(2 n_layer). Biases 0, norms 1."""
+    C, V, L = config.n_embd, config.vocab_size, config.n_layer
+    torch.manual_seed(seed)
+    shapes = [("attn.c_attn", 3 * C, C), ("attn.c_proj", C, C), ("mlp.c_fc", 4 * C, C), ("mlp.c_proj", C, 4 * C)]
+    torch.nn.Embedding(V, C), torch.nn.Embedding(config.block_size, C)  # construction: draws that are overwritten
+    for _ in range(L):
+        for _, out_f, in_f in shapes:
+            torch.nn.Linear(in_f, out_f, bias=config.bias)
+    torch.nn.Linear(C, V, bias=False)
+    sd = {"transformer.wte.weight": torch.empty(V, C).normal_(0, 0.02),
+          "transformer.wpe.weight": torch.empty(config.block_size, C).normal_(0, 0.02)}
+    for i in range(L):
+        for name, out_f, in_f in shapes:
+            sd[f"transformer.h.{i}.{name}.weight"] = torch.empty(out_f, in_f).normal_(0, 0.02)
+    sd["transformer.wte.weight"] = torch.empty(V, C).normal_(0, 0.02)  # lm_head's turn: the tied tensor
+    for i in range(L):
+        for name in ("attn.c_proj", "mlp.c_proj"):
+            sd[f"transformer.h.{i}.{name}.weight"] = torch.empty(C, C if name == "attn.c_proj" else 4 * C).normal_(
+                0, 0.02 / math.sqrt(2 * L))
+    sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    return sd
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=3, n_head=4, n_embd=64, bias=True),
+                                   dict(n_layer=2, n_head=3, n_embd=36, bias=False)])  # 36: rows not a multiple of 16
+def test_same_seed_gives_nanogpts_weights_bit_for_bit(shape):
+    config = GPTConfig(block_size=16, vocab_size=50, **shape)
+    reference = nanogpt_init_transcription(config, seed=1337)
+    torch.manual_seed(1337)
+    ours = GPT(config).state_dict()
+    for name, tensor in ours.items():
+        if name in reference:
+            assert torch.equal(tensor, reference[name]), name
+        elif name.endswith("bias"):
+            assert torch.all(tensor == 0), name
+        else:
+            assert torch.all(tensor == 1), name  # the norms' gains
+    assert set(reference) <= set(ours)
+    nanogpt_py = os.environ.get("NANOGPT_MODEL_PY")  # nanoGPT's own model.py, where a checkout is at hand
+    if nanogpt_py:
+        with contextlib.redirect_stdout(io.StringIO()):  # its "number of parameters" line
+            nanogpt = bench.load_nanogpt(nanogpt_py)
+            torch.manual_seed(1337)
+            theirs = nanogpt.GPT(nanogpt.GPTConfig(block_size=16, vocab_size=50, dropout=0.0, **shape)).state_dict()
+        assert theirs.keys() == ours.keys()
+        for name, tensor in theirs.items():
+            assert torch.equal(tensor, ours[name]), name
 
 
 def nanogpt_reference_logits(sd, idx, n_head):
