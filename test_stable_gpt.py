@@ -16,6 +16,7 @@ import platform
 import random
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
 import warnings
@@ -1675,10 +1676,24 @@ def test_plots_read_at_a_glance(tmp_path, data_dir, monkeypatch):
                                                                      "log Z of the output logits (mean +- std)"]
     run = dict(counted_loss=2.0, diverged=False)
     sweep_of = {f"config{i}": dict(runs={"0.001": [run], "0.01": [run]}, mean_loss={"0.001": 2.0, "0.01": 2.1},
-                                   lr_sensitivity=0.05) for i in range(13)}
-    plots.plot_lr_sweep(dict(configs=sweep_of, lrs=[1e-3, 1e-2]), tmp_path)
-    colours = [tuple(bars.lines[0].get_color()) for bars in figures["lr_sweep.png"].axes[0].containers]
-    assert len(set(colours)) == 13, colours
+                                   mean_loss_ci95={"0.001": [1.9, 2.1], "0.01": None}, lr_sensitivity=0.05,
+                                   lr_sensitivity_ci95=[0.01, 0.09]) for i in range(13)}
+    sweep_of = dict(sizes={"2x32": dict(params=1e5, configs=sweep_of), "4x32": dict(params=2e5, configs=sweep_of)},
+                    lrs=[1e-3, 1e-2])
+    plots.plot_lr_sweep(sweep_of, tmp_path)
+    plots.plot_lr_sensitivity(sweep_of, tmp_path)
+    panels = figures["lr_sweep.png"].axes
+    assert len(panels) == 2 * 3  # a row per size, 12 configurations beside the reference in panels of 4
+    for ax in panels:  # the reference + 4, five colours apart in each panel
+        assert len(ax.containers) == 5 and len({plt_colour(bars) for bars in ax.containers}) == 5
+    lines = figures["lr_sensitivity.png"].axes[0].containers
+    assert len(lines) == 13 and list(lines[0].lines[0].get_xdata()) == [1e5, 2e5]
+    assert len({plt_colour(bars) for bars in lines}) == 13  # every configuration its own colour
+
+
+def plt_colour(bars):
+    import matplotlib.colors
+    return tuple(matplotlib.colors.to_rgba(bars.lines[0].get_color()))
 
 
 def test_diagnostics_record_gradient_norms_before_clipping(tmp_path, data_dir):
@@ -2819,10 +2834,61 @@ def test_a_diverged_run_counts_at_its_loss_at_init(tmp_path):
     above = outcome(fake_run(tmp_path / "c", 5.5, diverged=False))  # finite but worse than at init: capped
     assert above["counted_loss"] == 4.0 and not above["diverged"]
     assert outcome(fake_run(tmp_path / "d", 2.5, diverged=False))["counted_loss"] == 2.5
-    result = sweep.lr_sweep_results({"x": {1e-3: [tmp_path / "d"], 1e-1: [tmp_path / "a"]}})
-    c = result["configs"]["x"]
+    result = sweep.lr_sweep_results({None: {"x": {1e-3: [tmp_path / "d"], 1e-1: [tmp_path / "a"]}}})
+    c = result["sizes"]["one size"]["configs"]["x"]
     assert c["best_lr"] == 1e-3 and c["best_loss"] == 2.5 and c["lr_sensitivity"] == pytest.approx(0.75)
-    assert "\u2020" in sweep.lr_sweep_table(result).splitlines()[2]  # the diverged run is marked
+    assert c["best_lr_at_edge"] and c["lr_sensitivity_ci95"] is None  # one seed: no interval
+    row = next(line for line in sweep.lr_sweep_table(result).splitlines() if line.startswith("| x |"))
+    assert "\u2020" in row and "| 0.001* |" in row  # the diverged run is marked, and the optimum on the edge
+
+
+def test_mean_interval_is_students_t():
+    # 3 seeds: t(0.975, 2) = 4.303; s = 1 for [1, 2, 3]
+    assert sweep.mean_interval([1.0, 2.0, 3.0]) == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)])
+    low, high = sweep.mean_interval([0.0, 1.0] * 10)  # df 19: t = 2.093 (tables)
+    assert (high - low) / 2 == pytest.approx(2.093 * statistics.stdev([0.0, 1.0] * 10) / math.sqrt(20), rel=2e-3)
+    assert sweep.mean_interval([2.0]) is None
+
+
+def test_sensitivity_interval_is_a_bootstrap_over_seeds():
+    """Two seeds: a draw is one of the four seed pairs (0,0), (0,1), (1,0), (1,1), the same pair at every
+    learning rate; with enough draws the 2.5 and 97.5 percentiles are the smallest and largest of the three
+    distinct sensitivities (of seed 0's curve, seed 1's curve, and the two-seed mean curve)."""
+    losses = {1e-3: [3.0, 2.6], 1e-2: [2.0, 2.4], 1e-1: [3.5, 2.5]}
+    possible = [sweep.lr_sensitivity({lr: statistics.fmean(v[i] for i in pair) for lr, v in losses.items()})
+                for pair in ((0, 0), (0, 1), (1, 1))]
+    assert sweep.sensitivity_interval(losses) == pytest.approx([min(possible), max(possible)])
+    assert sweep.sensitivity_interval({1e-3: [3.0], 1e-2: [2.0]}) is None
+    # paired across learning rates: resampling each lr on its own would reach 3.0 - 2.4 at lr 1e-3 vs 1e-2 and
+    # mix curves no seed produced; the interval of a curve shared by both seeds is a point
+    same = {1e-3: [3.0, 3.0], 1e-2: [2.0, 2.0]}
+    assert sweep.sensitivity_interval(same) == pytest.approx([0.5, 0.5])
+
+
+def test_sizes_set_each_runs_shape_and_are_checked(tmp_path, data_dir, capsys):
+    assert sweep.size_flags("4x64", 32) == ["--n-layer", "4", "--n-embd", "64", "--n-head", "2"]
+    assert sweep.size_flags("4x48x3", 32)[-1] == "3"
+    with pytest.raises(runs.TrainError, match="not a multiple of the head size 32"):
+        sweep.size_flags("4x48", 32)
+    args = without_lr(train_args(data_dir, tmp_path / "x", "--max-iters", "4", "--eval-interval", "4",
+                                 "--diag-interval", "0"))
+    for bad, message in ((["--sizes", "2x32"], "--sizes is for the learning-rate sweep"),
+                         (["--lrs", "1e-3", "--sizes", "2x32"], "sets each run's shape; drop --n-layer --n-head --n-embd"),
+                         (["--lrs", "1e-3", "--sizes", "two"], "--sizes needs one or more model sizes")):
+        assert sweep.main(args + bad) == 2
+        assert message in capsys.readouterr().err, bad
+    out = tmp_path / "sized"  # two sizes, the preset's head size (32): 1x32 has 1 head, 2x64 has 2
+    i = args.index("--n-layer")
+    argv = args[:i] + args[i + 6:] + ["--out-dir", str(out), "--lrs", "1e-3", "1e-2", "--sizes", "1x32", "2x64",
+                                      "--seeds", "2"]
+    assert sweep.main(argv) == 0
+    result = json.loads((out / "lr_sweep.json").read_text())
+    assert list(result["sizes"]) == ["1x32", "2x64"]
+    small, large = (result["sizes"][k] for k in ("1x32", "2x64"))
+    assert small["params"] < large["params"]
+    saved = json.loads((out / "2x64" / "baseline" / "lr0.01" / "seed1338" / "summary.json").read_text())["config"]
+    assert (saved["n_layer"], saved["n_embd"], saved["n_head"]) == (2, 64, 2)
+    assert set(large["configs"]["baseline"]["mean_loss_ci95"]) == {"0.001", "0.01"}
 
 
 def without_lr(args):
@@ -2837,14 +2903,23 @@ def test_lr_sweep_end_to_end_and_resumable(tmp_path, data_dir, capsys):
         ["--compare", "baseline", "--norm-position post", "--lrs", "1e-3", "3e-2", "--seeds", "2"]
     assert sweep.main(argv) == 0
     result = json.loads((out / "lr_sweep.json").read_text())
-    assert result["lrs"] == [1e-3, 3e-2] and list(result["configs"]) == ["baseline", "--norm-position post"]
-    post = result["configs"]["--norm-position post"]
+    [(label, size)] = result["sizes"].items()  # no --sizes: the flags' one size
+    assert label == "2x32" and result["lrs"] == [1e-3, 3e-2]
+    assert list(size["configs"]) == ["baseline", "--norm-position post"]
+    post = size["configs"]["--norm-position post"]
     assert post["model"] == "post-layernorm" and [o["seed"] for o in post["runs"]["0.03"]] == [1337, 1338]
+    model_args = json.loads((out / "norm-position-post" / "lr0.03" / "seed1338" / "summary.json").read_text())[
+        "model_args"]
+    assert post["params"] == GPT(GPTConfig(**model_args)).get_num_params()  # counted on the meta device
+    low, high = post["lr_sensitivity_ci95"]
+    assert low <= post["lr_sensitivity"] + 1e-12 and low <= high
     run = json.loads((out / "norm-position-post" / "lr0.03" / "seed1338" / "summary.json").read_text())
     assert run["config"]["lr"] == 0.03 and run["config"]["min_lr"] == pytest.approx(0.003)  # the preset's ratio
     table = (out / "lr_sweep.md").read_text().splitlines()
-    assert table[0].startswith("| config | model | lr 0.001 | lr 0.03 | best lr | best loss | LR sensitivity |")
+    assert table[0].startswith("### 2x32 (") and table[2].startswith(
+        "| config | model | lr 0.001 | lr 0.03 | best lr | best loss | LR sensitivity [95%] |")
     assert (out / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "lr_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert sweep.main(argv) == 0  # again: nothing is redone
     assert capsys.readouterr().out.count("done already") == 8
@@ -2859,7 +2934,8 @@ def test_lr_sweep_alone_and_its_bad_inputs(tmp_path, data_dir, capsys):
     out = tmp_path / "one"
     args = without_lr(train_args(data_dir, out, "--max-iters", "10", "--eval-interval", "10", "--diag-interval", "0"))
     assert sweep.main(args + ["--sdd", "--lrs", "1e-3", "1e-2"]) == 0  # the command line's config
-    assert json.loads((out / "lr_sweep.json").read_text())["configs"]["baseline"]["model"] == "pre-layernorm + sdd"
+    [size] = json.loads((out / "lr_sweep.json").read_text())["sizes"].values()
+    assert size["configs"]["baseline"]["model"] == "pre-layernorm + sdd"
     for bad, message in ((["--lrs"], "--lrs needs one or more learning rates > 0"),
                          (["--lrs", "0", "1e-3"], "--lrs needs one or more learning rates > 0"),
                          (["--lrs", "1e-3", "--lr", "1e-2"], "--lrs sets the peak learning rate of every run"),

@@ -254,31 +254,82 @@ def plot_compare(runs, out_dir, path=None, dpi=90):
     return [save(fig, Path(path) if path else out_dir / "compare.png", dpi)]
 
 
-def plot_lr_sweep(sweep, out_dir, dpi=90):
-    """lr_sweep.png: final val loss against the peak learning rate (log axis), one line per configuration (the
-    mean over seeds, their spread as error bars), diverged runs marked x at the loss they count (their loss at
-    init), as Wortsman et al.'s Fig. 1 (arXiv 2309.14322). sweep: train_shakespeare.lr_sweep_results()."""
-    fig, ax = plt.subplots(figsize=(11, 6.5))
-    n = len(sweep["configs"])  # a colour of its own for every configuration
-    colors = plt.get_cmap("tab10").colors if n <= 10 else [plt.get_cmap("turbo")(0.05 + 0.9 * i / (n - 1))
+def config_colors(names):
+    """A colour of its own for every configuration (tab20's, then turbo's beyond 20)."""
+    n = len(names)
+    colors = plt.get_cmap("tab20").colors if n <= 20 else [plt.get_cmap("turbo")(0.05 + 0.9 * i / (n - 1))
                                                               for i in range(n)]
-    for i, (config, c) in enumerate(sweep["configs"].items()):
-        lrs = sorted(c["runs"], key=float)
-        losses = [[o["counted_loss"] for o in c["runs"][lr]] for lr in lrs]
-        mean = [c["mean_loss"][lr] for lr in lrs]
-        spread = [(max(v) - min(v)) / 2 for v in losses]
-        style = dict(color=colors[i], linestyle=("-", "--", ":")[i % 3], marker="osD"[i % 3])
-        ax.errorbar([float(lr) for lr in lrs], mean, yerr=spread, ms=4, capsize=3,
-                    label=f"{config} (sens. {c['lr_sensitivity']:.3f})", **style)
-        diverged = [(float(lr), o["counted_loss"]) for lr in lrs for o in c["runs"][lr] if o["diverged"]]
-        if diverged:
-            ax.plot(*zip(*diverged), "x", ms=10, mew=2, color=style["color"])
-    ax.set(xscale="log", xlabel="peak learning rate", ylabel="final val loss (nats/token)",
-           title="Stability map: final loss against learning rate (x: diverged, counted at the loss at init)")
-    ax.set_xticks(sweep["lrs"], [f"{lr:g}" for lr in sweep["lrs"]])
-    ax.minorticks_off()
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return dict(zip(names, colors))
+
+
+def interval_bars(centers, intervals):
+    """Matplotlib's asymmetric yerr from [low, high] intervals (None: no bar)."""
+    return [[c - iv[0] if iv else 0 for c, iv in zip(centers, intervals)],
+            [iv[1] - c if iv else 0 for c, iv in zip(centers, intervals)]]
+
+
+PANEL_CONFIGS = 4  # configurations per panel of the map, beside the first one (the reference in every panel)
+
+
+def plot_lr_sweep(sweep, out_dir, dpi=90):
+    """lr_sweep.png, the stability map as small multiples: final val loss against the peak learning rate (log
+    axis), one row of panels per model size, each panel the first configuration (grey, the reference) and up to
+    PANEL_CONFIGS others (a column's legend under it): the mean over seeds with its 95% interval, diverged
+    runs marked x at the loss they count (their loss at init), as Wortsman et al.'s Fig. 1 (arXiv 2309.14322).
+    sweep: lr_sweep_results()."""
+    sizes = sweep["sizes"]
+    names = list(next(iter(sizes.values()))["configs"])
+    reference, others = names[0], names[1:]
+    groups = [others[i:i + PANEL_CONFIGS] for i in range(0, len(others), PANEL_CONFIGS)] or [[]]
+    palette = plt.get_cmap("tab10").colors  # within a panel: four colours far apart, the legend under the column
+    fig, axes = plt.subplots(len(sizes), len(groups), figsize=(4.3 * len(groups), 3.2 * len(sizes) + 1.2),
+                             sharey="row", squeeze=False)
+    for row, (label, size) in zip(axes, sizes.items()):
+        params = f", {size['params'] / 1e6:.2f}M params" if size["params"] else ""
+        for ax, group in zip(row, groups):
+            for k, config in enumerate([reference] + group):
+                c = size["configs"][config]
+                lrs = sorted(c["runs"], key=float)
+                mean = [c["mean_loss"][lr] for lr in lrs]
+                color = "0.45" if k == 0 else palette[k - 1]
+                ax.errorbar([float(lr) for lr in lrs], mean, yerr=interval_bars(mean, [c["mean_loss_ci95"][lr]
+                                                                                       for lr in lrs]),
+                            color=color, linestyle="--" if k == 0 else "-", marker="o", ms=3.5, capsize=2,
+                            label=config)
+                diverged = [(float(lr), o["counted_loss"]) for lr in lrs for o in c["runs"][lr] if o["diverged"]]
+                if diverged:
+                    ax.plot(*zip(*diverged), "x", ms=8, mew=2, color=color)
+            ax.set(xscale="log", title=f"{label}{params}")
+            ax.set_xticks(sweep["lrs"], [f"{lr:g}" for lr in sweep["lrs"]], fontsize=7)
+            ax.minorticks_off()
+        row[0].set_ylabel("final val loss (nats/token)")
+    for ax in axes[-1]:
+        ax.set_xlabel("peak learning rate")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, frameon=False)
+    fig.suptitle("Stability map: final loss against learning rate (mean over seeds, 95% interval; x: diverged)")
     return [save(fig, Path(out_dir) / "lr_sweep.png", dpi, integer_x=False)]
+
+
+def plot_lr_sensitivity(sweep, out_dir, dpi=90):
+    """lr_sensitivity.png: each configuration's LR sensitivity (with its 95% bootstrap interval) against the
+    model's parameter count, log axis, one line per configuration: Wortsman et al.'s Fig. 1, right panel (arXiv
+    2309.14322). A configuration whose sensitivity grows with size has an instability that scale brings out."""
+    sizes = list(sweep["sizes"].values())
+    names = list(sizes[0]["configs"])
+    colors = config_colors(names)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, config in enumerate(names):
+        points = [(s["params"], s["configs"][config]) for s in sizes if s["params"] and config in s["configs"]]
+        if not points:
+            continue
+        x = [p for p, _ in points]
+        y = [c["lr_sensitivity"] for _, c in points]
+        ax.errorbar(x, y, yerr=interval_bars(y, [c["lr_sensitivity_ci95"] for _, c in points]), color=colors[config],
+                    linestyle=("-", "--", ":")[i % 3], marker="osD^v"[i % 5], ms=5, capsize=3, label=config)
+    ax.set(xscale="log", xlabel="parameters (nanoGPT's count)", ylabel="LR sensitivity (nats)",
+           title="LR sensitivity against model size (95% bootstrap interval over seeds)")
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return [save(fig, Path(out_dir) / "lr_sensitivity.png", dpi, integer_x=False)]
 
 
 def main(argv=None):

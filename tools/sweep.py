@@ -5,15 +5,18 @@ seeds and budget, one after another in this process; finished runs are skipped, 
     python -m tools.sweep --max-iters 600 --compare baseline "--norm-position post" "--lns" --seeds 3
     python -m tools.sweep --max-iters 300 --compare baseline "--sdd" --lrs 1e-3 1e-2 1e-1 --seeds 2
     python -m tools.sweep --lrs 1e-3 1e-2 1e-1 --sdd          # one configuration (the command line's) swept
+    python -m tools.sweep --compare baseline "--sdd" --lrs 1e-3 1e-2 --sizes 4x64 4x128 8x128 --seeds 3
 
 --compare takes 'baseline' or quoted strings of flags; every other flag is common to all runs. Writes compare.md
 and compare.png into --out-dir (default out/compare), or with --lrs (Wortsman et al., arXiv 2309.14322)
-lr_sweep.json, lr_sweep.md and lr_sweep.png (default out/lr_sweep); --min-lr follows each peak at the preset's
-ratio unless given.
+lr_sweep.json, lr_sweep.md, lr_sweep.png (the map, small multiples) and lr_sensitivity.png (sensitivity against
+parameters) into out/lr_sweep; --min-lr follows each peak at the preset's ratio unless given. --sizes LxW[xH]
+sweeps model sizes: L layers, W wide, H heads (default: W over the head size of the other flags' model).
 """
 
 import json
 import math
+import random
 import re
 import shlex
 import statistics
@@ -32,15 +35,16 @@ from train_shakespeare import Settings, build_parser, resolve, resume_settings, 
 # Compare runner
 
 
-RUNNER_OPTIONS = ("--compare", "--seeds", "--lrs")
+RUNNER_OPTIONS = ("--compare", "--seeds", "--lrs", "--sizes")
 
 
 def split_compare(argv):
     """Not argparse: a configuration such as "--lns" is a flag string that argparse would take for an option.
-(common flags, configurations, seeds, learning rates or None) from a command line with --compare or --lrs.
-    --compare takes the words after it up to the next runner option or the end, each 'baseline' or a string of
-    flags ("--lns"); --seeds one whole number; --lrs the numbers after it. Every other word is a common flag."""
-    common, configs, seeds, lrs = [], None, 1, None
+(common flags, configurations, seeds, learning rates or None, sizes or None) from a command line with
+    --compare or --lrs. --compare takes the words after it up to the next runner option or the end, each
+    'baseline' or a string of flags ("--lns"); --seeds one whole number; --lrs the numbers after it; --sizes the
+    words LxW or LxWxH after it. Every other word is a common flag."""
+    common, configs, seeds, lrs, sizes = [], None, 1, None, None
     words = list(argv)
     while words:
         word = words.pop(0)
@@ -61,9 +65,31 @@ def split_compare(argv):
                 words.pop(0)
             if not lrs or not all(0 < lr < math.inf for lr in lrs):
                 raise TrainError("--lrs needs one or more learning rates > 0, e.g. --lrs 1e-3 3e-3 1e-2")
+        elif word == "--sizes":
+            sizes = []
+            while words and SIZE.fullmatch(words[0]):
+                sizes.append(words.pop(0))
+            if not sizes or (words and words[0] not in RUNNER_OPTIONS and not words[0].startswith("-")):
+                raise TrainError("--sizes needs one or more model sizes LAYERSxWIDTH[xHEADS] (whole numbers > 0), "
+                                 "e.g. --sizes 4x64 4x128 8x128")
         else:
             common.append(word)
-    return common, configs or ["baseline"], seeds, lrs
+    return common, configs or ["baseline"], seeds, lrs, sizes
+
+
+SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)(?:x([1-9][0-9]*))?")  # --sizes: layers x width [x heads]
+SHAPE_FLAGS = ("--n-layer", "--n-embd", "--n-head")
+
+
+def size_flags(size, head_size):
+    """The flags of one --sizes entry: LxW -> L layers of width W with W / head_size heads; LxWxH: H heads."""
+    n_layer, n_embd, n_head = SIZE.fullmatch(size).groups()
+    n_layer, n_embd = int(n_layer), int(n_embd)
+    if n_head is None and n_embd % head_size:
+        raise TrainError(f"--sizes {size}: width {n_embd} is not a multiple of the head size {head_size}; give the "
+                         f"heads too ({size}xHEADS)")
+    n_head = int(n_head) if n_head else n_embd // head_size
+    return ["--n-layer", str(n_layer), "--n-embd", str(n_embd), "--n-head", str(n_head)]
 
 
 def parse_or_none_float(word):
@@ -93,7 +119,7 @@ def compare(argv):
     """Run every configuration x learning rate x seed (in this process, one after another), skip the finished
     ones, then write the table and the plots: compare.md and compare.png, or with --lrs the learning-rate
     sweep's lr_sweep.json, lr_sweep.md and lr_sweep.png."""
-    common, configs, n_seeds, lrs = split_compare(argv)
+    common, configs, n_seeds, lrs, sizes = split_compare(argv)
     parser = build_parser()
     base = settings_given(parser.parse_args(common))
     seed0 = base.get("seed", Settings.seed)
@@ -103,34 +129,46 @@ def compare(argv):
     def lr_flag(lr):
         return ["--lr", f"{lr:g}"] if lr else []
 
-    for config in configs:  # every configuration (at every learning rate) checked before any trains
+    if sizes:
+        if not lrs:
+            raise TrainError("--sizes is for the learning-rate sweep: give --lrs too")
+        if given := [w for w in common + [w for c in configs for w in config_flags(c)] if w.split("=")[0] in
+                     SHAPE_FLAGS]:
+            raise TrainError(f"--sizes sets each run's shape; drop {' '.join(given)}")
+        shape = resolve(base)
+        size_args = {size: size_flags(size, shape.n_embd // shape.n_head) for size in sizes}
+    else:
+        size_args = {None: []}
+    for config in configs:  # every configuration (at every size and learning rate) checked before any trains
         if lrs and any(w == "--lr" or w.startswith("--lr=") for w in common + config_flags(config)):
             raise TrainError(f"--lrs sets the peak learning rate of every run; drop --lr from {config!r} or the "
                              "common flags")
-        for lr in grid:
-            check_compare_config(parser, common + lr_flag(lr), config)
+        for size, lr in ((size, lr) for size in size_args for lr in grid):
+            check_compare_config(parser, common + size_args[size] + lr_flag(lr), config)
     slugs = [config_slug(config) for config in configs]
     if len(set(slugs)) < len(slugs):
         twins = sorted({c for c, slug in zip(configs, slugs) if slugs.count(slug) > 1})
         raise TrainError(f"--compare configurations {', '.join(map(repr, twins))} would share one run folder; "
                          "give each once, spelled so that their flags differ")
-    plan = [(config, lr, seed, root / config_slug(config) / (f"lr{lr:g}" if lr else "") / f"seed{seed}")
-            for config in configs for lr in grid for seed in range(seed0, seed0 + n_seeds)]
+    plan = [(size, config, lr, seed, root / (size or "") / config_slug(config) / (f"lr{lr:g}" if lr else "") /
+             f"seed{seed}") for size in size_args for config in configs for lr in grid
+            for seed in range(seed0, seed0 + n_seeds)]
     with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
-        for k, (config, lr, seed, run_dir) in enumerate(plan, start=1):
-            run_one(parser, common + lr_flag(lr), config, seed, run_dir, stop, progress=f"[{k}/{len(plan)}]")
+        for k, (size, config, lr, seed, run_dir) in enumerate(plan, start=1):
+            run_one(parser, common + size_args[size] + lr_flag(lr), config, seed, run_dir, stop,
+                    progress=f"[{k}/{len(plan)}]")
             if stop.signum is not None:
                 print("compare: interrupted; run the same command again to continue")
                 return 130
     if lrs:
-        sweep = lr_sweep_results({config: {lr: [d for c, l, _, d in plan if c == config and l == lr] for lr in lrs}
-                                  for config in configs})
+        sweep = lr_sweep_results({size: {config: {lr: [d for s_, c, l, _, d in plan if (s_, c, l) == (size, config, lr)]
+                                                  for lr in lrs} for config in configs} for size in size_args})
         write_json_atomically(root / "lr_sweep.json", sweep)
         (root / "lr_sweep.md").write_text(table := lr_sweep_table(sweep))
         print("\n" + table)
-        print_plots(lambda plots: plots.plot_lr_sweep(sweep, root))
+        print_plots(lambda plots: plots.plot_lr_sweep(sweep, root) + plots.plot_lr_sensitivity(sweep, root))
         return 0
-    runs = {config: [run_dir for c, _, _, run_dir in plan if c == config] for config in configs}
+    runs = {config: [run_dir for _, c, _, _, run_dir in plan if c == config] for config in configs}
     table = compare_table(runs)
     (root / "compare.md").write_text(table)
     print("\n" + table)
@@ -214,7 +252,17 @@ def run_outcome(run_dir):
     diverged = summary["diverged"] or final is None or not math.isfinite(final)
     return dict(seed=summary["config"]["seed"], model=summary["techniques"], final_val_loss=final,
                 best_val_loss=summary["best_val_loss"], init_val_loss=init, diverged=diverged,
-                counted_loss=init if diverged else min(final, init))
+                counted_loss=init if diverged else min(final, init), params=parameter_count(summary.get("model_args")))
+
+
+def parameter_count(model_args):
+    """The model's parameter count as nanoGPT's get_num_params() (all but wpe), built on the meta device."""
+    if not model_args:
+        return None
+    from stable_gpt import GPT, GPTConfig
+
+    with torch.device("meta"):
+        return GPT(GPTConfig(**model_args)).get_num_params()
 
 
 def lr_sensitivity(losses):
@@ -225,44 +273,111 @@ def lr_sensitivity(losses):
     return statistics.fmean(values) - min(values)
 
 
+# Student's t, 0.975 quantile, by degrees of freedom (n seeds - 1): a 95% interval for a mean of few seeds
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+
+
+def mean_interval(values):
+    """A 95% interval for the mean over seeds: mean +- t(0.975, n-1) s / sqrt(n) (one seed: none). Student's t,
+    not a bootstrap, for the means: with 3 seeds a bootstrap's interval would be far too narrow."""
+    if len(values) < 2:
+        return None
+    df, z = len(values) - 1, 1.959964
+    # the table, then the Cornish-Fisher expansion of t in 1/df (within 0.003 from df 11 on)
+    t = T_975.get(df) or z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+    half = t * statistics.stdev(values) / math.sqrt(len(values))
+    return [statistics.fmean(values) - half, statistics.fmean(values) + half]
+
+
+BOOTSTRAP_DRAWS = 2000
+
+
+def sensitivity_interval(losses_by_lr, draws=BOOTSTRAP_DRAWS, seed=0):
+    """A 95% bootstrap interval for the LR sensitivity: draw the seeds with replacement (the same draw at every
+    learning rate, as a seed's runs are one replicate of the whole curve), take the sensitivity of the mean
+    curve, and the 2.5 and 97.5 percentiles of those. losses_by_lr: {lr: [capped loss per seed]}, every list
+    in the same seed order. None with one seed."""
+    n = min(len(v) for v in losses_by_lr.values())
+    if n < 2:
+        return None
+    rng = random.Random(seed)
+    values = sorted(lr_sensitivity({lr: statistics.fmean(v[i] for i in picks) for lr, v in losses_by_lr.items()})
+                    for picks in ([rng.randrange(n) for _ in range(n)] for _ in range(draws)))
+    return [values[int(0.025 * (draws - 1))], values[int(0.975 * (draws - 1))]]
+
+
 def lr_sweep_results(runs):
-    """lr_sweep.json's content from {config: {lr: [run folders, one per seed]}}: per configuration, per
-    learning rate the outcome of each seed and the mean counted loss; the best learning rate and loss, and
-    the LR sensitivity of the mean curve."""
-    configs = {}
-    for config, by_lr in runs.items():
-        outcomes = {lr: [run_outcome(d) for d in dirs] for lr, dirs in by_lr.items()}
-        mean_loss = {lr: statistics.fmean(o["counted_loss"] for o in runs_) for lr, runs_ in outcomes.items()}
-        best_lr = min(mean_loss, key=mean_loss.get)
-        configs[config] = dict(model=next(iter(outcomes.values()))[0]["model"],
-                               runs={f"{lr:g}": o for lr, o in outcomes.items()},
-                               mean_loss={f"{lr:g}": v for lr, v in mean_loss.items()}, best_lr=best_lr,
-                               best_loss=mean_loss[best_lr], lr_sensitivity=lr_sensitivity(mean_loss))
+    """lr_sweep.json's content from {size: {config: {lr: [run folders, one per seed]}}} (size None: the flags'
+    one): per size its parameter count, per configuration and learning rate the outcome of each seed, the mean
+    counted loss and its 95% interval; the best learning rate (and whether it is at an end of the grid), the
+    best loss, the LR sensitivity of the mean curve and its 95% bootstrap interval."""
+    sizes = {}
+    for size, by_config in runs.items():
+        configs = {}
+        for config, by_lr in by_config.items():
+            outcomes = {lr: [run_outcome(d) for d in dirs] for lr, dirs in by_lr.items()}
+            losses = {lr: [o["counted_loss"] for o in runs_] for lr, runs_ in outcomes.items()}
+            mean_loss = {lr: statistics.fmean(v) for lr, v in losses.items()}
+            best_lr = min(mean_loss, key=mean_loss.get)
+            first = next(iter(outcomes.values()))[0]
+            configs[config] = dict(
+                model=first["model"], params=first["params"], runs={f"{lr:g}": o for lr, o in outcomes.items()},
+                mean_loss={f"{lr:g}": v for lr, v in mean_loss.items()},
+                mean_loss_ci95={f"{lr:g}": mean_interval(v) for lr, v in losses.items()}, best_lr=best_lr,
+                best_lr_at_edge=best_lr in (min(by_lr), max(by_lr)) and len(by_lr) > 1,
+                best_loss=mean_loss[best_lr], best_loss_ci95=mean_interval(losses[best_lr]),
+                lr_sensitivity=lr_sensitivity(mean_loss), lr_sensitivity_ci95=sensitivity_interval(losses))
+        label = size or run_shape(by_config)
+        sizes[label] = dict(params=next(iter(configs.values()))["params"], configs=configs)
     return dict(reference="Wortsman et al. 2023, arXiv 2309.14322",
                 loss="final val loss; a diverged run counts at its val loss at init, and no run above it",
-                lrs=sorted({lr for by_lr in runs.values() for lr in by_lr}), configs=configs)
+                intervals="95%: Student's t over seeds for mean losses; a bootstrap over seeds (2,000 draws) for the "
+                          "LR sensitivity",
+                params="nanoGPT's get_num_params(): every parameter but the position embeddings, of the baseline "
+                       "shape (a flag's own gains add a few)",
+                lrs=sorted({lr for by_config in runs.values() for by_lr in by_config.values() for lr in by_lr}),
+                sizes=sizes)
+
+
+def run_shape(by_config):
+    """LxW of the runs of one size, from the first run's settings (the label of a sweep without --sizes)."""
+    first = next(d for by_lr in by_config.values() for dirs in by_lr.values() for d in dirs)
+    cfg = json.loads((first / "summary.json").read_text())["config"]
+    return f"{cfg['n_layer']}x{cfg['n_embd']}" if "n_layer" in cfg else "one size"
 
 
 def lr_sweep_table(sweep):
-    """lr_sweep.md: the mean counted loss of each configuration at each learning rate (+- std over seeds,
-    with a dagger per diverged run), its best learning rate and LR sensitivity."""
+    """lr_sweep.md: per size, the mean counted loss of each configuration at each learning rate (+- the half
+    width of its 95% interval, a dagger per diverged run), its best learning rate (* at an end of the grid),
+    best loss and LR sensitivity with its 95% interval."""
     lrs = [f"{lr:g}" for lr in sweep["lrs"]]
-    rows = ["| config | model | " + " | ".join(f"lr {lr}" for lr in lrs) + " | best lr | best loss | LR sensitivity |",
-            "|---|---|" + "---|" * len(lrs) + "---|---|---|"]
-    for config, c in sweep["configs"].items():
-        cells = []
-        for lr in lrs:
-            outcomes = c["runs"][lr]
-            values = [o["counted_loss"] for o in outcomes]
-            spread = f" +- {statistics.stdev(values):.3f}" if len(values) > 1 else ""
-            cells.append(f"{c['mean_loss'][lr]:.3f}{spread}" + "†" * sum(o["diverged"] for o in outcomes))
-        rows.append(f"| {config} | {c['model']} | " + " | ".join(cells) +
-                    f" | {c['best_lr']:g} | {c['best_loss']:.4f} | {c['lr_sensitivity']:.4f} |")
-    seeds = sorted({len(o) for c in sweep["configs"].values() for o in c["runs"].values()})
-    return "\n".join(rows) + (f"\n\nFinal val loss, the mean over {' or '.join(map(str, seeds))} seed(s). \u2020: a "
-                              "run that diverged (non-finite loss), counted at its loss at init, as is any run "
-                              "that ends above it (Wortsman et al., arXiv 2309.14322). LR sensitivity: the mean "
-                              "over the grid of those losses minus the best one.\n")
+    out = []
+    for label, size in sweep["sizes"].items():
+        params = f" ({size['params'] / 1e6:.2f}M parameters)" if size["params"] else ""
+        out += [f"### {label}{params}", "",
+                "| config | model | " + " | ".join(f"lr {lr}" for lr in lrs) +
+                " | best lr | best loss | LR sensitivity [95%] |",
+                "|---|---|" + "---|" * len(lrs) + "---|---|---|"]
+        for config, c in size["configs"].items():
+            cells = []
+            for lr in lrs:
+                ci = c["mean_loss_ci95"][lr]
+                half = f" +- {(ci[1] - ci[0]) / 2:.3f}" if ci else ""
+                cells.append(f"{c['mean_loss'][lr]:.3f}{half}" + "\u2020" * sum(o["diverged"] for o in c["runs"][lr]))
+            ci = c["lr_sensitivity_ci95"]
+            interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+            out.append(f"| {config} | {c['model']} | " + " | ".join(cells) + f" | {c['best_lr']:g}"
+                       f"{'*' if c['best_lr_at_edge'] else ''} | {c['best_loss']:.4f} | "
+                       f"{c['lr_sensitivity']:.4f}{interval} |")
+        out.append("")
+    seeds = sorted({len(o) for size in sweep["sizes"].values() for c in size["configs"].values()
+                    for o in c["runs"].values()})
+    return "\n".join(out) + (
+        f"\nFinal val loss, the mean over {' or '.join(map(str, seeds))} seed(s), +- the half width of its 95% "
+        "interval (Student's t). \u2020: a run that diverged (non-finite loss), counted at its loss at init, as is "
+        "any run that ends above it (Wortsman et al., arXiv 2309.14322). *: the best learning rate is at an end of "
+        "the grid, so the optimum is not measured. LR sensitivity: the mean over the grid of those losses minus the "
+        "best one; in brackets its 95% interval, a bootstrap over seeds.\n")
 
 
 def compare_table(runs):
