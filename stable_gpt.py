@@ -587,12 +587,9 @@ class GPT(nn.Module):
 
     # --- training -----------------------------------------------------------------------------------
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, sdd_official_decay=True,
-                             optimizer="adamw", olmo_decay=False, independent_wd=False):
+                             optimizer="adamw", olmo_decay=False):
         """AdamW with two groups, one decayed by weight_decay and one not; optimizer="muon": torch.optim.Muon for
-        the block matrices and AdamW for the rest (MuonWithAdamW). independent_wd: each step decays by
-        lr_t / learning_rate x weight_decay instead of PyTorch's lr_t x weight_decay (both optimizers multiply
-        by 1 - lr_t * wd), so the decay does not grow with the peak learning rate: Wortsman et al.'s independent
-        weight decay (arXiv 2309.14322, Sec. 2.1 and 3.2.2; Loshchilov & Hutter's decoupling).
+        the block matrices and AdamW for the rest (MuonWithAdamW). Both decay a step by 1 - lr_t x weight_decay.
         nanoGPT's groups (the default): decay every >= 2-D tensor (matrices and embeddings), not the biases
         and norm gains. Under SDD with sdd_official_decay (default), the official SDD configs' groups instead
         (kaihemo/SDD@79cf800, dense yaml: decay_norm_and_bias true, embeddings not decayed): decay the block
@@ -610,8 +607,6 @@ class GPT(nn.Module):
         embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
         gates = {id(m.gate) for m in self.modules() if isinstance(m, WESAR_MODULES)}
         olmo_groups = (self.config.sdd and sdd_official_decay) or olmo_decay
-        if independent_wd:
-            weight_decay = weight_decay / learning_rate  # lr_t * (wd / lr) = (lr_t / lr) * wd
         muon = {id(m.weight) for _, _, m in _block_linears(self)} if optimizer == "muon" else set()
 
         def decayed(p):

@@ -131,7 +131,7 @@ class Settings:
     optimizer: str = setting("adamw", "muon: Muon for block matrices, AdamW for the rest", choices=("adamw", "muon"),
                              out_dir=True)
     weight_decay: float = setting(0.1, "AdamW weight decay (which tensors: configure_optimizers)", FINITE_AT_LEAST_0)
-    independent_wd: bool = setting(False, "decay lr_t/lr x --weight-decay per step, not lr_t x it (arXiv 2309.14322)")
+    independent_wd: bool = setting(False, "decay lr_t/lr x --weight-decay per step, not lr_t x it (2309.14322 3.2.2)")
     olmo_decay: bool = setting(False, "decay every tensor but the embeddings (OLMo's groups; --sdd's by default)")
     beta1: float = setting(0.9, "AdamW beta1", (lambda v: 0 <= v < 1, "in [0, 1)"))
     beta2: float = setting(0.95, "AdamW beta2", (lambda v: 0 <= v < 1, "in [0, 1)"))
@@ -236,8 +236,8 @@ def build_model(cfg, meta, resume_ckpt, proc):
     model = model.to(proc.device)
     use_rmsnorm_kernel(model)  # eager fp32 CPU only: the same function as F.rms_norm, ~2.3x faster there
     model.grad_checkpointing = cfg.grad_checkpoint
-    optimizer = model.configure_optimizers(cfg.weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), proc.device.type,
-                                           cfg.sdd_official_decay, cfg.optimizer, cfg.olmo_decay, cfg.independent_wd)
+    optimizer = model.configure_optimizers(cfg.weight_decay / (cfg.lr if cfg.independent_wd else 1), cfg.lr, (
+        cfg.beta1, cfg.beta2), proc.device.type, cfg.sdd_official_decay, cfg.optimizer, cfg.olmo_decay)
     return model, optimizer
 
 

@@ -67,12 +67,11 @@ class OLMoSpikeScore:
     STATE_KEYS = ("threshold_std", "window_size", "rolling_window", "losses", "grad_norms", "flags", "spike_iters",
                   "steps")
 
-    def __init__(self, threshold_std=6.0, window_size=128, rolling_window=10_000, losses=(), grad_norms=(),
-                 flags=(), spike_iters=(), steps=0):
+    def __init__(self, threshold_std=6.0, window_size=128, rolling_window=10_000):
         self.threshold_std, self.window_size, self.rolling_window = threshold_std, window_size, rolling_window
-        self.losses, self.grad_norms = deque(losses, maxlen=window_size), deque(grad_norms, maxlen=window_size)
-        self.flags = deque(flags, maxlen=rolling_window)  # one bool per step: did it spike
-        self.spike_iters, self.steps = list(spike_iters), steps
+        self.losses, self.grad_norms = deque(maxlen=window_size), deque(maxlen=window_size)
+        self.flags = deque(maxlen=rolling_window)  # one bool per step: did it spike
+        self.spike_iters, self.steps = [], 0
 
     def is_spike(self, value, history):
         if len(history) < self.window_size:
@@ -110,7 +109,14 @@ class OLMoSpikeScore:
     @classmethod
     def from_state(cls, state):
         """A checkpoint's state; one written before the rule followed OLMo-core (other keys) starts afresh."""
-        return cls(**state) if state and set(state) == set(cls.STATE_KEYS) else cls()
+        if not state or set(state) != set(cls.STATE_KEYS):
+            return cls()
+        score = cls(state["threshold_std"], state["window_size"], state["rolling_window"])
+        score.losses.extend(state["losses"])
+        score.grad_norms.extend(state["grad_norms"])
+        score.flags.extend(state["flags"])
+        score.spike_iters, score.steps = list(state["spike_iters"]), state["steps"]
+        return score
 
 
 class SpikeWatch:
