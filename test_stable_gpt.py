@@ -1682,6 +1682,30 @@ def test_plots_read_at_a_glance(tmp_path, data_dir, monkeypatch):
     assert len({plt_colour(bars) for bars in lines}) == 13  # every configuration its own colour
 
 
+def test_sweeps_into_one_folder_add_up_their_sizes(tmp_path, monkeypatch):
+    """A second sweep into the same --out-dir (the largest size, fewer configurations) keeps the first one's
+    sizes in lr_sweep.json, ordered by parameters; the map draws the configurations each size has."""
+    def size(params, names):
+        run = dict(counted_loss=2.0, diverged=False)
+        return dict(params=params, configs={n: dict(runs={"0.001": [run]}, mean_loss={"0.001": 2.0},
+                                                    mean_loss_ci95={"0.001": None}, lr_sensitivity=0.0,
+                                                    lr_sensitivity_ci95=None) for n in names})
+    path = tmp_path / "lr_sweep.json"
+    path.write_text(json.dumps(dict(lrs=[1e-3], sizes={"4x64": size(2e5, ["baseline", "--sdd", "--lns"]),
+                                                       "4x128": size(8e5, ["baseline", "--sdd", "--lns"])})))
+    merged = sweep.with_saved_sizes(dict(lrs=[1e-3], sizes={"8x128": size(1.6e6, ["baseline", "--lns"]),
+                                                            "4x64": size(2e5, ["baseline"])}), path)
+    assert list(merged["sizes"]) == ["4x64", "4x128", "8x128"]
+    assert list(merged["sizes"]["4x64"]["configs"]) == ["baseline"]  # the size this sweep ran: its own result
+    other_grid = dict(lrs=[1e-2], sizes={"8x128": size(1.6e6, ["baseline"])})
+    assert sweep.with_saved_sizes(other_grid, path) == other_grid  # another grid: not mixed
+    figures = {}
+    monkeypatch.setattr(plots, "save", lambda fig, p, *a, **k: figures.setdefault(Path(p).name, fig) and Path(p))
+    plots.plot_lr_sweep(merged, tmp_path)
+    rows = [[len(ax.containers) for ax in figures["lr_sweep.png"].axes[i:i + 1]] for i in range(3)]
+    assert rows == [[1], [3], [2]]  # one panel per size: 4x64 the reference only; 4x128 + --sdd, --lns; 8x128 + --lns
+
+
 def plt_colour(bars):
     import matplotlib.colors
     return tuple(matplotlib.colors.to_rgba(bars.lines[0].get_color()))

@@ -268,6 +268,11 @@ def interval_bars(centers, intervals):
             [iv[1] - c if iv else 0 for c, iv in zip(centers, intervals)]]
 
 
+def config_names(sweep):
+    """Every configuration of a sweep, in the order of the sizes that ran them (a size may run fewer)."""
+    return list(dict.fromkeys(name for size in sweep["sizes"].values() for name in size["configs"]))
+
+
 PANEL_CONFIGS = 4  # configurations per panel of the map, beside the first one (the reference in every panel)
 
 
@@ -278,7 +283,7 @@ def plot_lr_sweep(sweep, out_dir, dpi=90):
     runs marked x at the loss they count (their loss at init), as Wortsman et al.'s Fig. 1 (arXiv 2309.14322).
     sweep: lr_sweep_results()."""
     sizes = sweep["sizes"]
-    names = list(next(iter(sizes.values()))["configs"])
+    names = config_names(sweep)
     reference, others = names[0], names[1:]
     groups = [others[i:i + PANEL_CONFIGS] for i in range(0, len(others), PANEL_CONFIGS)] or [[]]
     palette = plt.get_cmap("tab10").colors  # within a panel: four colours far apart, the legend under the column
@@ -288,6 +293,8 @@ def plot_lr_sweep(sweep, out_dir, dpi=90):
         params = f", {size['params'] / 1e6:.2f}M params" if size["params"] else ""
         for ax, group in zip(row, groups):
             for k, config in enumerate([reference] + group):
+                if config not in size["configs"]:  # a size run with fewer configurations
+                    continue
                 c = size["configs"][config]
                 lrs = sorted(c["runs"], key=float)
                 mean = [c["mean_loss"][lr] for lr in lrs]
@@ -315,7 +322,7 @@ def plot_lr_sensitivity(sweep, out_dir, dpi=90):
     model's parameter count, log axis, one line per configuration: Wortsman et al.'s Fig. 1, right panel (arXiv
     2309.14322). A configuration whose sensitivity grows with size has an instability that scale brings out."""
     sizes = list(sweep["sizes"].values())
-    names = list(sizes[0]["configs"])
+    names = config_names(sweep)
     colors = config_colors(names)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     for i, config in enumerate(names):

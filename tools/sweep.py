@@ -163,6 +163,7 @@ def compare(argv):
     if lrs:
         sweep = lr_sweep_results({size: {config: {lr: [d for s_, c, l, _, d in plan if (s_, c, l) == (size, config, lr)]
                                                   for lr in lrs} for config in configs} for size in size_args})
+        sweep = with_saved_sizes(sweep, root / "lr_sweep.json")
         write_json_atomically(root / "lr_sweep.json", sweep)
         (root / "lr_sweep.md").write_text(table := lr_sweep_table(sweep))
         print("\n" + table)
@@ -337,6 +338,17 @@ def lr_sweep_results(runs):
                        "shape (a flag's own gains add a few)",
                 lrs=sorted({lr for by_config in runs.values() for by_lr in by_config.values() for lr in by_lr}),
                 sizes=sizes)
+
+
+def with_saved_sizes(sweep, path):
+    """The sweep plus the sizes of the lr_sweep.json already at path that this sweep did not run, so that
+    sweeps into one --out-dir add up: e.g. the largest size run later with fewer configurations. Sizes in order
+    of parameter count; a saved sweep of another learning-rate grid is replaced (its runs stay on disk)."""
+    saved = parse_or_none(path.read_text()) if path.is_file() else None
+    if not saved or saved.get("lrs") != sweep["lrs"] or "sizes" not in saved:
+        return sweep
+    sizes = {**{k: v for k, v in saved["sizes"].items() if k not in sweep["sizes"]}, **sweep["sizes"]}
+    return dict(sweep, sizes=dict(sorted(sizes.items(), key=lambda kv: kv[1]["params"] or 0)))
 
 
 def run_shape(by_config):
