@@ -253,7 +253,7 @@ def run_outcome(run_dir):
     diverged = summary["diverged"] or final is None or not math.isfinite(final)
     return dict(seed=summary["config"]["seed"], model=summary["techniques"], final_val_loss=final,
                 best_val_loss=summary["best_val_loss"], init_val_loss=init, diverged=diverged,
-                counted_loss=init if diverged else min(final, init), params=parameter_count(summary.get("model_args")))
+                counted_loss=init if diverged else min(final, init))
 
 
 def parameter_count(model_args):
@@ -320,9 +320,10 @@ def lr_sweep_results(runs):
             losses = {lr: [o["counted_loss"] for o in runs_] for lr, runs_ in outcomes.items()}
             mean_loss = {lr: statistics.fmean(v) for lr, v in losses.items()}
             best_lr = min(mean_loss, key=mean_loss.get)
-            first = next(iter(outcomes.values()))[0]
+            first = first_run_summary(by_lr)  # the shape is one per configuration: counted once, not per run
             configs[config] = dict(
-                model=first["model"], params=first["params"], runs={f"{lr:g}": o for lr, o in outcomes.items()},
+                model=first["techniques"], params=parameter_count(first.get("model_args")),
+                runs={f"{lr:g}": o for lr, o in outcomes.items()},
                 mean_loss={f"{lr:g}": v for lr, v in mean_loss.items()},
                 mean_loss_ci95={f"{lr:g}": mean_interval(v) for lr, v in losses.items()}, best_lr=best_lr,
                 best_lr_at_edge=best_lr in (min(by_lr), max(by_lr)) and len(by_lr) > 1,
@@ -351,10 +352,14 @@ def with_saved_sizes(sweep, path):
     return dict(sweep, sizes=dict(sorted(sizes.items(), key=lambda kv: kv[1]["params"] or 0)))
 
 
+def first_run_summary(by_lr):
+    """summary.json of the first run of {lr: [run folders]}."""
+    return json.loads((next(iter(by_lr.values()))[0] / "summary.json").read_text())
+
+
 def run_shape(by_config):
     """LxW of the runs of one size, from the first run's settings (the label of a sweep without --sizes)."""
-    first = next(d for by_lr in by_config.values() for dirs in by_lr.values() for d in dirs)
-    cfg = json.loads((first / "summary.json").read_text())["config"]
+    cfg = first_run_summary(next(iter(by_config.values())))["config"]
     return f"{cfg['n_layer']}x{cfg['n_embd']}" if "n_layer" in cfg else "one size"
 
 
