@@ -177,9 +177,9 @@ def plot_weight_std(diag, path):
 
 def plot_logit_growth(runs, path, dpi=90, with_loss=True):
     """The two logit divergences of Wortsman et al. (arXiv 2309.14322, Sec. 3) over training, one line per run:
-    the step loss (with_loss: a run's own plots have it in loss.png), the largest attention logit |q.k|/sqrt(d)
-    over blocks (Sec. 3.1; QK-norm bounds it) and the mean log Z of the output logits with its spread (Sec. 3.2;
-    z-loss pulls it to 0). runs: {label: read_run()}."""
+    the step loss (with_loss: a run's own plots have it in loss.png), the largest attention logit q.k/sqrt(d) (signed,
+    as Wortsman plot it) over blocks (Sec. 3.1.1; QK-norm bounds it) and the mean log Z of the output logits with
+    its spread (Sec. 3.1.2; z-loss pulls it to 0). runs: {label: read_run()}."""
     fig, axes = plt.subplots(1, 3 if with_loss else 2, figsize=(18 if with_loss else 12, 4.8))
     axes = axes if with_loss else [None, *axes]
     for i, (label, (log, diag)) in enumerate(runs.items()):
@@ -197,8 +197,8 @@ def plot_logit_growth(runs, path, dpi=90, with_loss=True):
                              color=color, alpha=0.2)
     if with_loss:
         axes[0].set(title="Training loss (step)", xlabel="iteration", ylabel="cross-entropy (nats/token)")
-    axes[1].set(title="Largest attention logit over blocks", xlabel="iteration", ylabel="max |q.k| / sqrt(d)",
-                yscale="log")
+    axes[1].set(title="Largest attention logit over blocks", xlabel="iteration", ylabel="max q.k / sqrt(d)",
+                yscale="symlog")  # symlog: the signed max can be below 0
     axes[2].set(title="log Z of the output logits (mean +- std)", xlabel="iteration", ylabel="log Z")
     for ax in axes[0 if with_loss else 1:]:
         ax.legend(fontsize=8)
