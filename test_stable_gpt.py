@@ -2883,6 +2883,25 @@ def test_a_diverged_run_counts_at_its_loss_at_init(tmp_path):
     assert "\u2020" in row and "| 0.001* |" in row  # the diverged run is marked, and the optimum on the edge
 
 
+def test_a_difference_from_the_first_configuration_is_claimed_only_where_the_intervals_are_apart(tmp_path):
+    assert sweep.interval_order([1.0, 2.0], [2.5, 3.0]) == "lower"
+    assert sweep.interval_order([3.1, 4.0], [2.5, 3.0]) == "higher"
+    assert sweep.interval_order([1.0, 2.6], [2.5, 3.0]) == "overlap"
+    assert sweep.interval_order(None, [2.5, 3.0]) is None
+    # three seeds: "far" is 0.5 worse at every learning rate with the reference's spread; "near" 0.001 worse
+    spread = (-0.01, 0.0, 0.01)
+    runs_ = {name: {lr: [fake_run(tmp_path / name / f"{lr:g}" / str(i), loss + shift + d, diverged=False, seed=i)
+                         for i, d in enumerate(spread)] for lr, loss in ((1e-3, 2.5), (1e-2, 2.0), (1e-1, 3.0))}
+             for name, shift in (("ref", 0.0), ("far", 0.5), ("near", 0.001))}
+    configs = sweep.lr_sweep_results({None: runs_})["sizes"]["one size"]["configs"]
+    assert configs["ref"]["vs_first"] is None
+    assert configs["far"]["vs_first"] == dict(best_loss="higher", lr_sensitivity="overlap")  # same curve shape
+    assert configs["near"]["vs_first"] == dict(best_loss="overlap", lr_sensitivity="overlap")
+    table = sweep.lr_sweep_table(sweep.lr_sweep_results({None: runs_}))
+    assert "| reference |" in next(line for line in table.splitlines() if line.startswith("| ref |"))
+    assert next(line for line in table.splitlines() if line.startswith("| far |")).endswith("| higher, = |")
+
+
 def test_mean_interval_is_students_t():
     # 3 seeds: t(0.975, 2) = 4.303; s = 1 for [1, 2, 3]
     assert sweep.mean_interval([1.0, 2.0, 3.0]) == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)])

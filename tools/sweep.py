@@ -307,11 +307,21 @@ def sensitivity_interval(losses_by_lr, draws=BOOTSTRAP_DRAWS, seed=0):
     return [values[int(0.025 * (draws - 1))], values[int(0.975 * (draws - 1))]]
 
 
+def interval_order(ci, reference):
+    """"lower" or "higher" when two 95% intervals do not overlap, "overlap" when they do, None without both:
+    a difference the map claims only when the intervals are apart (conservative: non-overlap of two 95%
+    intervals is a difference at well below the 5% level)."""
+    if not ci or not reference:
+        return None
+    return "lower" if ci[1] < reference[0] else "higher" if ci[0] > reference[1] else "overlap"
+
+
 def lr_sweep_results(runs):
     """lr_sweep.json's content from {size: {config: {lr: [run folders, one per seed]}}} (size None: the flags'
     one): per size its parameter count, per configuration and learning rate the outcome of each seed, the mean
     counted loss and its 95% interval; the best learning rate (and whether it is at an end of the grid), the
-    best loss, the LR sensitivity of the mean curve and its 95% bootstrap interval."""
+    best loss, the LR sensitivity of the mean curve and its 95% bootstrap interval; vs_first: where those two
+    intervals lie against the first configuration's (interval_order)."""
     sizes = {}
     for size, by_config in runs.items():
         configs = {}
@@ -329,6 +339,10 @@ def lr_sweep_results(runs):
                 best_lr_at_edge=best_lr in (min(by_lr), max(by_lr)) and len(by_lr) > 1,
                 best_loss=mean_loss[best_lr], best_loss_ci95=mean_interval(losses[best_lr]),
                 lr_sensitivity=lr_sensitivity(mean_loss), lr_sensitivity_ci95=sensitivity_interval(losses))
+        reference = next(iter(configs.values()))  # the first configuration: what the others are read against
+        for c in configs.values():
+            c["vs_first"] = None if c is reference else {
+                key: interval_order(c[f"{key}_ci95"], reference[f"{key}_ci95"]) for key in ("best_loss", "lr_sensitivity")}
         label = size or run_shape(by_config)
         sizes[label] = dict(params=next(iter(configs.values()))["params"], configs=configs)
     return dict(reference="Wortsman et al. 2023, arXiv 2309.14322",
@@ -366,15 +380,16 @@ def run_shape(by_config):
 def lr_sweep_table(sweep):
     """lr_sweep.md: per size, the mean counted loss of each configuration at each learning rate (+- the half
     width of its 95% interval, a dagger per diverged run), its best learning rate (* at an end of the grid),
-    best loss and LR sensitivity with its 95% interval."""
+    best loss and LR sensitivity with its 95% interval, and where the intervals of those two are apart from the
+    first configuration's (lower or higher)."""
     lrs = [f"{lr:g}" for lr in sweep["lrs"]]
     out = []
     for label, size in sweep["sizes"].items():
         params = f" ({size['params'] / 1e6:.2f}M parameters)" if size["params"] else ""
         out += [f"### {label}{params}", "",
                 "| config | model | " + " | ".join(f"lr {lr}" for lr in lrs) +
-                " | best lr | best loss | LR sensitivity [95%] |",
-                "|---|---|" + "---|" * len(lrs) + "---|---|---|"]
+                " | best lr | best loss | LR sensitivity [95%] | vs the first: best loss, sensitivity |",
+                "|---|---|" + "---|" * len(lrs) + "---|---|---|---|"]
         for config, c in size["configs"].items():
             cells = []
             for lr in lrs:
@@ -385,7 +400,7 @@ def lr_sweep_table(sweep):
             interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
             out.append(f"| {config} | {c['model']} | " + " | ".join(cells) + f" | {c['best_lr']:g}"
                        f"{'*' if c['best_lr_at_edge'] else ''} | {c['best_loss']:.4f} | "
-                       f"{c['lr_sensitivity']:.4f}{interval} |")
+                       f"{c['lr_sensitivity']:.4f}{interval} | {vs_first(c)} |")
         out.append("")
     seeds = sorted({len(o) for size in sweep["sizes"].values() for c in size["configs"].values()
                     for o in c["runs"].values()})
@@ -394,7 +409,15 @@ def lr_sweep_table(sweep):
         "interval (Student's t). \u2020: a run that diverged (non-finite loss), counted at its loss at init, as is "
         "any run that ends above it (Wortsman et al., arXiv 2309.14322). *: the best learning rate is at an end of "
         "the grid, so the optimum is not measured. LR sensitivity: the mean over the grid of those losses minus the "
-        "best one; in brackets its 95% interval, a bootstrap over seeds.\n")
+        "best one; in brackets its 95% interval, a bootstrap over seeds. vs the first: lower or higher where the 95% "
+        "intervals of the two are apart, = where they overlap (no difference shown), - without intervals.\n")
+
+
+def vs_first(c):
+    """The table's cell of a configuration's vs_first (the first configuration itself: "reference")."""
+    if c["vs_first"] is None:
+        return "reference"
+    return ", ".join({"lower": "lower", "higher": "higher", "overlap": "="}.get(v, "-") for v in c["vs_first"].values())
 
 
 def compare_table(runs):
