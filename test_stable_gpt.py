@@ -2910,6 +2910,10 @@ def test_a_difference_from_the_first_configuration_is_claimed_only_where_the_int
     table = sweep.lr_sweep_table(sweep.lr_sweep_results({None: runs_}))
     assert "| reference |" in next(line for line in table.splitlines() if line.startswith("| ref |"))
     assert next(line for line in table.splitlines() if line.startswith("| far |")).endswith("| higher, = |")
+    saved_before = sweep.lr_sweep_results({None: runs_})  # a size saved by an older sweep has no vs_first
+    del saved_before["sizes"]["one size"]["configs"]["far"]["vs_first"]
+    assert next(line for line in sweep.lr_sweep_table(saved_before).splitlines() if line.startswith("| far |")).endswith(
+        "| - |")
 
 
 def test_mean_interval_is_students_t():

@@ -414,7 +414,10 @@ def lr_sweep_table(sweep):
 
 
 def vs_first(c):
-    """The table's cell of a configuration's vs_first (the first configuration itself: "reference")."""
+    """The table's cell of a configuration's vs_first (the first configuration itself: "reference"; "-" in an
+    lr_sweep.json saved before there was vs_first)."""
+    if "vs_first" not in c:
+        return "-"
     if c["vs_first"] is None:
         return "reference"
     return ", ".join({"lower": "lower", "higher": "higher", "overlap": "="}.get(v, "-") for v in c["vs_first"].values())
