@@ -2903,14 +2903,15 @@ def test_a_difference_from_the_first_configuration_is_claimed_only_where_the_int
     runs_ = {name: {lr: [fake_run(tmp_path / name / f"{lr:g}" / str(i), loss + shift + d, diverged=False, seed=i)
                          for i, d in enumerate(spread)] for lr, loss in ((1e-3, 2.5), (1e-2, 2.0), (1e-1, 3.0))}
              for name, shift in (("ref", 0.0), ("far", 0.5), ("near", 0.001))}
-    configs = sweep.lr_sweep_results({None: runs_})["sizes"]["one size"]["configs"]
+    result = sweep.lr_sweep_results({None: runs_})
+    configs = result["sizes"]["one size"]["configs"]
     assert configs["ref"]["vs_first"] is None
     assert configs["far"]["vs_first"] == dict(best_loss="higher", lr_sensitivity="overlap")  # same curve shape
     assert configs["near"]["vs_first"] == dict(best_loss="overlap", lr_sensitivity="overlap")
-    table = sweep.lr_sweep_table(sweep.lr_sweep_results({None: runs_}))
+    table = sweep.lr_sweep_table(result)
     assert "| reference |" in next(line for line in table.splitlines() if line.startswith("| ref |"))
     assert next(line for line in table.splitlines() if line.startswith("| far |")).endswith("| higher, = |")
-    saved_before = sweep.lr_sweep_results({None: runs_})  # a size saved by an older sweep has no vs_first
+    saved_before = copy.deepcopy(result)  # a size saved by an older sweep has no vs_first
     del saved_before["sizes"]["one size"]["configs"]["far"]["vs_first"]
     assert next(line for line in sweep.lr_sweep_table(saved_before).splitlines() if line.startswith("| far |")).endswith(
         "| - |")

@@ -344,7 +344,7 @@ def lr_sweep_results(runs):
             c["vs_first"] = None if c is reference else {
                 key: interval_order(c[f"{key}_ci95"], reference[f"{key}_ci95"]) for key in ("best_loss", "lr_sensitivity")}
         label = size or run_shape(by_config)
-        sizes[label] = dict(params=next(iter(configs.values()))["params"], configs=configs)
+        sizes[label] = dict(params=reference["params"], configs=configs)
     return dict(reference="Wortsman et al. 2023, arXiv 2309.14322",
                 loss="final val loss; a diverged run counts at its val loss at init, and no run above it",
                 intervals="95%: Student's t over seeds for mean losses; a bootstrap over seeds (2,000 draws) for the "
