@@ -32,10 +32,9 @@ from prepare_data import Codec, DataError
 from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig, qk_clip_after_step, tvr_after_step
 from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE, add_flags, check_ranges,
                        default_out_dir, gpt2_architecture, model_setting, saved_settings, setting)
-from tools.cpu_rmsnorm import use_rmsnorm_kernel
 from tools.monitors import DiagnosticsRecorder
 from tools.runs import (Batches, OutputThatSurvivesAClosedPipe, Run, StopRequest, TrainError, any_rank,
-                        check_can_compile, check_fresh_start, keep_freed_memory, load_checkpoint, load_gpt2,
+                        check_fresh_start, compile_or_eager, keep_freed_memory, load_checkpoint, load_gpt2,
                         model_from_checkpoint, nonfinite_part, pick_device, pick_dtype, setup_process, wrap_model)
 
 # ----------------------------------------------------------------------------------------------------
@@ -81,7 +80,8 @@ class Settings:
     device: str = setting("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
     dtype: str = setting("auto", "auto: bf16 on CUDA (else fp16), fp32 elsewhere", choices=("auto", "float32",
                                                                                          "bfloat16", "float16"))
-    compile: Optional[bool] = setting(None, "torch.compile (default: on with CUDA; on CPU it needs a C++ compiler)")
+    compile: Optional[bool] = setting(None, "torch.compile (default: on wherever it works; on CPU it needs a C++ "
+                                      "compiler, else eager with a note)")
     init_from: Optional[str] = setting(None, "start from OpenAI's GPT-2 weights (needs transformers)",
                                        choices=GPT2_SIZES, out_dir=True)
     skip_nonfinite: bool = setting(False, "skip an update with a non-finite loss or gradient instead of stopping")
@@ -234,7 +234,6 @@ def build_model(cfg, meta, resume_ckpt, proc):
     if pretrained is not None:
         model.load_state_dict(pretrained.state_dict())
     model = model.to(proc.device)
-    use_rmsnorm_kernel(model)  # eager fp32 CPU only: the same function as F.rms_norm, ~2.3x faster there
     model.grad_checkpointing = cfg.grad_checkpoint
     optimizer = model.configure_optimizers(cfg.weight_decay / (cfg.lr if cfg.independent_wd else 1), cfg.lr, (
         cfg.beta1, cfg.beta2), proc.device.type, cfg.sdd_official_decay, cfg.optimizer, cfg.olmo_decay)
@@ -286,8 +285,8 @@ def train(cfg, resume_ckpt=None, stop=None):
     dtype = pick_dtype(cfg.dtype, proc.device)  # bf16 on CUDA (fp16 + GradScaler where bf16 is missing), else fp32
     autocast = torch.autocast(proc.device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = proc.device.type == "cuda"
-    compiled = cfg.compile if cfg.compile is not None else proc.device.type == "cuda"
-    check_can_compile(compiled, proc.device)
+    # compiled by default, CPU included (a step ~1.2x faster there); eager with a note where compile does not work
+    compiled = compile_or_eager(cfg.compile, proc.device, say=print if proc.master else lambda _: None)
 
     data_dir, meta = prepare_data.load_prepared(cfg.data, cfg.tokenizer, cfg.block_size)
     raw_model, optimizer = build_model(cfg, meta, resume_ckpt, proc)
@@ -392,7 +391,7 @@ def print_samples(model, codec, sampling, device):
 
 def sample_from_checkpoint(cfg, sampling):
     ckpt, device = load_checkpoint(path := Path(cfg.out_dir) / "ckpt.pt"), pick_device(cfg.device)
-    model = use_rmsnorm_kernel(model_from_checkpoint(ckpt, path).to(device))
+    model = model_from_checkpoint(ckpt, path).to(device)
     torch.manual_seed(cfg.seed)
     print_samples(model, Codec(ckpt["meta"]), sampling, device)
 

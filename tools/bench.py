@@ -4,9 +4,9 @@ memory for the baseline, each stabilizer alone and all of them, at a given shape
 
     python -m tools.bench                       # the CPU preset shape (4/4/128, block 64, batch 32)
     python -m tools.bench --shape nanogpt-cpu   # nanoGPT's README CPU recipe shape (4/4/128, block 64, batch 12)
-    python -m tools.bench --compile             # the same, each model torch.compile'd
+    python -m tools.bench --no-compile          # the same, eager (by default each model is torch.compile'd, as
+                                                # the training script runs it where compile works)
     python -m tools.bench --nanogpt ../nanoGPT/model.py   # add nanoGPT's own model, timed in this process
-    python -m tools.bench --rmsnorm-as-layernorm          # bound: the step time with RMSNorm as fast as LayerNorm
 
 The machine's speed drifts by up to 30% within a minute (other tenants), while ratios measured side by side are
 steady. So the configurations are interleaved: each round times every configuration for --steps steps, and
@@ -28,8 +28,7 @@ from pathlib import Path
 import torch
 
 from stable_gpt import GPT, GPTConfig, qk_clip_after_step, tvr_after_step
-from tools.cpu_rmsnorm import RMSNormCPU, layer_norm_kernel, use_rmsnorm_kernel
-from tools.runs import keep_freed_memory, pick_dtype
+from tools.runs import compile_or_eager, keep_freed_memory, pick_dtype
 
 SHAPES = {  # vocab 65: tiny Shakespeare's characters; 50304: GPT-2's BPE padded to a multiple of 64
     "cpu-preset": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, vocab_size=65),
@@ -62,15 +61,14 @@ def load_nanogpt(path):
     return module
 
 
-def build_model(shape, flag, nanogpt=None, rmsnorm_kernel=RMSNormCPU.apply):
-    """Our GPT with the flags FLAGS[flag], its RMSNorms on rmsnorm_kernel in eager CPU (as the training script
-    runs them), or, for flag 'nanogpt', nanoGPT's GPT from the module given."""
+def build_model(shape, flag, nanogpt=None):
+    """Our GPT with the flags FLAGS[flag], or, for flag 'nanogpt', nanoGPT's GPT from the module given."""
     s = {k: v for k, v in shape.items() if k != "batch_size"}
     if flag == "nanogpt":
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
             return nanogpt.GPT(nanogpt.GPTConfig(bias=False, dropout=0.0, **s))
     config = {k: v for k, v in FLAGS[flag].items() if k != "optimizer"}
-    return use_rmsnorm_kernel(GPT(GPTConfig(bias=False, **s, **config)), rmsnorm_kernel)
+    return GPT(GPTConfig(bias=False, **s, **config))
 
 
 class Runner:
@@ -122,8 +120,7 @@ def peak_memory_mib(args, flag):
     cmd = [sys.executable, "-m", "tools.bench", "--measure-peak", flag, "--shape", args.shape, "--device", args.device]
     cmd += ["--nanogpt", args.nanogpt] if args.nanogpt else []
     cmd += ["--glibc-defaults"] if args.glibc_defaults else []
-    cmd += ["--compile"] if args.compile else []
-    cmd += ["--rmsnorm-as-layernorm"] if args.rmsnorm_as_layernorm else []
+    cmd += [] if args.compile else ["--no-compile"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent)
     return float(out.stdout.split()[-1])
 
@@ -153,21 +150,22 @@ def main(argv=None):
     p.add_argument("--rounds", type=positive_int, default=15)
     p.add_argument("--steps", type=positive_int, default=5, help="steps per configuration per round")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--compile", action="store_true", help="torch.compile every model (compile time not counted)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile every model (compile time not counted; default: wherever compile works)")
     p.add_argument("--nanogpt", metavar="MODEL_PY",
                    help="also time nanoGPT's own GPT, from the model.py of a nanoGPT checkout, interleaved")
     p.add_argument("--glibc-defaults", action="store_true",
                    help="leave glibc's malloc settings alone (see keep_freed_memory in tools/runs.py)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory column")
-    p.add_argument("--rmsnorm-as-layernorm", action="store_true",
-                   help="timing experiment, wrong math: every RMSNorm (SDD's included) runs F.layer_norm at the same "
-                        "size, to bound what a faster RMSNorm kernel could buy")
     p.add_argument("--measure-peak", metavar="FLAG", help=argparse.SUPPRESS)  # the peak-memory subprocess
     run(p.parse_args(argv))
 
 
 def run(args):
     device = torch.device(args.device)
+    args.compile = compile_or_eager(args.compile, device)
+    # every configuration is another graph of GPT.forward's one cache: room for all, or dynamo runs the rest eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(FLAGS) + 2)
     if not args.glibc_defaults:
         keep_freed_memory()
     nanogpt = load_nanogpt(args.nanogpt) if args.nanogpt else None
@@ -175,8 +173,7 @@ def run(args):
     names = (["nanogpt"] if nanogpt else []) + args.flags
 
     def runner(name):
-        kernel = layer_norm_kernel if args.rmsnorm_as_layernorm else RMSNormCPU.apply
-        return Runner(build_model(shape, name, nanogpt, kernel), shape["batch_size"], device, args.compile,
+        return Runner(build_model(shape, name, nanogpt), shape["batch_size"], device, args.compile,
                       FLAGS.get(name, {}).get("optimizer", "adamw"))
 
     if args.measure_peak:
@@ -198,7 +195,7 @@ def run(args):
             times[name].append(r.time(args.steps))
     print(f"shape {args.shape}: {shape}, {torch.get_num_threads()} threads, {device}"
           f"{', compiled' if args.compile else ''}{', glibc malloc defaults' if args.glibc_defaults else ''}"
-          f"{', RMSNorm run as LayerNorm (timing only)' if args.rmsnorm_as_layernorm else ''}, "
+          ", "
           f"{args.rounds} rounds x {args.steps} steps, medians")
     base = times["baseline" if "baseline" in times else names[0]]
     print(f"{'config':<10} {'ms/step':>8} {'tokens/s':>9} {'x baseline':>10} {'peak MiB':>9}"

@@ -8,6 +8,7 @@ that the benchmark shares. Imports torch, numpy and stable_gpt only (plots only 
 import ctypes
 import datetime
 import fcntl
+import functools
 import json
 import math
 import os
@@ -479,10 +480,34 @@ def micro_steps_per_rank(grad_accum, world):
     return max(1, grad_accum // world)
 
 
-def check_can_compile(compiled, device):
-    """torch.compile on CPU builds C++ kernels: without a compiler it fails at the first step, so say it first."""
-    if compiled and device.type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
-        raise TrainError("--compile on CPU needs a C++ compiler, and none is on PATH; use --no-compile")
+def compile_or_eager(asked, device, say=print):
+    """Whether the step runs torch.compile'd: as asked (--compile, --no-compile), and by default wherever compile
+    works. On CPU inductor builds C++ kernels, so a missing or broken C++ compiler, or a platform where compile
+    fails (Windows without a compiler, MPS set-ups), falls back to eager with one note line; --compile there is
+    an error instead."""
+    if asked is False:
+        return False
+    if (reason := why_compile_fails(device.type)) is None:
+        return True
+    if asked:
+        raise TrainError(f"--compile: torch.compile does not work on this machine ({reason}); use --no-compile")
+    say(f"note: torch.compile does not work on this machine ({reason}); training eager, slower (--no-compile "
+        "skips this check)")
+    return False
+
+
+@functools.cache
+def why_compile_fails(device_type):
+    """None if torch.compile builds and runs a small matmul on this device type, else why not, in a few words.
+    Once per process: the model's own compile then pays the compiler's start-up, not this (~0.5 s warm)."""
+    if device_type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++", "cl")):
+        return "no C++ compiler on PATH"
+    try:
+        a = torch.ones(4, 4, device=device_type)
+        torch.compile(lambda u, v: torch.relu(u @ v).sum())(a, a).item()
+    except Exception as e:  # any failure of the toolchain: the reason shows in its first line
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}".rstrip(": ")
+    return None
 
 
 def wrap_model(model, compiled, proc):
