@@ -1851,6 +1851,17 @@ def test_compile_is_the_default_and_falls_back_to_eager_with_one_note(tmp_path, 
     runs.why_compile_fails.cache_clear()
 
 
+def test_muon_on_a_cpu_without_bf16_matmuls_says_what_it_costs(tmp_path, data_dir, capsys, monkeypatch):
+    """torch.optim.Muon's Newton-Schulz runs in bf16: on a CPU without bf16 matmul instructions one note line
+    says a step will cost several AdamW steps; with them, or with AdamW, no note."""
+    for has_bf16, optimizer, noted in ((False, "muon", True), (True, "muon", False), (False, "adamw", False)):
+        monkeypatch.setattr(train_shakespeare, "cpu_has_bf16_matmul", lambda: has_bf16)
+        out = tmp_path / f"{optimizer}{has_bf16}"
+        assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "1", "--eval-interval", "1",
+                                                 "--optimizer", optimizer)) == 0
+        assert capsys.readouterr().out.count("note: this CPU has no bf16 matmul instructions") == noted
+
+
 # every flag in one of five compiled models (each compile costs seconds): the paper's stabilizers together, the
 # practitioners' fixes together, the placements that mix Pre- and Post-LN blocks, OLMo 2, DyT under DeepNorm
 COMPILE_FAMILIES = {"papers": dict(ALL_FLAGS, tvr_interval=1),
@@ -1972,15 +1983,19 @@ def test_keep_freed_memory_stops_the_page_faults_of_each_step():
 def test_bench_times_every_config_and_an_outside_nanogpt_model(capsys):
     """bench.py prints one row per configuration, and times a nanoGPT-style model.py given by path (here this
     project's own stable_gpt.py, which has nanoGPT's GPT/GPTConfig interface) in the same process."""
-    bench.main(["--flags", "baseline", "sdd", "all", "--rounds", "1", "--steps", "1", "--no-memory",
+    bench.main(["--flags", "baseline", "sdd", "all", "--rounds", "1", "--steps", "1", "--no-memory", "--no-compile",
                 "--nanogpt", str(Path(__file__).parent / "stable_gpt.py")])
-    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
-    assert list(rows) == ["nanogpt", "baseline", "sdd", "all"]
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in out[2:]}
+    assert list(rows) == ["nanogpt", "baseline", "sdd", "all"] and "compiled" not in out[0]
     for name, row in rows.items():
         assert float(row[1]) > 0 and int(row[2].replace(",", "")) > 0 and float(row[3]) > 0
     assert rows["baseline"][3] == "1.00"
-    bench.main(["--measure-peak", "sdd"])  # what the peak-memory subprocess runs
+    bench.main(["--measure-peak", "sdd", "--no-compile"])  # what the peak-memory subprocess runs
     assert 50 < float(capsys.readouterr().out.split()[-1]) < 10_000  # MiB
+    bench.main(["--flags", "baseline", "--rounds", "1", "--steps", "1", "--no-memory"])  # compiled by default
+    out = capsys.readouterr().out.splitlines()
+    assert "compiled" in out[0] and "compile s" in out[1] and out[2].split()[0] == "baseline"
     with pytest.raises(SystemExit, match="no such file"):
         bench.main(["--nanogpt", "no/such/model.py"])
 

@@ -34,8 +34,9 @@ from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE,
                        default_out_dir, gpt2_architecture, model_setting, saved_settings, setting)
 from tools.monitors import DiagnosticsRecorder
 from tools.runs import (Batches, OutputThatSurvivesAClosedPipe, Run, StopRequest, TrainError, any_rank,
-                        check_fresh_start, compile_or_eager, keep_freed_memory, load_checkpoint, load_gpt2,
-                        model_from_checkpoint, nonfinite_part, pick_device, pick_dtype, setup_process, wrap_model)
+                        check_fresh_start, compile_or_eager, cpu_has_bf16_matmul, keep_freed_memory,
+                        load_checkpoint, load_gpt2, model_from_checkpoint, nonfinite_part, pick_device, pick_dtype,
+                        setup_process, wrap_model)
 
 # ----------------------------------------------------------------------------------------------------
 # Settings. Each is defined once below: default, help and allowed range. The command line (--n-layer, ...), the
@@ -287,6 +288,9 @@ def train(cfg, resume_ckpt=None, stop=None):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = proc.device.type == "cuda"
     # compiled by default, CPU included (a step ~1.2x faster there); eager with a note where compile does not work
     compiled = compile_or_eager(cfg.compile, proc.device, say=print if proc.master else lambda _: None)
+    if cfg.optimizer == "muon" and proc.device.type == "cpu" and cpu_has_bf16_matmul() is False and proc.master:
+        print("note: this CPU has no bf16 matmul instructions and torch.optim.Muon runs Newton-Schulz in bf16: "
+              "expect a step of several AdamW steps (docs/speed.md)")
 
     data_dir, meta = prepare_data.load_prepared(cfg.data, cfg.tokenizer, cfg.block_size)
     raw_model, optimizer = build_model(cfg, meta, resume_ckpt, proc)
