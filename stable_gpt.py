@@ -73,6 +73,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # True: bias in Linears and norms, like GPT-2. False: a bit better and faster
     norm: str = "layernorm"  # "layernorm" | "rmsnorm" | "dyt" (DyT: no normalization, a tanh)
+    norm_eps: float = 1e-5  # eps of those norms (nanoGPT's 1e-5; OLMo 2's RMSNorms 1e-6); SDD's norms keep 1e-5
     norm_position: str = "pre"  # "pre" | "post" | "mix" | "deepnorm" | "peri" | "reorder" (OLMo 2)
     mix_fraction: float = 0.25  # Mix-LN: the first floor(mix_fraction * n_layer) blocks are Post-LN
     init_std: float = 0.02  # base std of every weight matrix (GPT-2); with lir, block l gets init_std/sqrt(l)
@@ -113,11 +114,6 @@ class GPTConfig:
             return layer_idx < math.floor(self.mix_fraction * self.n_layer + 1e-9)
         return self.norm_position in ("post", "deepnorm")
 
-    def branch_output_normed(self) -> bool:
-        """Whether a norm follows every branch (SDD's out_norm, Peri-LN's output norm), which makes each branch
-        invariant to the scale of its input and of c_proj."""
-        return self.sdd or self.norm_position == "peri"
-
     def scale_for_depth(self, x: float) -> float:
         """x / sqrt(2 * n_layer), one factor per residual branch: GPT-2's c_proj init std and the initial
         gain of SDD's residual-output norms (official code)."""
@@ -140,13 +136,14 @@ class GPTConfig:
 class LayerNorm(nn.Module):
     """LayerNorm with an optional bias. PyTorch's LayerNorm used to not support simply bias=False."""
 
-    def __init__(self, ndim, bias):
+    def __init__(self, ndim, bias, eps=1e-5):
         super().__init__()
+        self.eps = eps
         self.weight = nn.Parameter(torch.ones(ndim))
         self.bias = nn.Parameter(torch.zeros(ndim)) if bias else None
 
     def forward(self, x):
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, 1e-5)
+        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -206,7 +203,11 @@ class ScalarGain(nn.Module):
 
 # DyT's alpha init for LLMs (arXiv 2503.10622, its LLaMA 2 7B setting, the smallest LLM it reports; official code
 # jiachenzhu/DyT, other_tasks/LLaMA: attn_alpha_init_value, ffn_ and dec_alpha_init_value): 0.8 for the norm of
-# the attention sublayer, 0.2 for every other (the MLP's, the final one, output norms)
+# the attention sublayer, 0.2 for every other (the MLP's, the final one, output norms). An extrapolation at this
+# project's widths: the official values fall as the models widen and 7B (4096 wide) is the narrowest LLM they
+# give, so 64-768-wide models may want a larger alpha (docs/log.md: DyT learns slowly here); tune it. The
+# official code also decays alpha, gamma and the shared scale; this project's decay groups leave them undecayed
+# (norm-like gains, as nanoGPT's groups do).
 DYT_ALPHA_ATTN, DYT_ALPHA_OTHER = 0.8, 0.2
 
 
@@ -215,7 +216,7 @@ def make_norm(config, ndim, dyt_alpha=DYT_ALPHA_OTHER, bias=None):
     bias = config.bias if bias is None else bias
     if config.norm == "dyt":
         return DyT(ndim, dyt_alpha, bias)
-    return RMSNorm(ndim, bias) if config.norm == "rmsnorm" else LayerNorm(ndim, bias)
+    return RMSNorm(ndim, bias, config.norm_eps) if config.norm == "rmsnorm" else LayerNorm(ndim, bias, config.norm_eps)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -595,7 +596,9 @@ class GPT(nn.Module):
         (kaihemo/SDD@79cf800, dense yaml: decay_norm_and_bias true, embeddings not decayed): decay the block
         matrices, every norm gain (SDD's included) and every bias; not the embeddings (wte, which is also
         the head, and wpe). These are OLMo's groups (OLMo-core: every tensor decayed but the embeddings), and
-        olmo_decay=True asks for them without SDD (OLMo 2 trains so, arXiv 2501.00656, Sec. 3). WeSaR gates are
+        olmo_decay=True asks for them without SDD (OLMo 2 trains so, arXiv 2501.00656, Sec. 3). A difference: OLMo 2's
+        head is untied from wte and decayed; here the head *is* wte (nanoGPT's weight tying), so under these groups
+        the head is undecayed too. WeSaR gates are
         never decayed: decay would pull a whole matrix's scale toward 0, which the gate exists to set (arXiv
         2410.05052, Sec. 3).
         Muon (Jordan et al. 2024; torch.optim.Muon) orthogonalizes the momentum of each 2-D hidden matrix with
@@ -1061,6 +1064,10 @@ def check_config(config):
         refuse(f"qk_clip with {'qk_norm' if config.qk_norm else 'sdd'}: QK-Clip shrinks W_q and W_k, and the norm "
                "on q and k undoes any scale of theirs, so the clip would change nothing; QK-Clip is the fix for "
                "attention without QK-norm (arXiv 2507.20534, Sec. 2.1): use one of them")
+    if not 0 < config.norm_eps < 1:
+        refuse(f"norm_eps must be in (0, 1), got {config.norm_eps!r}")
+    if config.norm == "dyt" and config.norm_eps != GPTConfig.norm_eps:
+        refuse("norm_eps with norm 'dyt': DyT has no eps (gamma tanh(alpha x) divides by nothing)")
     if config.norm == "dyt" and config.qk_norm:
         refuse("qk_norm with norm 'dyt': DyT does not normalize (tanh(alpha q) keeps q's scale below the bend), so "
                "it would not bound the logits as QK-norm does; use --norm layernorm or rmsnorm with qk_norm")

@@ -29,6 +29,7 @@ import torch
 
 from stable_gpt import GPT, GPTConfig, qk_clip_after_step, tvr_after_step
 from tools.runs import compile_or_eager, keep_freed_memory, pick_dtype
+from train_shakespeare import OLMO2
 
 SHAPES = {  # vocab 65: tiny Shakespeare's characters; 50304: GPT-2's BPE padded to a multiple of 64
     "cpu-preset": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, vocab_size=65),
@@ -43,7 +44,7 @@ FLAGS = {
     "qk-norm": dict(qk_norm=True), "z-loss": dict(z_loss=1e-4), "peri": dict(norm_position="peri"),
     "softcap": dict(logit_softcap=30.0), "attn-gate": dict(attn_gate=True), "qk-clip": dict(qk_clip=30.0),
     "dyt": dict(norm="dyt"), "reorder": dict(norm_position="reorder"),
-    "olmo2": dict(norm_position="reorder", qk_norm=True, qk_norm_full=True, z_loss=1e-5, norm="rmsnorm"),
+    "olmo2": {k: v for k, v in OLMO2.items() if k != "olmo_decay"},  # (the decay groups: not the model's)
     "muon": dict(optimizer="muon"),  # not a GPTConfig field: the optimizer the Runner builds
 }
 

@@ -47,6 +47,7 @@ def timed_lines(cmd, cwd, log_path):
         for line in proc.stdout:
             lines.append((time.perf_counter() - t0, line.rstrip("\n")))
             log.write(f"{lines[-1][0]:9.3f} {lines[-1][1]}\n")
+            log.flush()  # a long run can be followed with tail -f
     if proc.wait() != 0:
         raise SystemExit(f"error: {' '.join(map(str, cmd))} exited {proc.returncode}; its output: {log_path}")
     return lines
