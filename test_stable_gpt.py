@@ -15,6 +15,7 @@ import os
 import platform
 import random
 import shlex
+import shutil
 import socket
 import statistics
 import subprocess
@@ -2168,6 +2169,46 @@ def test_a_damaged_cached_meta_json_is_tokenized_again(tmp_path, text_file, caps
         assert prepare_data.ensure_prepared(text_file) == meta_path.parent
         assert prepare_data.load_meta(meta_path.parent)["tokenizer"] == "char"
         assert "tokenizing" in capsys.readouterr().out
+
+
+def test_a_run_that_appears_while_another_starts_is_not_cleared(tmp_path, data_dir, finished_run, capsys,
+                                                                 monkeypatch):
+    """The fresh-start check runs again under the folder's lock: a run that another process finished in the folder
+    while this one prepared its data and built its model is refused in one line (exit 2), not cleared; with
+    --overwrite it is replaced, as asked."""
+    out = tmp_path / "race"
+    real_build = train_shakespeare.build_model
+
+    def build_while_another_run_finishes(*args):  # the other process, between the first check and the lock
+        if not out.exists():
+            shutil.copytree(finished_run, out)
+        return real_build(*args)
+
+    monkeypatch.setattr(train_shakespeare, "build_model", build_while_another_run_finishes)
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "2", "--eval-interval", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {out} already holds a run") and err.count("\n") == 1, err
+    assert snapshot(out) == snapshot(finished_run)  # the other run's files, untouched
+    assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "2", "--eval-interval", "2",
+                                             "--overwrite")) == 0
+    assert json.loads((out / "summary.json").read_text())["iters"] == 2
+
+
+def test_a_tokenizer_sampling_cannot_use_is_refused_before_the_run_folder_is_touched(tmp_path, data_dir,
+                                                                                       finished_run, capsys):
+    """A --data folder whose meta.json names a tokenizer this project cannot decode is refused in one line before
+    any training, also with --overwrite: the run already in --out-dir stays as it was."""
+    bad = tmp_path / "bad_data"
+    shutil.copytree(data_dir, bad)
+    meta = json.loads((bad / "meta.json").read_text())
+    (bad / "meta.json").write_text(json.dumps(dict(meta, tokenizer="sentencepiece")))
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = snapshot(out)
+    assert train_shakespeare.main(train_args(bad, out, "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "unknown tokenizer 'sentencepiece'" in err and err.count("\n") == 1, err
+    assert snapshot(out) == before
 
 
 def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, finished_run, capsys, monkeypatch):

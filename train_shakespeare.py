@@ -292,9 +292,10 @@ def estimate_loss(model, cfg, data_dir, vocab_size, proc, autocast):
 # Training
 
 
-def train(cfg, resume_ckpt=None, stop=None):
-    """Train with the resolved settings cfg (continuing resume_ckpt if given); stop's signal ends the run at a
-    step boundary with a checkpoint. Returns (model, codec, summary), the summary on rank 0 only."""
+def train(cfg, resume_ckpt=None, stop=None, overwrite=False):
+    """Train with the resolved settings cfg (continuing resume_ckpt if given; a fresh run replaces one in
+    cfg.out_dir only with overwrite); stop's signal ends the run at a step boundary with a checkpoint. Returns
+    (model, codec, summary), the summary on rank 0 only."""
     stop = stop or StopRequest()
     proc = setup_process(cfg.device, lambda: stop.signum is not None)
     keep_freed_memory()  # fewer page faults per step on CPU (docs/speed.md)
@@ -312,7 +313,8 @@ def train(cfg, resume_ckpt=None, stop=None):
     vocab = meta["vocab_size"]
     batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, proc.device,
                       cfg.seed + 1000 + proc.rank, vocab)
-    run = Run(cfg, proc, raw_model, optimizer, batches, meta, resume_ckpt)  # restores resume_ckpt
+    codec = Codec(meta)  # what sampling needs (a tokenizer), checked before the run folder is touched
+    run = Run(cfg, proc, raw_model, optimizer, batches, meta, resume_ckpt, overwrite)  # restores resume_ckpt
     model = wrap_model(raw_model, compiled, proc)
     run.print_start(dtype, compiled, data_dir, resume_ckpt)
     # rank 0's diagnostics, on one fixed validation batch of up to 8 sequences, the same at every record
@@ -327,7 +329,7 @@ def train(cfg, resume_ckpt=None, stop=None):
     except KeyboardInterrupt:
         run.stopped_at_once()
     stop.at_once = False  # from here on, writing summary.json, further signals are ignored
-    return raw_model, Codec(meta), run.write_summary_and_close(diag.seconds)
+    return raw_model, codec, run.write_summary_and_close(diag.seconds)
 
 
 def training_loop(run, model, diag, evaluate, autocast, stop):
@@ -443,7 +445,7 @@ def main(argv=None):
         else:
             check_fresh_start(cfg.out_dir, args.get("overwrite"))
         with StopRequest() as stop:
-            model, codec, summary = train(cfg, resume_ckpt, stop)
+            model, codec, summary = train(cfg, resume_ckpt, stop, args.get("overwrite", False))
         if summary is not None:
             if summary["diverged"]:
                 return 1

@@ -291,18 +291,20 @@ PLOT_FILES = ("loss.png", "depth.png", "updates.png", "activations.png", "weight
 OWN_FILES = {*RUN_FILES, *PLOT_FILES, *(f"{name}.tmp" for name in RUN_FILES + PLOT_FILES)}  # .tmp: atomic writes
 
 
-def check_fresh_start(folder, overwrite):
+def check_fresh_start(folder, overwrite, holding_lock=False):
     """A fresh run writes only into a new or empty folder, or, with --overwrite, into one that holds a stable-gpt
     run (a .lock and a run's files) and nothing else. Anything else is refused in one line, before anything is
-    written."""
+    written. Called before the run starts, and again by the run once it holds the folder's lock (holding_lock),
+    since another run may have written there in between (while this one prepared its data)."""
     folder = Path(folder)
     try:
         entries = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
     except OSError as e:  # a name too long, no permission to list it
         raise TrainError(f"cannot use --out-dir {folder} ({e.strerror or e}); choose another folder") from None
     if ".lock" in entries:
-        RunLock(folder).release()  # one line if another run holds the folder
-        if entries == [".lock"]:  # a run that stopped before it wrote anything
+        if not holding_lock:
+            RunLock(folder).release()  # one line if another run holds the folder
+        if entries == [".lock"]:  # a run that stopped before it wrote anything (or this one, holding it)
             return
     foreign = [name for name in entries if name not in OWN_FILES]
     if foreign:
@@ -604,7 +606,7 @@ class Run:
     diag.jsonl, ckpt.pt and best.pt, summary.json. A checkpoint holds the whole state and every rank's random
     streams, so that --resume continues bit for bit."""
 
-    def __init__(self, cfg, proc, model, optimizer, batches, meta, resume_ckpt=None):
+    def __init__(self, cfg, proc, model, optimizer, batches, meta, resume_ckpt=None, overwrite=False):
         self.cfg, self.proc, self.model, self.optimizer = cfg, proc, model, optimizer
         self.meta, self.batches, self.out_dir = meta, batches, Path(cfg.out_dir)
         # fp16 needs a loss scaler (bf16 and fp32 do not); it is part of the state a checkpoint holds
@@ -622,7 +624,7 @@ class Run:
         self.pending = []  # steps whose values are still on the device (count_step, settle_steps)
         self.lock = self.log = self.diag_log = None
         if proc.master:
-            self.lock, self.log, self.diag_log = open_run_folder(self.out_dir, self.resumed_at)
+            self.lock, self.log, self.diag_log = open_run_folder(self.out_dir, self.resumed_at, overwrite)
         self.peak_flops = gpu_peak_flops(proc.device)
         self.t_start, self.timer = time.time(), StepTimer(self.iter_num)
 
@@ -824,14 +826,20 @@ class Run:
                     tokens_per_step=self.tokens_per_iter)
 
 
-def open_run_folder(out_dir, resumed_at):
-    """Rank 0's run folder: created, locked against a second run, cleared of an old run's files on a fresh
-    start; returns (lock, log.jsonl, diag.jsonl), the logs cut back to resumed_at on a resume."""
+def open_run_folder(out_dir, resumed_at, overwrite=False):
+    """Rank 0's run folder: created, locked against a second run, looked at again under the lock and cleared of an
+    old run's files on a fresh start (--overwrite); returns (lock, log.jsonl, diag.jsonl), the logs cut back to
+    resumed_at on a resume."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         lock = RunLock(out_dir)
     except OSError as e:  # a file in the way, a file above it, no permission, a read-only disk
         raise TrainError(f"cannot write into --out-dir {out_dir} ({e.strerror or e}); choose another folder") from None
     if resumed_at is None:
+        try:  # a run that finished there since this one started is not cleared without --overwrite
+            check_fresh_start(out_dir, overwrite, holding_lock=True)
+        except TrainError:
+            lock.release()
+            raise
         clear_outputs(out_dir)
     return lock, JsonlLog(out_dir / "log.jsonl", resumed_at), JsonlLog(out_dir / "diag.jsonl", resumed_at)

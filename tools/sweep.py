@@ -233,7 +233,7 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
         train(resume_settings(settings_given(run_args), resume_ckpt), resume_ckpt, stop)
     else:
         check_fresh_start(run_dir, overwrite=True)  # a run folder of this sweep's, with nothing else in it
-        train(cfg, None, stop)
+        train(cfg, None, stop, overwrite=True)
 
 
 # ----------------------------------------------------------------------------------------------------
