@@ -2462,6 +2462,15 @@ def test_gpu_check_dry_run_runs_every_check(tmp_path, data_dir, capsys):
         assert line in out
     assert out.count("graphs 1, breaks 0") == len(gpu_check.FLAG_SETS) and "exit 0" in out
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["iters"] == 4
+    # a run already in --out-dir: refused at once (no check run), replaced only with --overwrite
+    before = snapshot(tmp_path / "run")
+    assert gpu_check.main(["--dry-run", "--data", str(data_dir), "--out-dir", str(tmp_path / "run")]) == 2
+    out, err = capsys.readouterr()
+    assert "already holds a run" in err and "1. gpt2-124m" not in out and snapshot(tmp_path / "run") == before
+    # data that is not: refused at once, before any check
+    assert gpu_check.main(["--dry-run", "--data", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "r2")]) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith("error: ") and err.count("\n") == 1 and "1. gpt2-124m" not in out, err
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(monkeypatch):

@@ -13,15 +13,17 @@ The GPU check: every figure the README's GPU paragraph promises, from one comman
 """
 
 import argparse
+import sys
 import time
 import warnings
 
 import torch
 
+import prepare_data
 import train_shakespeare as ts
 from stable_gpt import GPT, GPTConfig
 from tools.bench import Runner
-from tools.runs import gpu_peak_flops
+from tools.runs import TrainError, check_fresh_start, gpu_peak_flops
 
 FLAG_SETS = {"baseline": {}, "sdd+lns": dict(sdd=True, lns=True), "qk_norm": dict(qk_norm=True),
              "peri": dict(norm_position="peri"), "wesar": dict(wesar=True), "z_loss": dict(z_loss=1e-4)}
@@ -110,9 +112,11 @@ def check_shakespeare(args, device, out_dir):
     extra = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32", "--block-size", "32", "--batch-size", "4",
              "--max-iters", "4", "--eval-interval", "2", "--eval-iters", "2", "--no-compile"] if args.dry_run else []
     started = time.time()
-    code = ts.main(["--preset", "shakespeare-char", "--out-dir", out_dir, "--overwrite", "--device", device.type,
-                    "--max-new-tokens", "20", *(["--data", args.data] if args.data else []), *extra])
+    code = ts.main(["--preset", "shakespeare-char", "--out-dir", out_dir, "--device", device.type,
+                    "--max-new-tokens", "20", *(["--overwrite"] if args.overwrite else []),
+                    *(["--data", args.data] if args.data else []), *extra])
     print(f"   exit {code}, {time.time() - started:.0f} s for the whole run (see the lines above for the loss)")
+    return code
 
 
 def main(argv=None):
@@ -120,15 +124,21 @@ def main(argv=None):
     p.add_argument("--dry-run", action="store_true", help="toy sizes on CPU: the code paths, no figures")
     p.add_argument("--data", help="the shakespeare-char run's --data (default: tiny Shakespeare)")
     p.add_argument("--out-dir", default="out/gpu_check", help="where the shakespeare-char run goes")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out-dir")
     args = p.parse_args(argv)
+    try:  # a run already there, or data that is not, refused before any check spends the GPU's minutes
+        check_fresh_start(args.out_dir, args.overwrite)
+        prepare_data.load_prepared(args.data)  # (tiny Shakespeare when None: found, or downloaded once)
+    except (TrainError, prepare_data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     device = torch.device("cpu" if args.dry_run else "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device here; --dry-run runs the same code paths on CPU")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     for check in (check_throughput, check_memory, check_graphs, check_syncs):
         check(args, device)
-    check_shakespeare(args, device, args.out_dir)
-    return 0
+    return check_shakespeare(args, device, args.out_dir)  # its exit code: a failed run fails the check
 
 
 if __name__ == "__main__":
