@@ -2171,6 +2171,21 @@ def test_a_damaged_cached_meta_json_is_tokenized_again(tmp_path, text_file, caps
         assert "tokenizing" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv", [["--n-layer", "x"], ["--norm", "huge"], ["--no-such-flag"], ["--lr"]],
+                         ids=["type", "choice", "unknown", "missing"])
+def test_a_bad_flag_is_one_line_pointing_to_help(argv, capsys):
+    """argparse's own errors (a wrong type, an invalid choice, an unknown flag) are one line too, as every other
+    input error, with where the flags are listed instead of the full usage; exit code 2."""
+    from tools import bench, gpu_check
+
+    for main in (train_shakespeare.main, bench.main, gpu_check.main):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv if main is train_shakespeare.main else ["--no-such-flag"])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+        assert "--help lists every flag" in err and "usage:" not in err
+
+
 def test_a_run_that_appears_while_another_starts_is_not_cleared(tmp_path, data_dir, finished_run, capsys,
                                                                  monkeypatch):
     """The fresh-start check runs again under the folder's lock: a run that another process finished in the folder

@@ -30,8 +30,8 @@ import torch.distributed as dist
 import prepare_data
 from prepare_data import Codec, DataError
 from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig, qk_clip_after_step, tvr_after_step
-from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE, add_flags, check_ranges,
-                       default_out_dir, gpt2_architecture, model_setting, saved_settings, setting)
+from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE, OneLineParser, add_flags,
+                       check_ranges, default_out_dir, gpt2_architecture, model_setting, saved_settings, setting)
 from tools.monitors import DiagnosticsRecorder
 from tools.runs import (Batches, OutputThatSurvivesAClosedPipe, Run, StopRequest, TrainError, any_rank,
                         check_fresh_start, compile_or_eager, cpu_has_bf16_matmul, keep_freed_memory,
@@ -181,7 +181,7 @@ GROUPS = dict(preset="run", n_layer="model", sdd="stabilizers", qk_norm="practit
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 argument_default=argparse.SUPPRESS)
     g = p.add_argument_group("what to do")
     g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its ckpt.pt")

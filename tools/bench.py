@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from stable_gpt import GPT, GPTConfig, qk_clip_after_step, tvr_after_step
+from tools.cli import OneLineParser
 from tools.runs import compile_or_eager, keep_freed_memory, pick_dtype
 from train_shakespeare import OLMO2
 
@@ -145,7 +146,7 @@ def positive_int(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="cpu-preset")
     p.add_argument("--flags", nargs="+", choices=list(FLAGS), default=list(FLAGS))
     p.add_argument("--rounds", type=positive_int, default=15)

@@ -18,6 +18,14 @@ FINITE_POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")  # NaN fai
 FINITE_AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with one line per bad flag, as every other input error here (docs/troubleshooting.md): the error
+    and where the flags are listed, not argparse's full usage first. Exit code 2, as argparse's."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (python {self.prog} --help lists every flag)\n")
+
+
 def setting(default, help, check=None, choices=None, out_dir=False, aliases=()):
     """A Settings field. check: (predicate, what it requires); out_dir: the setting names the default --out-dir."""
     return field(default=default, metadata=dict(help=help, check=check, choices=choices, out_dir=out_dir,

@@ -23,6 +23,7 @@ import prepare_data
 import train_shakespeare as ts
 from stable_gpt import GPT, GPTConfig
 from tools.bench import Runner
+from tools.cli import OneLineParser
 from tools.runs import TrainError, check_fresh_start, gpu_peak_flops
 
 FLAG_SETS = {"baseline": {}, "sdd+lns": dict(sdd=True, lns=True), "qk_norm": dict(qk_norm=True),
@@ -120,7 +121,7 @@ def check_shakespeare(args, device, out_dir):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="toy sizes on CPU: the code paths, no figures")
     p.add_argument("--data", help="the shakespeare-char run's --data (default: tiny Shakespeare)")
     p.add_argument("--out-dir", default="out/gpu_check", help="where the shakespeare-char run goes")
