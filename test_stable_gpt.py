@@ -2127,6 +2127,8 @@ BAD_TRAINING_INPUT = [
     (["--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
     (["--num-samples", "-1"], "--num-samples must be a positive integer, got -1"),
     (["--max-new-tokens", "-5"], "--max-new-tokens must be a positive integer, got -5"),
+    (["--out-dir", ""], "--out-dir is empty"),
+    (["--out-dir", "  "], "--out-dir is empty"),
 ]
 
 
@@ -2169,6 +2171,18 @@ def test_a_damaged_cached_meta_json_is_tokenized_again(tmp_path, text_file, caps
         assert prepare_data.ensure_prepared(text_file) == meta_path.parent
         assert prepare_data.load_meta(meta_path.parent)["tokenizer"] == "char"
         assert "tokenizing" in capsys.readouterr().out
+
+
+def test_a_run_shorter_than_its_warmup_says_so(tmp_path, data_dir, capsys):
+    """--max-iters at or below --warmup-iters: the learning rate never reaches --lr; one note line says so and
+    what the peak is (the linear warmup at the last step); no note otherwise."""
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "short", "--max-iters", "4", "--eval-interval",
+                                             "4", "--warmup-iters", "7", "--lr", "1e-2")) == 0
+    assert "note: --warmup-iters 7 >= --max-iters 4: the learning rate never reaches --lr 0.01 (its peak: 0.005)" \
+        in capsys.readouterr().out
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "long", "--max-iters", "8", "--eval-interval",
+                                             "8", "--warmup-iters", "7")) == 0
+    assert "--warmup-iters" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv", [["--n-layer", "x"], ["--norm", "huge"], ["--no-such-flag"], ["--lr"]],
@@ -2443,7 +2457,8 @@ def test_mfu_peaks_by_gpu_name(monkeypatch):
     cuda = torch.device("cuda", 0)
     for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200 NVL", 835e12),
                        ("NVIDIA H100 PCIe", 756e12), ("NVIDIA B200", 2.25e15), ("NVIDIA H800", 989e12),
-                       ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("Some GPU", None)):
+                       ("NVIDIA A800-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12),
+                       ("NVIDIA L4", 121e12), ("NVIDIA GB200", 2.5e15), ("NVIDIA L400X", None), ("Some GPU", None)):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device, n=name: n)
         assert runs.gpu_peak_flops(cuda) == peak, name
 

@@ -210,6 +210,8 @@ def resolve(given, base=None):
     cfg["lr_decay_iters"] = cfg["max_iters"] if cfg["lr_decay_iters"] is None else cfg["lr_decay_iters"]
     if cfg["init_from"]:  # GPT-2's weights fix the architecture: flags that would change it are refused
         cfg.update(gpt2_architecture(cfg["init_from"], given, Settings))
+    if cfg["out_dir"] is not None and not str(cfg["out_dir"]).strip():
+        raise TrainError("--out-dir is empty; give a folder (or leave the flag out for out/<preset>[-<flags>])")
     cfg = Settings(**cfg)
     cfg = cfg if cfg.out_dir else replace(cfg, out_dir=default_out_dir(cfg))
     check_ranges(cfg)

@@ -126,8 +126,9 @@ def main(argv=None):
     p.add_argument("--out-dir", default="out/race", help="where race.json and the logs go")
     args = p.parse_args(argv)
     checkout = args.nanogpt and Path(args.nanogpt)
-    if checkout and not ((checkout / "train.py").is_file() and (checkout / "config/train_shakespeare_char.py").is_file()):
-        p.error(f"--nanogpt {checkout}: no train.py and config/train_shakespeare_char.py there; give a nanoGPT checkout")
+    if checkout and not all((checkout / f).is_file() for f in ("train.py", "config/train_shakespeare_char.py")):
+        p.error(f"--nanogpt {checkout}: no train.py and config/train_shakespeare_char.py there; give a nanoGPT "
+                "checkout")
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result, target, t_nano = {}, args.target, None

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shlex
 import shutil
 import signal
@@ -40,7 +41,7 @@ class TrainError(Exception):
 # the device's name contains wins, so the specific forms come first (NVL and PCIe boards run at lower clocks)
 GPU_PEAK_FLOPS = {"GB200": 2.5e15, "B200": 2.25e15, "H200 NVL": 835e12, "H100 NVL": 835e12, "H100 PCIe": 756e12,
                   "H800 PCIe": 756e12, "H200": 989e12, "H100": 989e12, "H800": 989e12, "A100": 312e12,
-                  "A800": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12, "RTX 4090": 165e12,
+                  "A800": 312e12, "A10G": 125e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "RTX 4090": 165e12,
                   "RTX 3090": 71e12, "V100": 125e12}
 
 
@@ -215,7 +216,9 @@ def gpu_peak_flops(device):
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((peak for key, peak in GPU_PEAK_FLOPS.items() if key in name), None)
+    # a key matches as whole words only: "NVIDIA L40" is not an L4, "GB200" not a B200
+    return next((peak for key, peak in GPU_PEAK_FLOPS.items()
+                 if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9])", name)), None)
 
 
 def fmt_time(s):
@@ -674,6 +677,9 @@ class Run:
               f"({str(dtype)[6:]}{', compiled' if compiled else ''}{f', {proc.world} processes' if proc.ddp else ''})"
               f", data {data_dir}, out {self.out_dir}"
               + (f", resuming at iter {resume_ckpt['iter_num']}" if resume_ckpt else ""))
+        if cfg.warmup_iters >= cfg.max_iters:
+            print(f"note: --warmup-iters {cfg.warmup_iters} >= --max-iters {cfg.max_iters}: the learning rate never "
+                  f"reaches --lr {cfg.lr:g} (its peak: {cfg.lr * cfg.max_iters / (cfg.warmup_iters + 1):.3g})")
         if self.grad_accum * proc.world != cfg.grad_accum:
             print(f"note: --grad-accum {cfg.grad_accum} on {proc.world} processes: {self.grad_accum} micro-batch(es) "
                   f"per process, {self.grad_accum * proc.world} per step, {self.tokens_per_iter:,} tokens per step")

@@ -425,14 +425,15 @@ def vs_first(c):
 
 def compare_table(runs):
     """Markdown table: best and final val loss (mean +- std over seeds), diverged runs, spikes, tokens/s and
-    the step-time ratio to the first configuration."""
+    the step-time ratio to the first configuration. The runs ran one after another, so a load on the machine
+    during one of them shows in its time: a hint, not a benchmark (tools.bench interleaves configurations)."""
     def mean_std(values):
         values = [v for v in values if v is not None and math.isfinite(v)]
         if not values:
             return "-"
         return f"{statistics.mean(values):.4f}" + (f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else "")
 
-    rows = ["| config | seeds | best val | final val | diverged | spikes | tokens/s | step time vs first |",
+    rows = ["| config | seeds | best val | final val | diverged | spikes | tokens/s | time vs first (not a benchmark) |",
             "|---|---|---|---|---|---|---|---|"]
     first_tps = None
     for config, dirs in runs.items():
