@@ -195,6 +195,9 @@ def load_meta(data_dir):
         if meta["tokenizer"] == "char" and len(meta.get("chars", "")) != meta["vocab_size"]:
             raise DataError(f"{data_dir / 'meta.json'} lists {len(meta.get('chars', ''))} characters for a vocabulary "
                             f"of {meta['vocab_size']}; prepare the folder again")
+        if meta["tokenizer"] == "char" and len(set(meta["chars"])) != len(meta["chars"]):
+            raise DataError(f"{data_dir / 'meta.json'}'s vocabulary repeats characters (two ids would decode alike); "
+                            "prepare the folder again")
         return meta
     if (data_dir / "train.bin").is_file() and (data_dir / "val.bin").is_file():
         return {"tokenizer": "gpt2", "encoding": "r50k_base", "vocab_size": 50257}
@@ -247,6 +250,9 @@ def load_prepared(data=None, tokenizer="char", block_size=1):
         size = path.stat().st_size
         if size % 2:
             raise DataError(f"{path} has an odd number of bytes: not a file of uint16 token ids")
+        if meta.get(f"{split}_tokens") not in (None, size // 2):  # prepare() records the counts it wrote
+            raise DataError(f"{path} holds {size // 2} uint16 tokens, meta.json records {meta[f'{split}_tokens']}: "
+                            "written with another dtype (uint32, int64?) or damaged; prepare the folder again")
         if size <= 2 * (block_size + 1):
             raise DataError(f"the {split} split has {size // 2} tokens, fewer than one block of "
                             f"{block_size} + 1; use a longer text or a smaller --block-size")

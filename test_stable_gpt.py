@@ -2145,7 +2145,11 @@ def test_bad_training_input_is_one_clear_line_and_writes_nothing(finished_run, b
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: (d / "train.bin").write_bytes((d / "train.bin").read_bytes() + b"x"), "has an odd number of bytes"),
-    (lambda d: (d / "val.bin").write_bytes(b""), "the val split has 0 tokens, fewer than one block"),
+    (lambda d: (d / "val.bin").write_bytes(b""), "val.bin holds 0 uint16 tokens, meta.json records"),
+    (lambda d: np.fromfile(d / "train.bin", dtype=np.uint16).astype(np.uint32).tofile(d / "train.bin"),
+     "written with another dtype (uint32, int64?)"),
+    (lambda d: (d / "meta.json").write_text(json.dumps(dict(m := json.loads((d / "meta.json").read_text()),
+                                                            chars="a" * m["vocab_size"]))), "repeats characters"),
     (lambda d: (d / "meta.json").write_text("{not json"), "meta.json is not valid JSON"),
     (lambda d: (d / "meta.json").write_text("[1, 2]"), "meta.json lacks tokenizer and vocab_size"),
     (lambda d: (d / "meta.json").write_text(json.dumps(dict(json.loads((d / "meta.json").read_text()), chars="ab"))),
