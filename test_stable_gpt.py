@@ -2364,6 +2364,22 @@ def test_a_sweeps_runs_of_one_configuration_reuse_its_compiled_code(tmp_path, da
         assert run.get("fxgraph_cache_hit", 0) >= 3 and run.get("fxgraph_cache_miss", 0) == 0, per_run
 
 
+def test_a_sweep_does_not_reuse_a_run_made_on_another_text(tmp_path, text_file, capsys, monkeypatch):
+    """A finished run is reused only when --data still holds the text it was trained on (the checksum its summary
+    keeps): after the text changed, the sweep refuses in one line instead of reporting the old losses."""
+    monkeypatch.setattr(prepare_data, "CACHE", tmp_path / "cache")
+    text = tmp_path / "text.txt"
+    text.write_text(text_file.read_text())
+    argv = [a for a in train_args(text, tmp_path / "cmp", "--max-iters", "2", "--eval-interval", "2",
+                                  "--diag-interval", "0")] + ["--compare", "baseline"]
+    assert sweep.main(argv) == 0
+    assert sweep.main(argv) == 0 and "done already" in capsys.readouterr().out
+    text.write_text(text_file.read_text()[::-1])  # another text (the same characters) under the same path
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds a run on another text than --data's now" in err and err.count("\n") == 1, err
+
+
 def test_a_sweep_reuses_a_run_only_with_the_settings_asked_for(tmp_path, data_dir, capsys, monkeypatch):
     """A finished run is reused only when its settings are the ones asked for (else one line says what differs);
     configurations get one folder each (the exponent's sign kept), and two that would share one are refused."""

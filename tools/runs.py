@@ -829,7 +829,7 @@ class Run:
                     diverged=self.diverged_at is not None, diverged_at=self.diverged_at,
                     interrupted_at=self.interrupted_at, skipped_updates=self.skipped, **self.spikes.summary(),
                     diag_s=round(diag_s, 2), world_size=self.proc.world, replica_max_diff=replica_diff,
-                    tokens_per_step=self.tokens_per_iter)
+                    tokens_per_step=self.tokens_per_iter, text_sha1=self.meta.get("text_sha1"))
 
 
 def open_run_folder(out_dir, resumed_at, overwrite=False):

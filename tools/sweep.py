@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import prepare_data
 from prepare_data import DataError
 from tools.runs import (StopRequest, TrainError, check_fresh_start, load_checkpoint, parse_or_none,
                         write_json_atomically)
@@ -224,6 +225,12 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
     if saved is not None and (differences := settings_differences(saved, cfg)):
         raise TrainError(f"{run_dir} holds a run of other settings ({', '.join(differences)}); give the sweep "
                          "another --out-dir, or remove that run")
+    # the same --data path may hold another text by now: the run's text checksum (summary or checkpoint) must match
+    saved_sha1 = summary.get("text_sha1") if summary else resume_ckpt["meta"].get("text_sha1") if resume_ckpt \
+        else None
+    if saved_sha1 and saved_sha1 != (sha1 := prepare_data.load_prepared(cfg.data, cfg.tokenizer)[1].get("text_sha1")):
+        raise TrainError(f"{run_dir} holds a run on another text than --data's now (sha1 {saved_sha1[:10]} vs "
+                         f"{str(sha1)[:10]}); give the sweep another --out-dir, or remove that run")
     if summary and summary.get("interrupted_at") is None:  # finished (or diverged: a result of the sweep too)
         print(f"{progress} {config} seed {seed}: done already ({summary_path})")
         return
