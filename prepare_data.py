@@ -173,11 +173,15 @@ def prepare(text_path, out_dir, tokenizer="char"):
     # this process's own and renamed into place atomically, so two processes preparing the same text at once
     # (two runs, or torchrun's ranks) each rename a complete file, and the last one wins.
     part = f"{os.getpid()}.part"
-    for name, arr in (("train.bin", ids[:n_train]), ("val.bin", ids[n_train:])):
-        arr.tofile(out_dir / f"{name}.{part}")
-        os.replace(out_dir / f"{name}.{part}", out_dir / name)
-    (out_dir / f"meta.json.{part}").write_text(json.dumps(meta))
-    os.replace(out_dir / f"meta.json.{part}", out_dir / "meta.json")
+    try:
+        for name, arr in (("train.bin", ids[:n_train]), ("val.bin", ids[n_train:])):
+            arr.tofile(out_dir / f"{name}.{part}")
+            os.replace(out_dir / f"{name}.{part}", out_dir / name)
+        (out_dir / f"meta.json.{part}").write_text(json.dumps(meta))
+        os.replace(out_dir / f"meta.json.{part}", out_dir / "meta.json")
+    finally:  # a Ctrl-C or a full disk leaves no partial file behind (a folder without meta.json is not used)
+        for name in ("train.bin", "val.bin", "meta.json"):
+            (out_dir / f"{name}.{part}").unlink(missing_ok=True)
     return meta
 
 

@@ -2854,6 +2854,33 @@ def test_logs_are_json_without_nan_and_survive_a_partial_line(tmp_path):
     assert [r["iter"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
 
 
+def test_ctrl_c_while_the_data_is_prepared_stops_at_once_and_writes_nothing(tmp_path, data_dir, capsys,
+                                                                           monkeypatch):
+    """A signal before the run folder is opened (a long text being tokenized) ends the run at once: one line,
+    exit 130, no run folder; in a sweep, the same, the runs already finished kept."""
+    real_load = prepare_data.load_prepared
+    calls = []
+
+    def load_and_get_a_ctrl_c(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:  # (the sweep: its second run)
+            signal.raise_signal(signal.SIGINT)
+            pytest.fail("the signal did not stop the run")
+        return real_load(*args, **kw)
+
+    monkeypatch.setattr(prepare_data, "load_prepared", load_and_get_a_ctrl_c)
+    calls.append(1)  # the training script's first call is the one interrupted
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "run")) == 130
+    assert capsys.readouterr().err == "interrupted\n" and not (tmp_path / "run").exists()
+    calls.clear()
+    argv = train_args(data_dir, tmp_path / "cmp", "--max-iters", "2", "--eval-interval", "2", "--diag-interval", "0")
+    assert sweep.main(argv + ["--compare", "baseline", "--lns"]) == 130
+    assert "interrupted; run the same command again" in capsys.readouterr().err
+    assert (tmp_path / "cmp" / "baseline" / "seed1337" / "summary.json").is_file()
+    assert not (tmp_path / "cmp" / "lns").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers given back
+
+
 def test_sigint_writes_a_resumable_checkpoint(tmp_path, data_dir):
     """Ctrl-C in the middle of training: the step finishes, a checkpoint is written, the command to resume is
     printed, exit code 130; resuming gives the same losses as a run that was never interrupted."""

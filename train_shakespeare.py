@@ -299,6 +299,7 @@ def train(cfg, resume_ckpt=None, stop=None, overwrite=False):
     cfg.out_dir only with overwrite); stop's signal ends the run at a step boundary with a checkpoint. Returns
     (model, codec, summary), the summary on rank 0 only."""
     stop = stop or StopRequest()
+    stop.before_start = True  # until the run folder is opened, Ctrl-C stops at once: nothing to save yet
     proc = setup_process(cfg.device, lambda: stop.signum is not None)
     keep_freed_memory()  # fewer page faults per step on CPU (docs/speed.md)
     dtype = pick_dtype(cfg.dtype, proc.device)  # bf16 on CUDA (fp16 + GradScaler where bf16 is missing), else fp32
@@ -316,6 +317,7 @@ def train(cfg, resume_ckpt=None, stop=None, overwrite=False):
     batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, proc.device,
                       cfg.seed + 1000 + proc.rank, vocab)
     codec = Codec(meta)  # what sampling needs (a tokenizer), checked before the run folder is touched
+    stop.before_start = False
     run = Run(cfg, proc, raw_model, optimizer, batches, meta, resume_ckpt, overwrite)  # restores resume_ckpt
     model = wrap_model(raw_model, compiled, proc)
     run.print_start(dtype, compiled, data_dir, resume_ckpt)

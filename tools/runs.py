@@ -375,12 +375,16 @@ class StopRequest:
 
     def __init__(self):
         self.signum, self.at_once = None, False
+        self.before_start = False  # set while a run prepares its data and model: a signal then ends it at once
 
     def __enter__(self):
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handle(self, signum, frame):
+        if self.before_start:  # nothing to save yet: stop now (KeyboardInterrupt), with nothing written
+            self.before_start = False
+            raise KeyboardInterrupt
         if self.signum is not None:
             if self.at_once:
                 self.at_once = False  # a third signal, while the stop at once is reported, changes nothing

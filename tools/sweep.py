@@ -459,6 +459,9 @@ def main(argv=None):
     except (TrainError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a signal while a run prepared its data: that run wrote nothing
+        print("compare: interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
