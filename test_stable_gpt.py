@@ -2127,6 +2127,10 @@ BAD_TRAINING_INPUT = [
     (["--num-samples", "0"], "--num-samples must be a positive integer, got 0"),
     (["--num-samples", "-1"], "--num-samples must be a positive integer, got -1"),
     (["--max-new-tokens", "-5"], "--max-new-tokens must be a positive integer, got -5"),
+    (["--n-layer", "100000000000"], "this run needs at least"),  # a bound checked before anything is allocated
+    (["--n-embd", "1099511627776", "--n-head", "1"], "this run needs at least"),
+    (["--batch-size", "1000000000000"], "lower --n-layer, --n-embd, --batch-size, --block-size or --eval-iters"),
+    (["--eval-iters", "1000000000000"], "this run needs at least"),
     (["--out-dir", ""], "--out-dir is empty"),
     (["--out-dir", "  "], "--out-dir is empty"),
 ]
@@ -2175,6 +2179,21 @@ def test_a_damaged_cached_meta_json_is_tokenized_again(tmp_path, text_file, caps
         assert prepare_data.ensure_prepared(text_file) == meta_path.parent
         assert prepare_data.load_meta(meta_path.parent)["tokenizer"] == "char"
         assert "tokenizing" in capsys.readouterr().out
+
+
+def test_the_memory_bound_passes_every_preset_on_its_machine_and_refuses_past_it(monkeypatch):
+    """check_the_run_fits is a lower bound: every preset passes on the machine it is meant for (the CPU presets
+    on 8 GiB, GPT-2 sizes on one 80 GB GPU), and the same run is refused on a device below its bound."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    for name, device, gib in (("cpu", cpu, 8), ("shakespeare-char", cpu, 8), ("gpt2-124m", cuda, 80),
+                              ("gpt2-1.5b", cuda, 80)):
+        cfg = train_shakespeare.resolve({"preset": name})
+        vocab = 50304 if cfg.tokenizer == "gpt2" else 65
+        monkeypatch.setattr(runs, "device_memory_bytes", lambda d, g=gib: g * 2**30)
+        runs.check_the_run_fits(cfg, vocab, device)
+        monkeypatch.setattr(runs, "device_memory_bytes", lambda d: 2**20)  # 1 MiB
+        with pytest.raises(runs.TrainError, match=f"and the {device.type} has 0 GiB"):
+            runs.check_the_run_fits(cfg, vocab, device)
 
 
 def test_a_run_shorter_than_its_warmup_says_so(tmp_path, data_dir, capsys):

@@ -34,9 +34,9 @@ from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE,
                        check_ranges, default_out_dir, gpt2_architecture, model_setting, saved_settings, setting)
 from tools.monitors import DiagnosticsRecorder
 from tools.runs import (Batches, OutputThatSurvivesAClosedPipe, Run, StopRequest, TrainError, any_rank,
-                        check_fresh_start, compile_or_eager, cpu_has_bf16_matmul, keep_freed_memory,
-                        load_checkpoint, load_gpt2, model_from_checkpoint, nonfinite_part, pick_device, pick_dtype,
-                        setup_process, wrap_model)
+                        check_fresh_start, check_the_run_fits, compile_or_eager, cpu_has_bf16_matmul,
+                        keep_freed_memory, load_checkpoint, load_gpt2, model_from_checkpoint, nonfinite_part,
+                        pick_device, pick_dtype, setup_process, wrap_model)
 
 # ----------------------------------------------------------------------------------------------------
 # Settings. Each is defined once below: default, help and allowed range. The command line (--n-layer, ...), the
@@ -312,6 +312,7 @@ def train(cfg, resume_ckpt=None, stop=None, overwrite=False):
               "expect a step of several AdamW steps (docs/speed.md)")
 
     data_dir, meta = prepare_data.load_prepared(cfg.data, cfg.tokenizer, cfg.block_size)
+    check_the_run_fits(cfg, meta["vocab_size"], proc.device)  # before the model and batches are allocated
     raw_model, optimizer = build_model(cfg, meta, resume_ckpt, proc)
     vocab = meta["vocab_size"]
     batches = Batches(data_dir / "train.bin", cfg.block_size, cfg.batch_size, proc.device,

@@ -531,6 +531,33 @@ def cpu_has_bf16_matmul():
     return any(f in flags for f in ("avx512_bf16", "amx_bf16", "bf16"))
 
 
+def device_memory_bytes(device):
+    """All the memory of the device: the GPU's, or this machine's RAM (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_the_run_fits(cfg, vocab_size, device):
+    """Refuse, in one line and before anything is allocated, a run whose memory cannot fit the device: a lower
+    bound (no run needs less) of the parameters with their gradients and AdamW's two moments (16 bytes each in
+    fp32; 12 L d^2 in the blocks, (V + T) d in the embeddings), the logits of a micro-batch and one bf16 copy of
+    the residual stream per layer, and the evaluation's loss vector. A bound, not an estimate: it catches sizes
+    that cannot work (a typo, 1e11 layers), never a run that might."""
+    total = device_memory_bytes(device)
+    d, layers, tokens = cfg.n_embd, cfg.n_layer, cfg.batch_size * cfg.block_size
+    params = 12 * layers * d * d + (vocab_size + cfg.block_size) * d
+    need = 16 * params + tokens * vocab_size * 2 + tokens * layers * d * 2 + 4 * cfg.eval_iters
+    if total is not None and need > total:
+        raise TrainError(f"this run needs at least {need / 2**30:,.0f} GiB ({params / 1e6:,.0f}M parameters with "
+                         f"their gradients and AdamW's moments, and a batch of {tokens:,} tokens) and the {device.type} "
+                         f"has {total / 2**30:,.0f} GiB: lower --n-layer, --n-embd, --batch-size, --block-size or "
+                         "--eval-iters")
+
+
 def wrap_model(model, compiled, proc):
     """The model the step runs: torch.compile'd (CUDA default), in DistributedDataParallel under torchrun."""
     model = torch.compile(model) if compiled else model
