@@ -368,10 +368,11 @@ class OutputThatSurvivesAClosedPipe:
 
 class StopRequest:
     """Turns SIGINT (Ctrl-C) and SIGTERM into a request the loop honours at the next step boundary, where it
-    writes a checkpoint and returns. A second signal while the loop runs (at_once, set by the training script
-    around it) stops at once, with KeyboardInterrupt; the last checkpoint stays whole (atomic writes). Outside the
-    loop, while the checkpoint and summary.json are written, further signals are ignored: they would only lose
-    them."""
+    writes a checkpoint and returns. Before a run has opened its folder (before_start, set by the training script
+    while it prepares data and model) a signal stops at once with KeyboardInterrupt: there is nothing to save. A
+    second signal while the loop runs (at_once, set by the training script around it) stops at once, with
+    KeyboardInterrupt; the last checkpoint stays whole (atomic writes). Outside the loop, while the checkpoint and
+    summary.json are written, further signals are ignored: they would only lose them."""
 
     def __init__(self):
         self.signum, self.at_once = None, False
@@ -508,14 +509,15 @@ def compile_or_eager(asked, device, say=print):
 @functools.cache
 def why_compile_fails(device_type):
     """None if torch.compile builds and runs a small matmul on this device type, else why not, in a few words.
-    Once per process: the model's own compile then pays the compiler's start-up, not this (~0.5 s warm)."""
+    Once per process, ~0.25 s beyond the inductor start-up that the model's own compile pays anyway."""
     if device_type == "cpu" and not any(shutil.which(cc) for cc in ("c++", "g++", "clang++", "cl")):
         return "no C++ compiler on PATH"
     try:
         a = torch.ones(4, 4, device=device_type)
         torch.compile(lambda u, v: torch.relu(u @ v).sum())(a, a).item()
     except Exception as e:  # any failure of the toolchain: the reason shows in its first line
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:120] if str(e).strip() else ''}".rstrip(": ")
+        first_line = str(e).strip().splitlines()[0][:120] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first_line}" if first_line else type(e).__name__
     return None
 
 
@@ -553,8 +555,8 @@ def check_the_run_fits(cfg, vocab_size, device):
     need = 16 * params + tokens * vocab_size * 2 + tokens * layers * d * 2 + 4 * cfg.eval_iters
     if total is not None and need > total:
         raise TrainError(f"this run needs at least {need / 2**30:,.0f} GiB ({params / 1e6:,.0f}M parameters with "
-                         f"their gradients and AdamW's moments, and a batch of {tokens:,} tokens) and the {device.type} "
-                         f"has {total / 2**30:,.0f} GiB: lower --n-layer, --n-embd, --batch-size, --block-size or "
+                         f"their gradients and AdamW's moments, and a batch of {tokens:,} tokens) and the "
+                         f"{device.type} has {total / 2**30:,.0f} GiB: lower --n-layer, --n-embd, --batch-size, --block-size or "
                          "--eval-iters")
 
 

@@ -440,8 +440,8 @@ def compare_table(runs):
             return "-"
         return f"{statistics.mean(values):.4f}" + (f" +- {statistics.stdev(values):.4f}" if len(values) > 1 else "")
 
-    rows = ["| config | seeds | best val | final val | diverged | spikes | tokens/s | time vs first (not a benchmark) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| config | seeds | best val | final val | diverged | spikes | tokens/s "
+            "| time vs first (not a benchmark) |", "|---|---|---|---|---|---|---|---|"]
     first_tps = None
     for config, dirs in runs.items():
         sums = [json.loads((d / "summary.json").read_text()) for d in dirs]
