@@ -556,8 +556,8 @@ def check_the_run_fits(cfg, vocab_size, device):
     if total is not None and need > total:
         raise TrainError(f"this run needs at least {need / 2**30:,.0f} GiB ({params / 1e6:,.0f}M parameters with "
                          f"their gradients and AdamW's moments, and a batch of {tokens:,} tokens) and the "
-                         f"{device.type} has {total / 2**30:,.0f} GiB: lower --n-layer, --n-embd, --batch-size, --block-size or "
-                         "--eval-iters")
+                         f"{device.type} has {total / 2**30:,.0f} GiB: lower --n-layer, --n-embd, --batch-size, "
+                         "--block-size or --eval-iters")
 
 
 def wrap_model(model, compiled, proc):
