@@ -45,7 +45,7 @@ from tools.runs import (Batches, OutputThatSurvivesAClosedPipe, Run, StopRequest
 PRESETS = {
     # nanoGPT's README CPU model (4/4/128, block 64), tuned for time to quality (docs/speed.md): 2.7x the tokens
     # per step (batch 32: the fastest tokens/s on 2 cores), 8x the learning rate with a 50-step warmup, 1200 steps;
-    # it reaches nanoGPT's CPU-recipe val (1.886) in ~650 steps, ~0.65x nanoGPT's time, and ends near 1.71
+    # it reaches nanoGPT's CPU-recipe val (1.886) in ~650 steps, 0.68x nanoGPT's time, and ends near 1.71
     "cpu": dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=32, max_iters=1200, lr=8e-3,
                 min_lr=8e-4, warmup_iters=50, beta2=0.99, dropout=0.0, eval_interval=50, eval_iters=20),
     # nanoGPT's config/train_shakespeare_char.py: val ~1.47 on one A100 in ~3 minutes
