@@ -16,10 +16,12 @@ import platform
 import random
 import shlex
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import fields, replace
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 import prepare_data
 import stable_gpt
 import train_shakespeare
-from tools import bench, monitors, plots, runs, sweep
+from tools import bench, monitors, plots, runs, stability, sweep
 from stable_gpt import GPT, GPTConfig, LayerNorm, RMSNorm, SDDNorm
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -1691,45 +1693,42 @@ def test_plots_read_at_a_glance(tmp_path, data_dir, monkeypatch):
     assert any("MLP in" in t.get_text() for t in figures["activations.png"].axes[0].get_legend().get_texts())
     assert [ax.get_title() for ax in figures["logits.png"].axes] == ["Largest attention logit over blocks",
                                                                      "log Z of the output logits (mean +- std)"]
-    run = dict(counted_loss=2.0, diverged=False)
-    sweep_of = {f"config{i}": dict(runs={"0.001": [run], "0.01": [run]}, mean_loss={"0.001": 2.0, "0.01": 2.1},
-                                   mean_loss_ci95={"0.001": [1.9, 2.1], "0.01": None}, lr_sensitivity=0.05,
-                                   lr_sensitivity_ci95=[0.01, 0.09]) for i in range(13)}
-    sweep_of = dict(sizes={"2x32": dict(params=1e5, configs=sweep_of), "4x32": dict(params=2e5, configs=sweep_of)},
-                    lrs=[1e-3, 1e-2])
-    plots.plot_lr_sweep(sweep_of, tmp_path)
-    plots.plot_lr_sensitivity(sweep_of, tmp_path)
-    panels = figures["lr_sweep.png"].axes
+    run = dict(counted_loss=2.0, failure_mode="trains")
+    failed = dict(counted_loss=4.0, failure_mode="collapsed")
+    configs = {f"config{i}": dict(runs={1e-3: [run], 1e-2: [run, failed]}, mean_loss={1e-3: 2.0, 1e-2: 3.0},
+                                  mean_loss_ci95={1e-3: [1.9, 2.1], 1e-2: None}, lr_sensitivity=0.05,
+                                  lr_sensitivity_ci95=[0.01, 0.09], unstable=0.05, unstable_ci95=None)
+               for i in range(13)}
+    results = dict(sizes={"2x32": dict(params=1e5, configs=configs), "4x32": dict(params=2e5, configs=configs)},
+                   lrs=[1e-3, 1e-2])
+    plots.plot_stability_map(results, tmp_path)
+    plots.plot_lr_sensitivity(results, tmp_path)
+    panels = figures["stability_map.png"].axes
     assert len(panels) == 2 * 3  # a row per size, 12 configurations beside the reference in panels of 4
-    for ax in panels:  # the reference + 4, five colours apart in each panel
+    for ax in panels:  # the reference + 4, five colours apart in each panel, each one's collapsed run marked
         assert len(ax.containers) == 5 and len({plt_colour(bars) for bars in ax.containers}) == 5
-    lines = figures["lr_sensitivity.png"].axes[0].containers
-    assert len(lines) == 13 and list(lines[0].lines[0].get_xdata()) == [1e5, 2e5]
-    assert len({plt_colour(bars) for bars in lines}) == 13  # every configuration its own colour
+        marks = [line for line in ax.get_lines() if line.get_marker() == plots.MODE_MARKERS["collapsed"]]
+        assert len(marks) == 5 and all(list(m.get_ydata()) == [4.0] for m in marks)
+    for ax in figures["lr_sensitivity.png"].axes:  # the sensitivity and its unstable part
+        lines = ax.containers
+        assert len(lines) == 13 and list(lines[0].lines[0].get_xdata()) == [1e5, 2e5]
+        assert len({plt_colour(bars) for bars in lines}) == 13  # every configuration its own colour
 
 
 def test_sweeps_into_one_folder_add_up_their_sizes(tmp_path, monkeypatch):
-    """A second sweep into the same --out-dir (the largest size, fewer configurations) keeps the first one's
-    sizes in lr_sweep.json, ordered by parameters; the map draws the configurations each size has."""
-    def size(params, names):
-        run = dict(counted_loss=2.0, diverged=False)
-        return dict(params=params, configs={n: dict(runs={"0.001": [run]}, mean_loss={"0.001": 2.0},
-                                                    mean_loss_ci95={"0.001": None}, lr_sensitivity=0.0,
-                                                    lr_sensitivity_ci95=None) for n in names})
-    path = tmp_path / "lr_sweep.json"
-    path.write_text(json.dumps(dict(lrs=[1e-3], sizes={"4x64": size(2e5, ["baseline", "--sdd", "--lns"]),
-                                                       "4x128": size(8e5, ["baseline", "--sdd", "--lns"])})))
-    merged = sweep.with_saved_sizes(dict(lrs=[1e-3], sizes={"8x128": size(1.6e6, ["baseline", "--lns"]),
-                                                            "4x64": size(2e5, ["baseline"])}), path)
-    assert list(merged["sizes"]) == ["4x64", "4x128", "8x128"]
-    assert list(merged["sizes"]["4x64"]["configs"]) == ["baseline"]  # the size this sweep ran: its own result
-    other_grid = dict(lrs=[1e-2], sizes={"8x128": size(1.6e6, ["baseline"])})
-    assert sweep.with_saved_sizes(other_grid, path) == other_grid  # another grid: not mixed
+    """A second sweep into the same --out-dir (the largest size, fewer configurations) joins the first one's
+    runs in runs.csv; the map orders the sizes by parameters and draws the configurations each size has."""
+    def rows(size, params, names):
+        return [dict(fake_row(tmp_path / size / n, size=size, config=n, final=2.0, diverged=False), params=params)
+                for n in names]
+    merged = stability.merge_rows(rows("4x64", 2e5, ["baseline", "--sdd", "--lns"]) +
+                                  rows("8x128", 1.6e6, ["baseline", "--lns"]), rows("4x128", 8e5, ["baseline", "--sdd"]))
+    results = stability.map_results(merged)
+    assert list(results["sizes"]) == ["4x64", "4x128", "8x128"]
     figures = {}
     monkeypatch.setattr(plots, "save", lambda fig, p, *a, **k: figures.setdefault(Path(p).name, fig) and Path(p))
-    plots.plot_lr_sweep(merged, tmp_path)
-    rows = [[len(ax.containers) for ax in figures["lr_sweep.png"].axes[i:i + 1]] for i in range(3)]
-    assert rows == [[1], [3], [2]]  # one panel per size: 4x64 the reference only; 4x128 + --sdd, --lns; 8x128 + --lns
+    plots.plot_stability_map(results, tmp_path)
+    assert [len(ax.containers) for ax in figures["stability_map.png"].axes] == [3, 2, 2]
 
 
 def plt_colour(bars):
@@ -3148,78 +3147,186 @@ def test_summary_reports_the_olmo_spike_score(tmp_path, data_dir):
 
 def test_lr_sensitivity_on_a_known_table():
     # Wortsman et al.: mean over the grid of min(loss, loss at init) minus the best; the caller caps at init
-    assert sweep.lr_sensitivity({1e-3: 3.0, 3e-3: 2.0, 1e-2: 2.5, 3e-2: 4.1}) == pytest.approx(0.9)
-    assert sweep.lr_sensitivity({1e-3: 2.0, 1e-2: 2.0}) == 0.0
+    assert stability.lr_sensitivity({1e-3: 3.0, 3e-3: 2.0, 1e-2: 2.5, 3e-2: 4.1}) == pytest.approx(0.9)
+    assert stability.lr_sensitivity({1e-3: 2.0, 1e-2: 2.0}) == 0.0
 
 
-def fake_run(folder, final, diverged, init=4.0, seed=1):
+def fake_run(folder, final, diverged, init=4.0, seed=1, diag=(), vocab=65):
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps(dict(final_val_loss=final, best_val_loss=final, diverged=diverged,
-                                                         config=dict(seed=seed), techniques="pre-layernorm")))
+    (folder / "summary.json").write_text(json.dumps(dict(
+        final_val_loss=final, best_val_loss=final, diverged=diverged, config=dict(seed=seed), iters=10,
+        tokens_per_step=64, techniques="pre-layernorm", model_args=dict(vocab_size=vocab))))
     (folder / "log.jsonl").write_text(json.dumps(dict(iter=0, type="eval", train_loss=init, val_loss=init)) + "\n")
+    (folder / "diag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in diag))
     return folder
 
 
-def test_a_diverged_run_counts_at_its_loss_at_init(tmp_path):
-    outcome = sweep.run_outcome
-    assert outcome(fake_run(tmp_path / "a", 2.0, diverged=True))["counted_loss"] == 4.0  # stopped at a NaN
-    assert outcome(fake_run(tmp_path / "b", None, diverged=True))["counted_loss"] == 4.0
-    above = outcome(fake_run(tmp_path / "c", 5.5, diverged=False))  # finite but worse than at init: capped
-    assert above["counted_loss"] == 4.0 and not above["diverged"]
-    assert outcome(fake_run(tmp_path / "d", 2.5, diverged=False))["counted_loss"] == 2.5
-    result = sweep.lr_sweep_results({None: {"x": {1e-3: [tmp_path / "d"], 1e-1: [tmp_path / "a"]}}})
-    c = result["sizes"]["one size"]["configs"]["x"]
-    assert c["best_lr"] == 1e-3 and c["best_loss"] == 2.5 and c["lr_sensitivity"] == pytest.approx(0.75)
-    assert c["best_lr_at_edge"] and c["lr_sensitivity_ci95"] is None  # one seed: no interval
-    row = next(line for line in sweep.lr_sweep_table(result).splitlines() if line.startswith("| x |"))
-    assert "\u2020" in row and "| 0.001* |" in row  # the diverged run is marked, and the optimum on the edge
+def fake_row(folder, size="4x32", config="x", lr=1e-3, **kw):
+    return stability.run_row(fake_run(folder, **kw), size, config, lr, unigram=3.3, params=1000)
 
 
-def test_a_difference_from_the_first_configuration_is_claimed_only_where_the_intervals_are_apart(tmp_path):
-    assert sweep.interval_order([1.0, 2.0], [2.5, 3.0]) == "lower"
-    assert sweep.interval_order([3.1, 4.0], [2.5, 3.0]) == "higher"
-    assert sweep.interval_order([1.0, 2.6], [2.5, 3.0]) == "overlap"
-    assert sweep.interval_order(None, [2.5, 3.0]) is None
-    # three seeds: "far" is 0.5 worse at every learning rate with the reference's spread; "near" 0.001 worse
-    spread = (-0.01, 0.0, 0.01)
-    runs_ = {name: {lr: [fake_run(tmp_path / name / f"{lr:g}" / str(i), loss + shift + d, diverged=False, seed=i)
-                         for i, d in enumerate(spread)] for lr, loss in ((1e-3, 2.5), (1e-2, 2.0), (1e-1, 3.0))}
-             for name, shift in (("ref", 0.0), ("far", 0.5), ("near", 0.001))}
-    result = sweep.lr_sweep_results({None: runs_})
-    configs = result["sizes"]["one size"]["configs"]
-    assert configs["ref"]["vs_first"] is None
-    assert configs["far"]["vs_first"] == dict(best_loss="higher", lr_sensitivity="overlap")  # same curve shape
-    assert configs["near"]["vs_first"] == dict(best_loss="overlap", lr_sensitivity="overlap")
-    table = sweep.lr_sweep_table(result)
-    assert "| reference |" in next(line for line in table.splitlines() if line.startswith("| ref |"))
-    assert next(line for line in table.splitlines() if line.startswith("| far |")).endswith("| higher, = |")
-    saved_before = copy.deepcopy(result)  # a size saved by an older sweep has no vs_first
-    del saved_before["sizes"]["one size"]["configs"]["far"]["vs_first"]
-    assert next(line for line in sweep.lr_sweep_table(saved_before).splitlines() if line.startswith("| far |")).endswith(
-        "| - |")
+def test_a_run_counts_at_its_loss_at_init_where_it_diverged_and_gets_its_failure_mode(tmp_path):
+    """Wortsman's capped loss, and the failure mode from the run's own diagnostics: the largest attention
+    logit of any record and block, log Z's largest drift from ln(vocab), the unigram loss for a collapse."""
+    nan_run = fake_row(tmp_path / "a", final=2.0, diverged=True)
+    assert nan_run["counted_loss"] == 4.0 and nan_run["failure_mode"] == "diverged"
+    assert fake_row(tmp_path / "b", final=None, diverged=True)["counted_loss"] == 4.0
+    above = fake_row(tmp_path / "c", final=5.5, diverged=False)  # finite but worse than at init: capped
+    assert above["counted_loss"] == 4.0 and not above["diverged"] and above["failure_mode"] == "collapsed"
+    assert fake_row(tmp_path / "d", final=3.26, diverged=False)["failure_mode"] == "collapsed"  # 3.3 - 0.05
+    assert fake_row(tmp_path / "e", final=3.24, diverged=False)["failure_mode"] == "trains"
+    ln65 = math.log(65)
+    runaway = fake_row(tmp_path / "f", final=2.5, diverged=False,
+                       diag=[dict(attn_logit_max=[3.0, 150.0], logit_lse_mean=ln65 + 1),
+                             dict(attn_logit_max=[2.0, 40.0], logit_lse_mean=ln65 + 2)])
+    assert runaway["failure_mode"] == "attention logits" and runaway["attn_logit_max"] == 150.0
+    assert runaway["log_z"] == pytest.approx(ln65 + 2) and runaway["log_z_drift"] == pytest.approx(2.0)
+    drift = fake_row(tmp_path / "g", final=2.5, diverged=False,
+                     diag=[dict(attn_logit_max=[99.0], logit_lse_mean=ln65 - 10.5), dict(attn_logit_max=[9.0],
+                                                                                        logit_lse_mean=ln65)])
+    assert drift["failure_mode"] == "output logits" and drift["log_z_drift"] == pytest.approx(10.5)
+    assert fake_row(tmp_path / "h", final=2.5, diverged=False, diag=[dict(attn_logit_max=[99.0], logit_lse_mean=ln65
+                                                                          + 9.9)])["failure_mode"] == "trains"
 
 
-def test_mean_interval_is_students_t():
-    # 3 seeds: t(0.975, 2) = 4.303; s = 1 for [1, 2, 3]
-    assert sweep.mean_interval([1.0, 2.0, 3.0]) == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)])
-    low, high = sweep.mean_interval([0.0, 1.0] * 10)  # df 19: t = 2.093 (tables)
-    assert (high - low) / 2 == pytest.approx(2.093 * statistics.stdev([0.0, 1.0] * 10) / math.sqrt(20), rel=2e-3)
-    assert sweep.mean_interval([2.0]) is None
+def test_the_unigram_loss_of_a_known_split(tmp_path):
+    # train: 3 x token 0, 1 x token 1 (vocab 3, add-one: 4/7, 2/7, 1/7); val: one of each of 0 and 2
+    np.array([0, 0, 0, 1], dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.array([0, 2], dtype=np.uint16).tofile(tmp_path / "val.bin")
+    assert stability.unigram_loss(tmp_path, 3) == pytest.approx(-(math.log(4 / 7) + math.log(1 / 7)) / 2)
 
 
-def test_sensitivity_interval_is_a_bootstrap_over_seeds():
-    """Two seeds: a draw is one of the four seed pairs (0,0), (0,1), (1,0), (1,1), the same pair at every
-    learning rate; with enough draws the 2.5 and 97.5 percentiles are the smallest and largest of the three
-    distinct sensitivities (of seed 0's curve, seed 1's curve, and the two-seed mean curve)."""
-    losses = {1e-3: [3.0, 2.6], 1e-2: [2.0, 2.4], 1e-1: [3.5, 2.5]}
-    possible = [sweep.lr_sensitivity({lr: statistics.fmean(v[i] for i in pair) for lr, v in losses.items()})
-                for pair in ((0, 0), (0, 1), (1, 1))]
-    assert sweep.sensitivity_interval(losses) == pytest.approx([min(possible), max(possible)])
-    assert sweep.sensitivity_interval({1e-3: [3.0], 1e-2: [2.0]}) is None
-    # paired across learning rates: resampling each lr on its own would reach 3.0 - 2.4 at lr 1e-3 vs 1e-2 and
-    # mix curves no seed produced; the interval of a curve shared by both seeds is a point
-    same = {1e-3: [3.0, 3.0], 1e-2: [2.0, 2.0]}
-    assert sweep.sensitivity_interval(same) == pytest.approx([0.5, 0.5])
+def test_students_t_against_its_tables():
+    for df, t975 in ((1, 12.706), (2, 4.303), (3, 3.182), (4, 2.776), (9, 2.262), (19, 2.093), (60, 2.000)):
+        assert stability.t_quantile(0.975, df) == pytest.approx(t975, abs=1e-3)
+        assert stability.t_two_sided_p(t975, df) == pytest.approx(0.05, abs=1e-4)
+    assert stability.t_quantile(0.995, 2) == pytest.approx(9.925, abs=1e-3)
+    assert stability.t_two_sided_p(0.0, 3) == pytest.approx(1.0) and stability.t_two_sided_p(math.inf, 3) == 0.0
+    assert stability.mean_interval([1.0, 2.0, 3.0]) == pytest.approx([2 - 4.303 / math.sqrt(3), 2 + 4.303 / math.sqrt(3)],
+                                                                       abs=1e-3)
+    assert stability.mean_interval([2.0]) is None
+
+
+def test_paired_test_uses_the_per_seed_differences_and_holm_adjusts():
+    # the seeds move both alike (+-0.3), the difference is 0.01 at every seed: paired, p ~ 0
+    a, b = [2.0, 2.3, 1.7], [2.01, 2.31, 1.71]
+    test = stability.paired_test(a, b)
+    assert test["diff"] == pytest.approx(-0.01) and test["p"] < 1e-6 and test["ci95"] == pytest.approx([-0.01, -0.01])
+    test = stability.paired_test([2.0, 2.3, 1.7], [2.1, 2.2, 1.8])  # differences -0.1, 0.1, -0.1
+    assert test["p"] == pytest.approx(stability.t_two_sided_p((-0.1 / 3) / (statistics.stdev([-0.1, 0.1, -0.1]) /
+                                                                            math.sqrt(3)), 2))
+    # Holm (1979): p sorted 0.01, 0.02, 0.03, 0.5 over m = 4 -> 0.04, 0.06, 0.06 (running max), 0.5
+    assert stability.holm([0.03, 0.5, 0.01, 0.02]) == pytest.approx([0.06, 0.5, 0.04, 0.06])
+
+
+def test_curve_stats_per_seed_values_average_to_the_mean_curves():
+    """Each seed's sensitivity, its slow and unstable parts and its best loss, taken at the configuration's best
+    learning rate, average exactly to the mean curve's (Wortsman's sensitivity of the mean curve), and the two
+    parts add up to the sensitivity."""
+    losses = {1e-3: [3.0, 2.6, 2.9], 1e-2: [2.0, 2.4, 2.1], 3e-2: [2.2, 2.1, 2.3], 1e-1: [3.5, 2.5, 3.3]}
+    c = stability.curve_stats(losses)
+    mean = {lr: statistics.fmean(v) for lr, v in losses.items()}
+    assert c["best_lr"] == 1e-2 and c["lr_sensitivity"] == pytest.approx(stability.lr_sensitivity(mean))
+    assert c["slow"] == pytest.approx((mean[1e-3] - mean[1e-2]) / 4)
+    assert c["unstable"] == pytest.approx((mean[3e-2] + mean[1e-1] - 2 * mean[1e-2]) / 4)
+    assert c["slow"] + c["unstable"] == pytest.approx(c["lr_sensitivity"])
+    for key in ("best_loss", "lr_sensitivity", "slow", "unstable"):
+        assert statistics.fmean(c["per_seed"][key]) == pytest.approx(c[key])
+    assert c["per_seed"]["best_loss"] == [2.0, 2.4, 2.1]  # at the mean curve's best lr, not each seed's own
+
+
+# the 4x64 baseline's seed-to-seed noise in the first map (its 95% half widths over 3 seeds / 4.303 * sqrt(3)),
+# at 1e-3 ... 1e-1, and a U-shaped true curve with its optimum inside
+SIM_TRUTH = {1e-3: 2.90, 3e-3: 2.45, 1e-2: 2.30, 3e-2: 2.55, 1e-1: 3.00}
+SIM_SD = {1e-3: 0.006, 3e-3: 0.017, 1e-2: 0.021, 3e-2: 0.067, 1e-1: 0.060}
+
+
+def simulated_losses(rng, n_seeds, seed_effects, truth=SIM_TRUTH):
+    """{lr: [loss per seed]}: the truth, plus each seed's effect (shared across configurations: the pairing),
+    plus each run's own noise."""
+    return {lr: [mu + seed_effects[i] + rng.gauss(0, SIM_SD[lr]) for i in range(n_seeds)] for lr, mu in truth.items()}
+
+
+@pytest.mark.parametrize("n_seeds", [3, 5])
+def test_the_intervals_cover_the_truth_and_a_null_difference_is_rarely_called(n_seeds):
+    """By simulation, with the project's functions: curves with a known truth and the first map's noise. A
+    nominal 95% interval (Student's t over per-seed values) covers the true sensitivity, its unstable part and the
+    true best loss at least 93% of the time; between two configurations with the same true curve, the paired
+    test calls a difference (p <= 0.05) at most ~5% of the time; and over a map of 30 such null comparisons,
+    Holm's correction keeps the chance of any false verdict at most ~5% (without it: ~79%)."""
+    rng, reps = random.Random(7), 1500
+    truth = stability.curve_stats({lr: [mu] for lr, mu in SIM_TRUTH.items()})
+    covered = dict(lr_sensitivity=0, unstable=0, best_loss=0)
+    called = 0
+    for _ in range(reps):
+        effects = [rng.gauss(0, 0.01) for _ in range(n_seeds)]
+        a = stability.curve_stats(simulated_losses(rng, n_seeds, effects))
+        b = stability.curve_stats(simulated_losses(rng, n_seeds, effects))
+        for key in covered:
+            low, high = stability.mean_interval(a["per_seed"][key])
+            covered[key] += low <= truth[key] <= high
+        called += stability.paired_test(a["per_seed"]["lr_sensitivity"], b["per_seed"]["lr_sensitivity"])["p"] <= 0.05
+    assert all(hits / reps >= 0.93 for hits in covered.values()), covered
+    assert called / reps <= 0.06, called / reps
+    maps_with_a_false_verdict = 0
+    for _ in range(300):
+        p = [stability.paired_test(*[[rng.gauss(0, 1) for _ in range(n_seeds)] for _ in range(2)])["p"]
+             for _ in range(30)]
+        maps_with_a_false_verdict += min(stability.holm(p)) <= 0.05
+    assert maps_with_a_false_verdict / 300 <= 0.07
+
+
+def test_map_verdicts_are_paired_and_holm_corrected(tmp_path):
+    """Three seeds: "far" is 0.5 worse at every learning rate with the reference's seed effects (its best loss
+    higher, its sensitivity not resolved: same shape); "near" 0.001 worse with the seed effects shuffled (nothing
+    resolved); "steep" fails above the best lr (its unstable part higher). The table reads the same from a runs.csv
+    written and read back."""
+    rows = []
+    for name, shift, top in (("ref", 0.0, 3.0), ("far", 0.5, 3.5), ("near", 0.001, 3.001), ("steep", 0.0, 3.9)):
+        for i, d in enumerate((0.012, -0.01, 0.0) if name == "near" else (-0.01, 0.0, 0.012)):
+            for lr, loss in ((1e-3, 2.5 + shift), (1e-2, 2.0 + shift), (1e-1, top)):
+                rows.append(fake_row(tmp_path / name / f"{lr:g}" / str(i), config=name, lr=lr, final=loss + d,
+                                     diverged=False, seed=i, init=5.0))
+    results = stability.map_results(rows)
+    configs = results["sizes"]["4x32"]["configs"]
+    assert configs["ref"]["vs_reference"] is None and results["tests"] == 9
+    verdicts = {n: {k: t["verdict"] for k, t in configs[n]["vs_reference"].items()} for n in ("far", "near", "steep")}
+    assert verdicts["far"] == dict(best_loss="higher", lr_sensitivity="not resolved", unstable="not resolved")
+    assert set(verdicts["near"].values()) == {"not resolved"}
+    assert verdicts["steep"] == dict(best_loss="not resolved", lr_sensitivity="higher", unstable="higher")
+    table = stability.map_tables(results)
+    path = tmp_path / "runs.csv"
+    stability.write_runs_csv(path, rows)
+    assert stability.map_tables(stability.map_results(stability.read_runs_csv(path))) == table
+    line = next(line for line in table.splitlines() if line.startswith("| steep | ") and "p_Holm" in line)
+    assert line.startswith("| steep | not resolved (+0.000") and "| higher (+0.300" in line
+
+
+def test_the_map_command_regenerates_its_tables_and_figures_from_a_csv(tmp_path, capsys):
+    rows = [fake_row(tmp_path / f"{c}{lr:g}{i}", config=c, lr=lr, final=2.0 + (lr > 1e-2) * (1 + i / 10), seed=i,
+                     diverged=c == "b" and lr > 1e-2 and i == 0) for c in ("a", "b") for lr in (1e-3, 1e-2, 1e-1)
+            for i in range(2)]
+    stability.write_runs_csv(tmp_path / "runs.csv", rows)
+    assert stability.main([str(tmp_path / "runs.csv"), "--out-dir", str(tmp_path / "map")]) == 0
+    table = (tmp_path / "map" / "tables.md").read_text()
+    assert table == stability.map_tables(stability.map_results(rows))
+    # at 1e-1 seed 0 diverged (counted at init, 4.0), seed 1 ended at 3.1: mean 3.55 +- 12.706 * 0.9 / sqrt(2)
+    assert "| b | pre-layernorm | 2.000 +- 0.000 | 2.000 +- 0.000 | 3.550 +- 5.718 \u2020 |" in table
+    assert "| b | 5 | 1 | 0 | 0 | 0 |" in table
+    for png in ("stability_map.png", "lr_sensitivity.png"):
+        assert (tmp_path / "map" / png).read_bytes()[:4] == b"\x89PNG"
+    assert stability.main([str(tmp_path / "none.csv"), "--out-dir", str(tmp_path / "x")]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_runs_of_a_second_sweep_join_the_first_ones_csv(tmp_path):
+    first = [fake_row(tmp_path / "a", size="4x64", config="baseline", final=2.0, diverged=False),
+             fake_row(tmp_path / "b", size="4x64", config="--sdd", final=2.1, diverged=False)]
+    again = fake_row(tmp_path / "c", size="4x64", config="--sdd", final=2.2, diverged=False)
+    larger = fake_row(tmp_path / "d", size="4x128", config="baseline", final=1.9, diverged=False)
+    merged = stability.merge_rows(first, [again, larger])
+    assert [(r["size"], r["config"], r["final_val_loss"]) for r in merged] == [
+        ("4x64", "baseline", 2.0), ("4x64", "--sdd", 2.2), ("4x128", "baseline", 1.9)]
 
 
 def test_sizes_set_each_runs_shape_and_are_checked(tmp_path, data_dir, capsys):
@@ -3239,13 +3346,13 @@ def test_sizes_set_each_runs_shape_and_are_checked(tmp_path, data_dir, capsys):
     argv = args[:i] + args[i + 6:] + ["--out-dir", str(out), "--lrs", "1e-3", "1e-2", "--sizes", "1x32", "2x64",
                                       "--seeds", "2"]
     assert sweep.main(argv) == 0
-    result = json.loads((out / "lr_sweep.json").read_text())
+    result = stability.map_results(stability.read_runs_csv(out / "runs.csv"))
     assert list(result["sizes"]) == ["1x32", "2x64"]
     small, large = (result["sizes"][k] for k in ("1x32", "2x64"))
     assert small["params"] < large["params"]
     saved = json.loads((out / "2x64" / "baseline" / "lr0.01" / "seed1338" / "summary.json").read_text())["config"]
     assert (saved["n_layer"], saved["n_embd"], saved["n_head"]) == (2, 64, 2)
-    assert set(large["configs"]["baseline"]["mean_loss_ci95"]) == {"0.001", "0.01"}
+    assert set(large["configs"]["baseline"]["mean_loss_ci95"]) == {1e-3, 1e-2}
 
 
 def without_lr(args):
@@ -3259,24 +3366,29 @@ def test_lr_sweep_end_to_end_and_resumable(tmp_path, data_dir, capsys):
                                  "--log-interval", "10")) + \
         ["--compare", "baseline", "--norm-position post", "--lrs", "1e-3", "3e-2", "--seeds", "2"]
     assert sweep.main(argv) == 0
-    result = json.loads((out / "lr_sweep.json").read_text())
-    [(label, size)] = result["sizes"].items()  # no --sizes: the flags' one size
+    rows = stability.read_runs_csv(out / "runs.csv")
+    assert len(rows) == 8 and {r["size"] for r in rows} == {"2x32"}  # no --sizes: the flags' one size
+    result = stability.map_results(rows)
+    [(label, size)] = result["sizes"].items()
     assert label == "2x32" and result["lrs"] == [1e-3, 3e-2]
     assert list(size["configs"]) == ["baseline", "--norm-position post"]
     post = size["configs"]["--norm-position post"]
-    assert post["model"] == "post-layernorm" and [o["seed"] for o in post["runs"]["0.03"]] == [1337, 1338]
-    model_args = json.loads((out / "norm-position-post" / "lr0.03" / "seed1338" / "summary.json").read_text())[
-        "model_args"]
-    assert post["params"] == GPT(GPTConfig(**model_args)).get_num_params()  # counted on the meta device
-    low, high = post["lr_sensitivity_ci95"]
-    assert low <= post["lr_sensitivity"] + 1e-12 and low <= high
+    assert post["model"] == "post-layernorm" and [r["seed"] for r in post["runs"][3e-2]] == [1337, 1338]
     run = json.loads((out / "norm-position-post" / "lr0.03" / "seed1338" / "summary.json").read_text())
+    assert post["params"] == GPT(GPTConfig(**run["model_args"])).get_num_params()  # counted on the meta device
+    row = next(r for r in rows if (r["config"], r["lr"], r["seed"]) == ("--norm-position post", 0.03, 1338))
+    assert row["final_val_loss"] == pytest.approx(run["final_val_loss"], abs=1e-6) and row["steps"] == 20
+    assert row["tokens"] == 20 * run["tokens_per_step"] and row["failure_mode"] in stability.MODES
+    vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
+    assert row["unigram_loss"] == pytest.approx(stability.unigram_loss(data_dir, vocab), abs=1e-5)
+    low, high = post["lr_sensitivity_ci95"]
+    assert low <= post["lr_sensitivity"] <= high
     assert run["config"]["lr"] == 0.03 and run["config"]["min_lr"] == pytest.approx(0.003)  # the preset's ratio
-    table = (out / "lr_sweep.md").read_text().splitlines()
+    table = (out / "tables.md").read_text().splitlines()
     assert table[0].startswith("### 2x32 (") and table[2].startswith(
-        "| config | model | lr 0.001 | lr 0.03 | best lr | best loss | LR sensitivity [95%] |")
-    assert (out / "lr_sweep.png").read_bytes()[:4] == b"\x89PNG"
-    assert (out / "lr_sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+        "| config | model | lr 0.001 | lr 0.03 | best lr | best loss [95%] | LR sensitivity [95%] |")
+    for png in ("stability_map.png", "lr_sensitivity.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert sweep.main(argv) == 0  # again: nothing is redone
     assert capsys.readouterr().out.count("done already") == 8
@@ -3287,12 +3399,40 @@ def test_lr_sweep_end_to_end_and_resumable(tmp_path, data_dir, capsys):
     assert capsys.readouterr().out.count("done already") == 7
 
 
+def test_a_sweep_runs_in_parallel_as_in_turn_and_ctrl_c_stops_every_worker(tmp_path, data_dir):
+    """--jobs 2: the same runs (the same losses, up to the threads' summation order) as one at a time, and a
+    Ctrl-C to the sweep stops the workers' runs at a step with their checkpoints; no other run starts."""
+    flags = lambda out, iters: without_lr(train_args(data_dir, out, "--max-iters", iters, "--eval-interval", "10",
+                                                     "--diag-interval", "10", "--log-interval", "10"))
+    plan = ["--compare", "baseline", "--qk-norm", "--lrs", "1e-3", "1e-2"]
+    assert sweep.main(flags(tmp_path / "par", "20") + plan + ["--jobs", "2"]) == 0
+    assert sweep.main(flags(tmp_path / "one", "20") + plan) == 0
+    key = lambda r: (r["config"], r["lr"], r["seed"])
+    parallel, serial = ({key(r): r for r in stability.read_runs_csv(tmp_path / d / "runs.csv")} for d in ("par", "one"))
+    assert parallel.keys() == serial.keys() and len(parallel) == 4
+    for k in parallel:
+        assert parallel[k]["final_val_loss"] == pytest.approx(serial[k]["final_val_loss"], rel=1e-3), k
+    out = tmp_path / "stop"
+    cmd = [sys.executable, "-m", "tools.sweep", *flags(out, "100000"), *plan, "--seeds", "2", "--jobs", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    logs = [out / "worker0.log", out / "worker1.log"]
+    for _ in range(600):  # both workers training
+        if all(p.is_file() and "iter " in p.read_text() for p in logs):
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    printed, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted; run the same command again" in printed, printed
+    summaries = [json.loads(p.read_text()) for p in out.glob("*/*/seed*/summary.json")]
+    assert len(summaries) == 2 and all(0 < s["interrupted_at"] < 100000 for s in summaries)
+    assert len(list(out.glob("*/*/seed*/ckpt.pt"))) == 2
+
+
 def test_lr_sweep_alone_and_its_bad_inputs(tmp_path, data_dir, capsys):
     out = tmp_path / "one"
     args = without_lr(train_args(data_dir, out, "--max-iters", "10", "--eval-interval", "10", "--diag-interval", "0"))
     assert sweep.main(args + ["--sdd", "--lrs", "1e-3", "1e-2"]) == 0  # the command line's config
-    [size] = json.loads((out / "lr_sweep.json").read_text())["sizes"].values()
-    assert size["configs"]["baseline"]["model"] == "pre-layernorm + sdd"
+    assert {r["model"] for r in stability.read_runs_csv(out / "runs.csv")} == {"pre-layernorm + sdd"}
     for bad, message in ((["--lrs"], "--lrs needs one or more learning rates > 0"),
                          (["--lrs", "0", "1e-3"], "--lrs needs one or more learning rates > 0"),
                          (["--lrs", "1e-3", "--lr", "1e-2"], "--lrs sets the peak learning rate of every run"),

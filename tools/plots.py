@@ -276,18 +276,22 @@ def config_names(sweep):
 PANEL_CONFIGS = 4  # configurations per panel of the map, beside the first one (the reference in every panel)
 
 
-def plot_lr_sweep(sweep, out_dir, dpi=90):
-    """lr_sweep.png, the stability map as small multiples: final val loss against the peak learning rate (log
+# the failure modes of tools.stability, one marker each on the map (a run that trains: no marker of its own)
+MODE_MARKERS = {"diverged": "x", "collapsed": "v", "attention logits": "^", "output logits": "s"}
+
+
+def plot_stability_map(results, out_dir, dpi=90):
+    """stability_map.png, the stability map as small multiples: final val loss against the peak learning rate (log
     axis), one row of panels per model size, each panel the first configuration (grey, the reference) and up to
-    PANEL_CONFIGS others (a column's legend under it): the mean over seeds with its 95% interval, diverged
-    runs marked x at the loss they count (their loss at init), as Wortsman et al.'s Fig. 1 (arXiv 2309.14322).
-    sweep: lr_sweep_results()."""
-    sizes = sweep["sizes"]
-    names = config_names(sweep)
+    PANEL_CONFIGS others (a column's legend under it): the mean over seeds with its 95% interval, as Wortsman et
+    al.'s Fig. 1 (arXiv 2309.14322), and every run that failed at the loss it counts, marked by its failure mode
+    (MODE_MARKERS). results: tools.stability.map_results()."""
+    sizes = results["sizes"]
+    names = config_names(results)
     reference, others = names[0], names[1:]
     groups = [others[i:i + PANEL_CONFIGS] for i in range(0, len(others), PANEL_CONFIGS)] or [[]]
     palette = plt.get_cmap("tab10").colors  # within a panel: four colours far apart, the legend under the column
-    fig, axes = plt.subplots(len(sizes), len(groups), figsize=(4.3 * len(groups), 3.2 * len(sizes) + 1.2),
+    fig, axes = plt.subplots(len(sizes), len(groups), figsize=(4.3 * len(groups), 3.2 * len(sizes) + 1.6),
                              sharey="row", squeeze=False)
     for row, (label, size) in zip(axes, sizes.items()):
         params = f", {size['params'] / 1e6:.2f}M params" if size["params"] else ""
@@ -296,46 +300,49 @@ def plot_lr_sweep(sweep, out_dir, dpi=90):
                 if config not in size["configs"]:  # a size run with fewer configurations
                     continue
                 c = size["configs"][config]
-                lrs = sorted(c["runs"], key=float)
+                lrs = sorted(c["runs"])
                 mean = [c["mean_loss"][lr] for lr in lrs]
                 color = "0.45" if k == 0 else palette[k - 1]
-                ax.errorbar([float(lr) for lr in lrs], mean, yerr=interval_bars(mean, [c["mean_loss_ci95"][lr]
-                                                                                       for lr in lrs]),
+                ax.errorbar(lrs, mean, yerr=interval_bars(mean, [c["mean_loss_ci95"][lr] for lr in lrs]),
                             color=color, linestyle="--" if k == 0 else "-", marker="o", ms=3.5, capsize=2,
                             label=config)
-                diverged = [(float(lr), o["counted_loss"]) for lr in lrs for o in c["runs"][lr] if o["diverged"]]
-                if diverged:
-                    ax.plot(*zip(*diverged), "x", ms=8, mew=2, color=color)
+                for mode, marker in MODE_MARKERS.items():
+                    failed = [(lr, r["counted_loss"]) for lr in lrs for r in c["runs"][lr] if r["failure_mode"] == mode]
+                    if failed:
+                        ax.plot(*zip(*failed), marker, ms=6, mew=1.5, color=color, fillstyle="none")
             ax.set(xscale="log", title=f"{label}{params}")
-            ax.set_xticks(sweep["lrs"], [f"{lr:g}" for lr in sweep["lrs"]], fontsize=7)
+            ax.set_xticks(results["lrs"], [f"{lr:g}" for lr in results["lrs"]], fontsize=7)
             ax.minorticks_off()
         row[0].set_ylabel("final val loss (nats/token)")
     for ax in axes[-1]:
         ax.set_xlabel("peak learning rate")
         ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, frameon=False)
-    fig.suptitle("Stability map: final loss against learning rate (mean over seeds, 95% interval; x: diverged)")
-    return [save(fig, Path(out_dir) / "lr_sweep.png", dpi, integer_x=False)]
+    fig.suptitle("Stability map: final loss against learning rate (mean over seeds, 95% interval)\nruns that failed: "
+                 + ", ".join(f"{m} {mode}" for mode, m in MODE_MARKERS.items()))
+    return [save(fig, Path(out_dir) / "stability_map.png", dpi, integer_x=False)]
 
 
-def plot_lr_sensitivity(sweep, out_dir, dpi=90):
-    """lr_sensitivity.png: each configuration's LR sensitivity (with its 95% bootstrap interval) against the
+def plot_lr_sensitivity(results, out_dir, dpi=90):
+    """lr_sensitivity.png: each configuration's LR sensitivity (with its 95% interval over seeds) against the
     model's parameter count, log axis, one line per configuration: Wortsman et al.'s Fig. 1, right panel (arXiv
-    2309.14322). A configuration whose sensitivity grows with size has an instability that scale brings out."""
-    sizes = list(sweep["sizes"].values())
-    names = config_names(sweep)
+    2309.14322); beside it its part above the best learning rate (instability), the part that scale brings out."""
+    sizes = list(results["sizes"].values())
+    names = config_names(results)
     colors = config_colors(names)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for i, config in enumerate(names):
-        points = [(s["params"], s["configs"][config]) for s in sizes if s["params"] and config in s["configs"]]
-        if not points:
-            continue
-        x = [p for p, _ in points]
-        y = [c["lr_sensitivity"] for _, c in points]
-        ax.errorbar(x, y, yerr=interval_bars(y, [c["lr_sensitivity_ci95"] for _, c in points]), color=colors[config],
-                    linestyle=("-", "--", ":")[i % 3], marker="osD^v"[i % 5], ms=5, capsize=3, label=config)
-    ax.set(xscale="log", xlabel="parameters (nanoGPT's count)", ylabel="LR sensitivity (nats)",
-           title="LR sensitivity against model size (95% bootstrap interval over seeds)")
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    for ax, key, title in zip(axes, ("lr_sensitivity", "unstable"),
+                              ("LR sensitivity against model size", "its part above the best learning rate")):
+        for i, config in enumerate(names):
+            points = [(s["params"], s["configs"][config]) for s in sizes if s["params"] and config in s["configs"]]
+            if not points:
+                continue
+            x = [p for p, _ in points]
+            y = [c[key] for _, c in points]
+            ax.errorbar(x, y, yerr=interval_bars(y, [c[f"{key}_ci95"] for _, c in points]), color=colors[config],
+                        linestyle=("-", "--", ":")[i % 3], marker="osD^v"[i % 5], ms=5, capsize=3, label=config)
+        ax.set(xscale="log", xlabel="parameters (nanoGPT's count)", title=f"{title} (95% interval over seeds)")
+    axes[0].set_ylabel("nats")
+    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return [save(fig, Path(out_dir) / "lr_sensitivity.png", dpi, integer_x=False)]
 
 

@@ -5,18 +5,19 @@ seeds and budget, one after another in this process; finished runs are skipped, 
     python -m tools.sweep --max-iters 600 --compare baseline "--norm-position post" "--lns" --seeds 3
     python -m tools.sweep --max-iters 300 --compare baseline "--sdd" --lrs 1e-3 1e-2 1e-1 --seeds 2
     python -m tools.sweep --lrs 1e-3 1e-2 1e-1 --sdd          # one configuration (the command line's) swept
-    python -m tools.sweep --compare baseline "--sdd" --lrs 1e-3 1e-2 --sizes 4x64 4x128 8x128 --seeds 3
+    python -m tools.sweep --compare baseline "--sdd" --lrs 1e-3 1e-2 --sizes 4x64 4x128 8x128 --seeds 3 --jobs 2
 
 --compare takes 'baseline' or quoted strings of flags; every other flag is common to all runs. Writes compare.md
 and compare.png into --out-dir (default out/compare), or with --lrs (Wortsman et al., arXiv 2309.14322)
-lr_sweep.json, lr_sweep.md, lr_sweep.png (the map, small multiples) and lr_sensitivity.png (sensitivity against
-parameters) into out/lr_sweep; --min-lr follows each peak at the preset's ratio unless given. --sizes LxW[xH]
-sweeps model sizes: L layers, W wide, H heads (default: W over the head size of the other flags' model).
+runs.csv (one row per run, with its failure mode), tables.md (the map's tables and verdicts, tools/stability.py),
+stability_map.png and lr_sensitivity.png into out/lr_sweep; --min-lr follows each peak at the preset's ratio
+unless given. --sizes LxW[xH] sweeps model sizes: L layers, W wide, H heads (default: W over the head size of the
+other flags' model). --jobs N runs N at a time in worker processes, the CPU threads split between them (on one
+GPU: several small runs fill it). The preset is cpu on every device unless --preset is given.
 """
 
 import json
 import math
-import random
 import re
 import shlex
 import statistics
@@ -28,24 +29,24 @@ import torch
 
 import prepare_data
 from prepare_data import DataError
-from tools.runs import (StopRequest, TrainError, check_fresh_start, load_checkpoint, parse_or_none,
-                        write_json_atomically)
+from tools import stability
+from tools.runs import StopRequest, TrainError, check_fresh_start, load_checkpoint
 from train_shakespeare import Settings, build_parser, resolve, resume_settings, settings_given, train
 
 # ----------------------------------------------------------------------------------------------------
 # Compare runner
 
 
-RUNNER_OPTIONS = ("--compare", "--seeds", "--lrs", "--sizes")
+RUNNER_OPTIONS = ("--compare", "--seeds", "--lrs", "--sizes", "--jobs")
 
 
 def split_compare(argv):
     """Not argparse: a configuration such as "--lns" is a flag string that argparse would take for an option.
-(common flags, configurations, seeds, learning rates or None, sizes or None) from a command line with
-    --compare or --lrs. --compare takes the words after it up to the next runner option or the end, each
+(common flags, configurations, seeds, learning rates or None, sizes or None, jobs) from a command line
+    with --compare or --lrs. --compare takes the words after it up to the next runner option or the end, each
     'baseline' or a string of flags ("--lns"); --seeds one whole number; --lrs the numbers after it; --sizes the
-    words LxW or LxWxH after it. Every other word is a common flag."""
-    common, configs, seeds, lrs, sizes = [], None, 1, None, None
+    words LxW or LxWxH after it; --jobs how many runs at once. Every other word is a common flag."""
+    common, configs, seeds, lrs, sizes, jobs = [], None, 1, None, None, 1
     words = list(argv)
     while words:
         word = words.pop(0)
@@ -55,10 +56,10 @@ def split_compare(argv):
                 configs.append(words.pop(0))
             if not configs:
                 raise TrainError("--compare needs at least one configuration, e.g. --compare baseline \"--lns\"")
-        elif word == "--seeds":
+        elif word in ("--seeds", "--jobs"):
             if not words or not words[0].isdigit() or int(words[0]) < 1:
-                raise TrainError("--seeds needs a positive whole number")
-            seeds = int(words.pop(0))
+                raise TrainError(f"{word} needs a positive whole number")
+            seeds, jobs = (int(words.pop(0)), jobs) if word == "--seeds" else (seeds, int(words.pop(0)))
         elif word == "--lrs":
             lrs = []
             while words and (lr := parse_or_none_float(words[0])) is not None:
@@ -75,7 +76,7 @@ def split_compare(argv):
                                  "e.g. --sizes 4x64 4x128 8x128")
         else:
             common.append(word)
-    return common, configs or ["baseline"], seeds, lrs, sizes
+    return common, configs or ["baseline"], seeds, lrs, sizes, jobs
 
 
 SIZE = re.compile(r"([1-9][0-9]*)x([1-9][0-9]*)(?:x([1-9][0-9]*))?")  # --sizes: layers x width [x heads]
@@ -117,11 +118,13 @@ def config_flags(config):
 
 
 def compare(argv):
-    """Run every configuration x learning rate x seed (in this process, one after another), skip the finished
-    ones, then write the table and the plots: compare.md and compare.png, or with --lrs the learning-rate
-    sweep's lr_sweep.json, lr_sweep.md and lr_sweep.png."""
-    common, configs, n_seeds, lrs, sizes = split_compare(argv)
+    """Run every configuration x learning rate x seed (in this process one after another, or --jobs at a time),
+    skip the finished ones, then write the table and the plots: compare.md and compare.png, or with --lrs the
+    learning-rate sweep's runs.csv, tables.md, stability_map.png and lr_sensitivity.png."""
+    common, configs, n_seeds, lrs, sizes, jobs = split_compare(argv)
     parser = build_parser()
+    if not any(w == "--preset" or w.startswith("--preset=") for w in common):
+        common = ["--preset", "cpu"] + common  # one protocol on every device (the training script picks by device)
     base = settings_given(parser.parse_args(common))
     seed0 = base.get("seed", Settings.seed)
     root = Path(base.get("out_dir") or Path("out") / ("lr_sweep" if lrs else "compare"))
@@ -154,21 +157,14 @@ def compare(argv):
     plan = [(size, config, lr, seed, root / (size or "") / config_slug(config) / (f"lr{lr:g}" if lr else "") /
              f"seed{seed}") for size in size_args for config in configs for lr in grid
             for seed in range(seed0, seed0 + n_seeds)]
-    with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
-        for k, (size, config, lr, seed, run_dir) in enumerate(plan, start=1):
-            run_one(parser, common + size_args[size] + lr_flag(lr), config, seed, run_dir, stop,
-                    progress=f"[{k}/{len(plan)}]")
-            if stop.signum is not None:
-                print("compare: interrupted; run the same command again to continue")
-                return 130
+    tasks = [(common + size_args[size] + lr_flag(lr), config, seed, run_dir, f"[{k}/{len(plan)}]")
+             for k, (size, config, lr, seed, run_dir) in enumerate(plan, start=1)]
+    if (run_in_parallel(tasks, jobs, root) if jobs > 1 else run_in_turn(parser, tasks)) is not None:
+        print("compare: interrupted; run the same command again to continue")
+        return 130
     if lrs:
-        sweep = lr_sweep_results({size: {config: {lr: [d for s_, c, l, _, d in plan if (s_, c, l) == (size, config, lr)]
-                                                  for lr in lrs} for config in configs} for size in size_args})
-        sweep = with_saved_sizes(sweep, root / "lr_sweep.json")
-        write_json_atomically(root / "lr_sweep.json", sweep)
-        (root / "lr_sweep.md").write_text(table := lr_sweep_table(sweep))
-        print("\n" + table)
-        print_plots(lambda plots: plots.plot_lr_sweep(sweep, root) + plots.plot_lr_sensitivity(sweep, root))
+        cfg = resolve(base)
+        print("\n" + write_sweep_results(plan, cfg.data, cfg.tokenizer, root))
         return 0
     runs = {config: [run_dir for _, c, _, _, run_dir in plan if c == config] for config in configs}
     table = compare_table(runs)
@@ -176,6 +172,101 @@ def compare(argv):
     print("\n" + table)
     print_plots(lambda plots: plots.plot_compare(runs, root))
     return 0
+
+
+def run_in_turn(parser, tasks):
+    """Every run of the plan in this process, one after another; the signal that stopped them, or None."""
+    with StopRequest() as stop:  # one for the whole comparison: a Ctrl-C between two runs is not lost
+        for args, config, seed, run_dir, progress in tasks:
+            run_one(parser, args, config, seed, run_dir, stop, progress)
+            if stop.signum is not None:
+                return stop.signum
+    return None
+
+
+def run_in_parallel(tasks, jobs, root):
+    """--jobs N: the runs N at a time, in N worker processes (spawned: no state shared with this one), each with
+    the CPU threads split between them (torch's default would give each all of them). A worker's output goes to
+    ROOT/worker<k>.log; this process prints a line as each run starts and ends. Ctrl-C (or SIGTERM) here: every
+    worker is asked once to stop its run at the next step with a checkpoint, as a single run would; no new run
+    starts. Returns the signal that stopped them, or None; a worker's error (e.g. a run folder of other
+    settings) is raised here after the running ones finish."""
+    import multiprocessing
+    import os
+    import queue
+    import signal
+
+    ctx = multiprocessing.get_context("spawn")
+    todo, done = ctx.Queue(), ctx.Queue()
+    for task in tasks:
+        todo.put(task)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    root.mkdir(parents=True, exist_ok=True)
+    workers = [ctx.Process(target=parallel_worker, args=(todo, done, threads, root / f"worker{k}.log"), daemon=True)
+               for k in range(min(jobs, len(tasks)))]
+    errors, finished = [], 0
+    with StopRequest() as stop:
+        for w in workers:
+            w.start()
+        forwarded = False
+        while finished < len(tasks) and any(w.is_alive() for w in workers) or not done.empty():
+            if stop.signum is not None and not forwarded:  # once: a second signal to a worker stops it at once
+                forwarded = True
+                for w in workers:
+                    if w.is_alive():
+                        os.kill(w.pid, signal.SIGINT)
+            try:
+                kind, progress, text = done.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            finished += kind != "start"
+            if kind == "error":
+                errors.append(text)
+                for w in workers:  # no new runs: the workers finish the ones they have
+                    if w.is_alive():
+                        os.kill(w.pid, signal.SIGINT)
+                forwarded = True
+            print(f"{progress} {text}", flush=True)
+        for w in workers:
+            w.join()
+    if errors:
+        raise TrainError(errors[0])
+    if stop.signum is None and finished < len(tasks):
+        raise TrainError(f"a worker ended before its runs were done (see {root}/worker*.log); run the same command "
+                         "again to continue")
+    return stop.signum
+
+
+def parallel_worker(todo, done, threads, log_path):
+    """One worker of run_in_parallel: runs from the queue until it is empty or a signal came (from the parent only:
+    its own session keeps a terminal's Ctrl-C, which the parent forwards once, from reaching it twice)."""
+    import contextlib
+    import os
+    import queue
+
+    os.setsid()
+    torch.set_num_threads(threads)
+    parser = build_parser()
+    with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
+            StopRequest() as stop:
+        while stop.signum is None:
+            try:
+                args, config, seed, run_dir, progress = todo.get_nowait()
+            except queue.Empty:
+                return
+            done.put(("start", progress, f"{config} seed {seed} -> {run_dir}"))
+            try:
+                run_one(parser, args, config, seed, run_dir, stop, progress)
+            except (TrainError, DataError) as e:
+                done.put(("error", progress, f"error: {e}"))
+                return
+            except KeyboardInterrupt:  # a signal while the run prepared its data: it wrote nothing
+                done.put(("stopped", progress, f"{config} seed {seed}: interrupted before it started"))
+                return
+            summary = run_dir / "summary.json"
+            best = json.loads(summary.read_text()).get("best_val_loss") if summary.is_file() else None
+            state = "interrupted" if stop.signum is not None else f"done, best val {best:.4f}" if best else "done"
+            done.put(("end", progress, f"{config} seed {seed}: {state}"))
 
 
 def print_plots(draw):
@@ -245,22 +336,7 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
 
 # ----------------------------------------------------------------------------------------------------
 # The learning-rate sweep (Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training
-# instabilities", arXiv 2309.14322): a configuration's final loss against the learning rate
-
-
-def run_outcome(run_dir):
-    """One run of a sweep: its final and best val loss, the val loss at init (the eval at iter 0), whether it
-    diverged, and the loss the sweep counts: the final val loss, or the loss at init for a run that diverged
-    (a non-finite loss), never more than the loss at init (Wortsman et al., Sec. 2.2)."""
-    summary = json.loads((run_dir / "summary.json").read_text())
-    evals = [r for r in map(parse_or_none, (run_dir / "log.jsonl").read_text().splitlines())
-             if r and r.get("type") == "eval"]
-    init = next(r["val_loss"] for r in evals if r["iter"] == 0)
-    final = summary["final_val_loss"]
-    diverged = summary["diverged"] or final is None or not math.isfinite(final)
-    return dict(seed=summary["config"]["seed"], model=summary["techniques"], final_val_loss=final,
-                best_val_loss=summary["best_val_loss"], init_val_loss=init, diverged=diverged,
-                counted_loss=init if diverged else min(final, init))
+# instabilities", arXiv 2309.14322): one row per run in runs.csv; its statistics and tables: tools/stability.py
 
 
 def parameter_count(model_args):
@@ -273,161 +349,26 @@ def parameter_count(model_args):
         return GPT(GPTConfig(**model_args)).get_num_params()
 
 
-def lr_sensitivity(losses):
-    """Wortsman et al. (arXiv 2309.14322, Sec. 2.2): E_lr[min(loss(lr), loss at init)] - min_lr loss(lr) over
-    the grid; losses {lr: loss already capped at the loss at init}. 0: every learning rate of the grid trains
-    as well as the best one; large: the configuration is sensitive to its learning rate."""
-    values = list(losses.values())
-    return statistics.fmean(values) - min(values)
-
-
-# Student's t, 0.975 quantile, by degrees of freedom (n seeds - 1): a 95% interval for a mean of few seeds
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
-
-
-def mean_interval(values):
-    """A 95% interval for the mean over seeds: mean +- t(0.975, n-1) s / sqrt(n) (one seed: none). Student's t,
-    not a bootstrap, for the means: with 3 seeds a bootstrap's interval would be far too narrow."""
-    if len(values) < 2:
-        return None
-    df, z = len(values) - 1, 1.959964
-    # the table, then the Cornish-Fisher expansion of t in 1/df (within 0.003 from df 11 on)
-    t = T_975.get(df) or z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
-    half = t * statistics.stdev(values) / math.sqrt(len(values))
-    return [statistics.fmean(values) - half, statistics.fmean(values) + half]
-
-
-BOOTSTRAP_DRAWS = 2000
-
-
-def sensitivity_interval(losses_by_lr, draws=BOOTSTRAP_DRAWS, seed=0):
-    """A 95% bootstrap interval for the LR sensitivity: draw the seeds with replacement (the same draw at every
-    learning rate, as a seed's runs are one replicate of the whole curve), take the sensitivity of the mean
-    curve, and the 2.5 and 97.5 percentiles of those. losses_by_lr: {lr: [capped loss per seed]}, every list
-    in the same seed order. None with one seed."""
-    n = min(len(v) for v in losses_by_lr.values())
-    if n < 2:
-        return None
-    rng = random.Random(seed)
-    values = sorted(lr_sensitivity({lr: statistics.fmean(v[i] for i in picks) for lr, v in losses_by_lr.items()})
-                    for picks in ([rng.randrange(n) for _ in range(n)] for _ in range(draws)))
-    return [values[int(0.025 * (draws - 1))], values[int(0.975 * (draws - 1))]]
-
-
-def interval_order(ci, reference):
-    """"lower" or "higher" when two 95% intervals do not overlap, "overlap" when they do, None without both:
-    a difference the map claims only when the intervals are apart (conservative: non-overlap of two 95%
-    intervals is a difference at well below the 5% level)."""
-    if not ci or not reference:
-        return None
-    return "lower" if ci[1] < reference[0] else "higher" if ci[0] > reference[1] else "overlap"
-
-
-def lr_sweep_results(runs):
-    """lr_sweep.json's content from {size: {config: {lr: [run folders, one per seed]}}} (size None: the flags'
-    one): per size its parameter count, per configuration and learning rate the outcome of each seed, the mean
-    counted loss and its 95% interval; the best learning rate (and whether it is at an end of the grid), the
-    best loss, the LR sensitivity of the mean curve and its 95% bootstrap interval; vs_first: where those two
-    intervals lie against the first configuration's (interval_order)."""
-    sizes = {}
-    for size, by_config in runs.items():
-        configs = {}
-        for config, by_lr in by_config.items():
-            outcomes = {lr: [run_outcome(d) for d in dirs] for lr, dirs in by_lr.items()}
-            losses = {lr: [o["counted_loss"] for o in runs_] for lr, runs_ in outcomes.items()}
-            mean_loss = {lr: statistics.fmean(v) for lr, v in losses.items()}
-            best_lr = min(mean_loss, key=mean_loss.get)
-            first = first_run_summary(by_lr)  # the shape is one per configuration: counted once, not per run
-            configs[config] = dict(
-                model=first["techniques"], params=parameter_count(first.get("model_args")),
-                runs={f"{lr:g}": o for lr, o in outcomes.items()},
-                mean_loss={f"{lr:g}": v for lr, v in mean_loss.items()},
-                mean_loss_ci95={f"{lr:g}": mean_interval(v) for lr, v in losses.items()}, best_lr=best_lr,
-                best_lr_at_edge=best_lr in (min(by_lr), max(by_lr)) and len(by_lr) > 1,
-                best_loss=mean_loss[best_lr], best_loss_ci95=mean_interval(losses[best_lr]),
-                lr_sensitivity=lr_sensitivity(mean_loss), lr_sensitivity_ci95=sensitivity_interval(losses))
-        reference = next(iter(configs.values()))  # the first configuration: what the others are read against
-        for c in configs.values():
-            c["vs_first"] = None if c is reference else {
-                key: interval_order(c[f"{key}_ci95"], reference[f"{key}_ci95"]) for key in ("best_loss", "lr_sensitivity")}
-        label = size or run_shape(by_config)
-        sizes[label] = dict(params=reference["params"], configs=configs)
-    return dict(reference="Wortsman et al. 2023, arXiv 2309.14322",
-                loss="final val loss; a diverged run counts at its val loss at init, and no run above it",
-                intervals="95%: Student's t over seeds for mean losses; a bootstrap over seeds (2,000 draws) for the "
-                          "LR sensitivity",
-                params="nanoGPT's get_num_params(): every parameter but the position embeddings, of the baseline "
-                       "shape (a flag's own gains add a few)",
-                lrs=sorted({lr for by_config in runs.values() for by_lr in by_config.values() for lr in by_lr}),
-                sizes=sizes)
-
-
-def with_saved_sizes(sweep, path):
-    """The sweep plus the sizes of the lr_sweep.json already at path that this sweep did not run, so that
-    sweeps into one --out-dir add up: e.g. the largest size run later with fewer configurations. Sizes in order
-    of parameter count; a saved sweep of another learning-rate grid is replaced (its runs stay on disk)."""
-    saved = parse_or_none(path.read_text()) if path.is_file() else None
-    if not saved or saved.get("lrs") != sweep["lrs"] or "sizes" not in saved:
-        return sweep
-    sizes = {**{k: v for k, v in saved["sizes"].items() if k not in sweep["sizes"]}, **sweep["sizes"]}
-    return dict(sweep, sizes=dict(sorted(sizes.items(), key=lambda kv: kv[1]["params"] or 0)))
-
-
-def first_run_summary(by_lr):
-    """summary.json of the first run of {lr: [run folders]}."""
-    return json.loads((next(iter(by_lr.values()))[0] / "summary.json").read_text())
-
-
-def run_shape(by_config):
-    """LxW of the runs of one size, from the first run's settings (the label of a sweep without --sizes)."""
-    cfg = first_run_summary(next(iter(by_config.values())))["config"]
-    return f"{cfg['n_layer']}x{cfg['n_embd']}" if "n_layer" in cfg else "one size"
-
-
-def lr_sweep_table(sweep):
-    """lr_sweep.md: per size, the mean counted loss of each configuration at each learning rate (+- the half
-    width of its 95% interval, a dagger per diverged run), its best learning rate (* at an end of the grid),
-    best loss and LR sensitivity with its 95% interval, and where the intervals of those two are apart from the
-    first configuration's (lower or higher)."""
-    lrs = [f"{lr:g}" for lr in sweep["lrs"]]
-    out = []
-    for label, size in sweep["sizes"].items():
-        params = f" ({size['params'] / 1e6:.2f}M parameters)" if size["params"] else ""
-        out += [f"### {label}{params}", "",
-                "| config | model | " + " | ".join(f"lr {lr}" for lr in lrs) +
-                " | best lr | best loss | LR sensitivity [95%] | vs the first: best loss, sensitivity |",
-                "|---|---|" + "---|" * len(lrs) + "---|---|---|---|"]
-        for config, c in size["configs"].items():
-            cells = []
-            for lr in lrs:
-                ci = c["mean_loss_ci95"][lr]
-                half = f" +- {(ci[1] - ci[0]) / 2:.3f}" if ci else ""
-                cells.append(f"{c['mean_loss'][lr]:.3f}{half}" + "\u2020" * sum(o["diverged"] for o in c["runs"][lr]))
-            ci = c["lr_sensitivity_ci95"]
-            interval = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
-            out.append(f"| {config} | {c['model']} | " + " | ".join(cells) + f" | {c['best_lr']:g}"
-                       f"{'*' if c['best_lr_at_edge'] else ''} | {c['best_loss']:.4f} | "
-                       f"{c['lr_sensitivity']:.4f}{interval} | {vs_first(c)} |")
-        out.append("")
-    seeds = sorted({len(o) for size in sweep["sizes"].values() for c in size["configs"].values()
-                    for o in c["runs"].values()})
-    return "\n".join(out) + (
-        f"\nFinal val loss, the mean over {' or '.join(map(str, seeds))} seed(s), +- the half width of its 95% "
-        "interval (Student's t). \u2020: a run that diverged (non-finite loss), counted at its loss at init, as is "
-        "any run that ends above it (Wortsman et al., arXiv 2309.14322). *: the best learning rate is at an end of "
-        "the grid, so the optimum is not measured. LR sensitivity: the mean over the grid of those losses minus the "
-        "best one; in brackets its 95% interval, a bootstrap over seeds. vs the first: lower or higher where the 95% "
-        "intervals of the two are apart, = where they overlap (no difference shown), - without intervals.\n")
-
-
-def vs_first(c):
-    """The table's cell of a configuration's vs_first (the first configuration itself: "reference"; "-" in an
-    lr_sweep.json saved before there was vs_first)."""
-    if "vs_first" not in c:
-        return "-"
-    if c["vs_first"] is None:
-        return "reference"
-    return ", ".join({"lower": "lower", "higher": "higher", "overlap": "="}.get(v, "-") for v in c["vs_first"].values())
+def write_sweep_results(plan, data, tokenizer, root):
+    """runs.csv (this sweep's runs added to those a sweep into the same folder wrote before), and from it
+    tables.md, stability_map.png and lr_sensitivity.png (tools.stability); returns the tables."""
+    data_dir, meta = prepare_data.load_prepared(data, tokenizer)
+    unigram = stability.unigram_loss(data_dir, meta["vocab_size"])
+    params, rows = {}, []
+    for size, config, lr, seed, run_dir in plan:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        if (size, config) not in params:  # the shape is one per size and configuration: counted once
+            cfg = summary["config"]
+            params[size, config] = (size or f"{cfg['n_layer']}x{cfg['n_embd']}",
+                                    parameter_count(summary.get("model_args")))
+        label, count = params[size, config]
+        rows.append(stability.run_row(run_dir, label, config, lr, unigram, count))
+    csv_path = root / "runs.csv"
+    rows = stability.merge_rows(stability.read_runs_csv(csv_path) if csv_path.is_file() else [], rows)
+    stability.write_runs_csv(csv_path, rows)
+    written = stability.write_map(rows, root)
+    print("wrote " + ", ".join(str(p) for p in [csv_path] + written))
+    return written[0].read_text()
 
 
 def compare_table(runs):
