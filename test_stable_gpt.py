@@ -3428,6 +3428,26 @@ def test_a_sweep_runs_in_parallel_as_in_turn_and_ctrl_c_stops_every_worker(tmp_p
     assert len(list(out.glob("*/*/seed*/ckpt.pt"))) == 2
 
 
+def test_the_gpu_map_dry_run_runs_its_whole_protocol_on_cpu(tmp_path, gpt2_data_dir, capsys):
+    """tools.gpu_map --dry-run: every configuration, size and learning rate of the GPU protocol at toy sizes, two
+    workers, BPE; the map's CSV and tables come out as on a GPU. Without --dry-run and CUDA: exit 2, one line."""
+    from tools import gpu_map
+
+    out = tmp_path / "gpu_map"
+    assert gpu_map.main(["--data", str(gpt2_data_dir), "--out-dir", str(out), "--dry-run"]) == 0
+    rows = stability.read_runs_csv(out / "runs.csv")
+    p = gpu_map.PROTOCOL
+    assert len(rows) == len(p["configs"]) * len(gpu_map.DRY_RUN["sizes"]) * len(gpu_map.DRY_RUN["lrs"])
+    assert [c for c in dict.fromkeys(r["config"] for r in rows)] == p["configs"]
+    assert {r["steps"] for r in rows} == {4} and all(r["tokens"] == 4 * 2 * 16 for r in rows)
+    run = json.loads(next(out.glob("2x32x1/sdd/lr0.1/seed*/summary.json")).read_text())
+    assert run["model_args"]["vocab_size"] == 50304 and run["config"]["tokenizer"] == "gpt2"
+    assert (out / "tables.md").read_text().startswith("### 1x16x1")
+    if not torch.cuda.is_available():
+        assert gpu_map.main(["--data", str(gpt2_data_dir), "--out-dir", str(tmp_path / "x")]) == 2
+        assert "no CUDA GPU here" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def test_lr_sweep_alone_and_its_bad_inputs(tmp_path, data_dir, capsys):
     out = tmp_path / "one"
     args = without_lr(train_args(data_dir, out, "--max-iters", "10", "--eval-interval", "10", "--diag-interval", "0"))
