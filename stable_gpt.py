@@ -29,7 +29,8 @@ The fixes practitioners already use, to weigh the papers against:
   Muon            GPT.configure_optimizers(optimizer="muon"): torch.optim.Muon + AdamW -> MuonWithAdamW
 
 Where a technique must touch several places (SDD wraps linears inside two modules), each place names the
-paper at the point of use. Read top to bottom: the config, the norms, the stabilizers' modules, attention, MLP,
+paper at the point of use; CODE_MAP (after GPTConfig) lists every definition that reads each flag, kept true by
+a test. Read top to bottom: the config, the norms, the stabilizers' modules, attention, MLP,
 Block, GPT, then the functions a training loop calls (z-loss, TVR, WeSaR folding), the diagnostics of what
 happens inside (per-layer residual variance, angular distance, layer importance, update ratios, activation
 outliers, weight std), and last the config's rules: check_config() (what is refused, and why) and
@@ -127,6 +128,38 @@ class GPTConfig:
                if getattr(self, name)]
         place = f"mix({self.mix_fraction:g})" if self.norm_position == "mix" else self.norm_position
         return " + ".join([f"{place}-{self.norm}"] + on + (["scaled_init"] if self.depth_scaled_init() else []))
+
+
+# Where each technique's code lives: for every GPTConfig field that switches a technique, each definition in this
+# file that reads it (a class stands for all of its methods), besides GPTConfig's own methods and the rules at the
+# end (check_config, combination_notes). Adding a flag: its field above, its line here, its code at the places named,
+# its tests (docs/techniques.md, "Adding a technique"); test_the_code_map_names_every_place_that_reads_a_flag
+# fails while a definition reads a field that its line does not name, or names a place that does not read it.
+CODE_MAP = {
+    "norm": ("make_norm", "GPT.__init__"),
+    "norm_eps": ("make_norm",),
+    "norm_position": ("Block.__init__", "GPT.__init__", "GPT._init_stds"),
+    "mix_fraction": (),  # read through GPTConfig.is_post_norm
+    "init_std": ("GPT._init_weights", "GPT._init_stds"),
+    "scaled_init": (),  # read through GPTConfig.depth_scaled_init
+    "sdd": ("make_linear", "CausalSelfAttention.__init__", "MLP.__init__", "Block.__init__", "GPT.__init__",
+            "GPT.configure_optimizers"),
+    "lns": ("Block.__init__",),
+    "wesar": ("make_linear", "GPT.__init__"),
+    "wesar_sigma": ("GPT._init_matrix",),
+    "lir": ("GPT._init_stds",),
+    "tvr": ("tvr_after_step",),
+    "tvr_target": ("tvr_after_step",),
+    "tvr_interval": ("tvr_after_step",),
+    "tvr_threshold": ("tvr_after_step",),
+    "qk_norm": ("CausalSelfAttention.__init__",),
+    "qk_norm_full": ("CausalSelfAttention.__init__",),
+    "qk_clip": ("CausalSelfAttention.__init__", "qk_clip_after_step"),
+    "attn_gate": ("CausalSelfAttention.__init__",),
+    "z_loss": ("GPT.forward",),
+    "logit_softcap": ("GPT.softcap",),
+}
+NANOGPT_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")  # the model itself
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import inspect
 import io
@@ -1161,6 +1162,47 @@ def matrix_model(kw, seed=0):
         if isinstance(m, stable_gpt.DyT):
             m.alpha.data.fill_(2.0)
     return model
+
+
+def config_field_reads(source, fields):
+    """{field: {definition}}: the functions and methods ("Class.method") of source that read config.<field> (through
+    a name config, cfg or c, or any .config)."""
+    import ast
+
+    reads = {}
+
+    def visit(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, prefix + child.name + ".")
+            elif isinstance(child, ast.FunctionDef):
+                for n in ast.walk(child):
+                    if isinstance(n, ast.Attribute) and n.attr in fields and (
+                            isinstance(n.value, ast.Name) and n.value.id in ("config", "cfg", "c")
+                            or isinstance(n.value, ast.Attribute) and n.value.attr == "config"):
+                        reads.setdefault(n.attr, set()).add(prefix + child.name)
+
+    visit(ast.parse(source), "")
+    return reads
+
+
+def test_the_code_map_names_every_place_that_reads_a_flag():
+    """stable_gpt.CODE_MAP is the contributor's map of each technique's code: every definition that reads a
+    technique's config field is named on its line (a class naming all its methods), every place named reads
+    it, and every field but nanoGPT's own has a line."""
+    fields = {f.name for f in dataclasses.fields(GPTConfig)}
+    assert set(stable_gpt.CODE_MAP) == fields - set(stable_gpt.NANOGPT_FIELDS)
+    reads = config_field_reads(Path(stable_gpt.__file__).read_text(), fields)
+    rules = ("check_config", "combination_notes")
+    for field, places in stable_gpt.CODE_MAP.items():
+        found = {d for d in reads.get(field, ()) if not d.startswith("GPTConfig.") and d not in rules}
+        unnamed = {d for d in found if d not in places and d.split(".")[0] not in places}
+        assert not unnamed, f"{field} is read in {sorted(unnamed)}: add them to CODE_MAP['{field}']"
+        stale = {p for p in places if not any(d == p or d.startswith(p + ".") for d in found)}
+        assert not stale, f"CODE_MAP['{field}'] names {sorted(stale)}, which do not read it"
+    # the check sees a new reader: a function reading config.lns that the map does not name
+    extra = config_field_reads("def f(config):\n    return config.lns\n", fields)
+    assert extra == {"lns": {"f"}} and "f" not in stable_gpt.CODE_MAP["lns"]
 
 
 def test_every_config_field_is_in_the_matrix():
