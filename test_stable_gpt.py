@@ -3228,7 +3228,7 @@ def test_lr_sensitivity_on_a_known_table():
 def fake_run(folder, final, diverged, init=4.0, seed=1, diag=(), vocab=65):
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps(dict(
-        final_val_loss=final, best_val_loss=final, diverged=diverged, config=dict(seed=seed), iters=10,
+        final_val_loss=final, best_val_loss=final, diverged=diverged, config=dict(seed=seed), iters=10, text_sha1="ab",
         tokens_per_step=64, techniques="pre-layernorm", model_args=dict(vocab_size=vocab))))
     (folder / "log.jsonl").write_text(json.dumps(dict(iter=0, type="eval", train_loss=init, val_loss=init)) + "\n")
     (folder / "diag.jsonl").write_text("".join(json.dumps(r) + "\n" for r in diag))
@@ -3403,6 +3403,9 @@ def test_runs_of_a_second_sweep_join_the_first_ones_csv(tmp_path):
     merged = stability.merge_rows(first, [again, larger])
     assert [(r["size"], r["config"], r["final_val_loss"]) for r in merged] == [
         ("4x64", "baseline", 2.0), ("4x64", "--sdd", 2.2), ("4x128", "baseline", 1.9)]
+    longer = dict(larger, protocol=larger["protocol"].replace("10 x 64", "20 x 64"))  # another number of steps
+    with pytest.raises(stability.ProtocolError, match="another protocol"):
+        stability.merge_rows(first, [longer])
 
 
 def test_sizes_set_each_runs_shape_and_are_checked(tmp_path, data_dir, capsys):
@@ -3429,6 +3432,13 @@ def test_sizes_set_each_runs_shape_and_are_checked(tmp_path, data_dir, capsys):
     saved = json.loads((out / "2x64" / "baseline" / "lr0.01" / "seed1338" / "summary.json").read_text())["config"]
     assert (saved["n_layer"], saved["n_embd"], saved["n_head"]) == (2, 64, 2)
     assert set(large["configs"]["baseline"]["mean_loss_ci95"]) == {1e-3, 1e-2}
+    # a size added later with other settings is not tabled beside them: one line, its runs kept
+    other = [w if w != "4" else "6" for w in argv[:argv.index("--sizes")]] + ["--sizes", "3x32", "--seeds", "1"]
+    capsys.readouterr()
+    assert sweep.main(other) == 2
+    err = capsys.readouterr().err
+    assert "holds runs of another protocol (4 x 256 tokens" in err and err.count("\n") == 1, err
+    assert (out / "3x32" / "baseline" / "lr0.01" / "seed1337" / "summary.json").is_file()
 
 
 def without_lr(args):

@@ -40,7 +40,7 @@ import numpy as np
 
 FIELDS = ("size", "params", "config", "model", "lr", "seed", "steps", "tokens", "init_val_loss", "best_val_loss",
           "final_val_loss", "counted_loss", "diverged", "failure_mode", "attn_logit_max", "log_z", "log_z_drift",
-          "unigram_loss")
+          "unigram_loss", "protocol")
 NUMBERS = {"params", "lr", "seed", "steps", "tokens", "init_val_loss", "best_val_loss", "final_val_loss",
            "counted_loss", "attn_logit_max", "log_z", "log_z_drift", "unigram_loss"}
 
@@ -101,13 +101,22 @@ def run_row(run_dir, size, config, lr, unigram, params):
     log_z_init = math.log(summary["model_args"]["vocab_size"])  # all logits equal: log Z = ln V
     attn_max = max(logits) if logits else None
     drift = max(abs(z - log_z_init) for z in log_z) if log_z else None
-    return dict(size=size, params=params, config=config, model=summary["techniques"], lr=lr,
+    return dict(size=size, params=params, config=config, model=summary["techniques"], lr=lr, protocol=protocol(summary),
                 seed=summary["config"]["seed"], steps=summary["iters"],
                 tokens=summary["iters"] * summary.get("tokens_per_step", 0), init_val_loss=init,
                 best_val_loss=summary["best_val_loss"], final_val_loss=final,
                 counted_loss=init if diverged else min(final, init), diverged=diverged,
                 failure_mode=failure_mode(diverged, final, unigram, attn_max, drift), attn_logit_max=attn_max,
                 log_z=log_z[-1] if log_z else None, log_z_drift=drift, unigram_loss=unigram)
+
+
+def protocol(summary):
+    """What every run of one map shares, in one string: steps, tokens per step, warmup, weight decay and the
+    text's checksum. Runs of two protocols are never tabled together (merge_rows)."""
+    cfg = summary["config"]
+    decay = f"wd {cfg.get('weight_decay')}{' independent' if cfg.get('independent_wd') else ''}"
+    return (f"{summary['iters']} x {summary.get('tokens_per_step')} tokens, warmup {cfg.get('warmup_iters')}, {decay}, "
+            f"text {str(summary.get('text_sha1'))[:10]}")
 
 
 def write_runs_csv(path, rows):
@@ -144,9 +153,18 @@ def read_runs_csv(path):
         return [{k: value(k, row.get(k, "")) for k in FIELDS} for row in csv.DictReader(f)]
 
 
+class ProtocolError(ValueError):
+    """Runs of another protocol in a runs.csv that a sweep would add its runs to."""
+
+
 def merge_rows(saved, new):
     """The rows of a saved runs.csv with this sweep's rows: a run (size, config, lr, seed) this sweep has replaces
-    the saved one; sweeps into one folder add up (e.g. the largest size run later with fewer configurations)."""
+    the saved one; sweeps into one folder add up (e.g. the largest size run later with fewer configurations), but
+    only runs of one protocol (steps, tokens, warmup, decay, text): else ProtocolError, saying what differs."""
+    ours = {r["protocol"] for r in new}
+    if others := {r["protocol"] for r in saved} - ours:
+        raise ProtocolError(f"its runs.csv holds runs of another protocol ({'; '.join(sorted(others))}) than this "
+                            f"sweep's ({'; '.join(sorted(ours))})")
     key = lambda r: (r["size"], r["config"], float(r["lr"]), int(r["seed"]))
     merged = {key(r): r for r in saved}
     merged.update({key(r): r for r in new})

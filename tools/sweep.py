@@ -364,7 +364,10 @@ def write_sweep_results(plan, data, tokenizer, root):
         label, count = params[size, config]
         rows.append(stability.run_row(run_dir, label, config, lr, unigram, count))
     csv_path = root / "runs.csv"
-    rows = stability.merge_rows(stability.read_runs_csv(csv_path) if csv_path.is_file() else [], rows)
+    try:
+        rows = stability.merge_rows(stability.read_runs_csv(csv_path) if csv_path.is_file() else [], rows)
+    except stability.ProtocolError as e:
+        raise TrainError(f"{root}: {e}; give the sweep another --out-dir (its runs are kept)") from None
     stability.write_runs_csv(csv_path, rows)
     written = stability.write_map(rows, root)
     print("wrote " + ", ".join(str(p) for p in [csv_path] + written))
