@@ -934,6 +934,19 @@ def test_tvr_rescales_to_exactly_the_target_and_nothing_else():
             assert torch.equal(p, before[name]), name  # embeddings, head, norms, biases
     adam_after = {k: v for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)}
     assert all(torch.equal(adam_before[k], adam_after[k]) for k in adam_before)
+    # the threshold (the official code's 1.2): only a std above threshold x target is rescaled, to the target
+    blocks = lambda: [rows for _, name, m in block_linears(model)
+                      for rows in m.weight.view(3 if name == "attn.c_attn" else 1, -1, 32)]
+    with torch.no_grad():
+        for rows, scale in zip(blocks(), itertools.cycle((1.1, 1.3))):
+            rows.mul_(scale * target / rows.float().std())  # stds 1.1 x and 1.3 x the target, in turn
+    before = [rows.clone() for rows in blocks()]
+    assert target_variance_rescale(model, target, threshold=1.2) == len(before) // 2
+    for rows, old, scale in zip(blocks(), before, itertools.cycle((1.1, 1.3))):
+        if scale == 1.1:
+            assert torch.equal(rows, old)
+        else:
+            assert rows.std().item() == pytest.approx(target, rel=1e-5)
 
 
 def test_tvr_targets_the_effective_weight_under_wesar():
@@ -1604,6 +1617,20 @@ def config_field_reads(source, fields):
 
     visit(ast.parse(source), "")
     return reads
+
+
+def test_every_mutant_of_the_mutation_pass_is_still_in_the_code():
+    """tools.mutants' list (the techniques' formulas it breaks on purpose) stays true to the code: each mutant's
+    code is in its file (its first occurrence is the one mutated), its mutant differs, and its tests (-k) select
+    at least one test."""
+    from tools import mutants
+
+    names = [n for n in globals() if n.startswith("test_")]
+    for path, what, tests, code, mutant in mutants.MUTANTS:
+        assert code in (Path(mutants.ROOT) / path).read_text(), what
+        assert mutant != code, what
+        words = [w for w in tests.replace("(", " ").replace(")", " ").split() if w not in ("or", "and", "not")]
+        assert any(w in n for w in words for n in names), what
 
 
 def test_the_code_map_names_every_place_that_reads_a_flag():

@@ -1,0 +1,172 @@
+"""
+Hand-made mutants of each technique's math: a wrong constant, a dropped term, a swapped input. Each is applied to
+a scratch copy of the repository (never to this tree), the tests named after its technique run there (-k), and
+the mutant counts as killed when one of them fails. A mutant that survives marks a formula no test holds.
+
+    python -m tools.mutants            # every mutant, ~3 minutes on 2 cores
+    python -m tools.mutants 3 17       # some of them, by number
+"""
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MUTANTS = [  # (file, what the mutant does, the tests that should fail it (-k), the code, the mutant)
+    ('stable_gpt.py', 'RMSNorm drops its gain', 'rmsnorm or norm_eps or norm_class',
+     'y = F.rms_norm(x, self.weight.shape, self.weight, self.eps)',
+     'y = F.rms_norm(x, self.weight.shape, None, self.eps)'),
+    ('stable_gpt.py', 'SDDNorm drops its gain', 'sdd',
+     'return F.rms_norm(x, self.weight.shape, self.weight, self.eps)',
+     'return F.rms_norm(x, self.weight.shape, None, self.eps)'),
+    ('stable_gpt.py', 'DyT without alpha', 'dyt',
+     'y = torch.tanh(self.alpha * x) * self.weight',
+     'y = torch.tanh(x) * self.weight'),
+    ('stable_gpt.py', "DyT's alphas swapped", 'dyt',
+     'DYT_ALPHA_ATTN, DYT_ALPHA_OTHER = 0.8, 0.2',
+     'DYT_ALPHA_ATTN, DYT_ALPHA_OTHER = 0.2, 0.8'),
+    ('stable_gpt.py', "SDD's attention output gain starts at 1", 'sdd',
+     'self.out_norm = SDDNorm(config.n_embd, gain=config.scale_for_depth(1.0)) if sdd else nn.Identity()',
+     'self.out_norm = SDDNorm(config.n_embd, gain=1.0) if sdd else nn.Identity()'),
+    ('stable_gpt.py', 'SDD without the context norm', 'sdd',
+     'self.context_norm = SDDNorm(config.n_embd) if sdd else nn.Identity()',
+     'self.context_norm = nn.Identity()'),
+    ('stable_gpt.py', 'SDD without the up-projection norm', 'sdd',
+     'self.fc_norm = SDDNorm(4 * config.n_embd) if sdd else nn.Identity()',
+     'self.fc_norm = nn.Identity()'),
+    ('stable_gpt.py', 'LNS off by one layer', 'lns',
+     'lns_scale = 1 / math.sqrt(layer_idx + 1) if',
+     'lns_scale = 1 / math.sqrt(layer_idx + 2) if'),
+    ('stable_gpt.py', 'LNS under SDD dropped', 'lns',
+     'self.lns_branch_scale = lns_scale if config.sdd else None',
+     'self.lns_branch_scale = None'),
+    ('stable_gpt.py', 'DeepNorm alpha exponent', 'deepnorm',
+     '(2 * config.n_layer) ** 0.25 if config.norm_position',
+     '(2 * config.n_layer) ** 0.5 if config.norm_position'),
+    ('stable_gpt.py', 'DeepNorm beta sign', 'deepnorm',
+     'beta = (8 * c.n_layer) ** -0.25',
+     'beta = (8 * c.n_layer) ** 0.25'),
+    ('stable_gpt.py', 'Mix-LN rounds up', 'mix',
+     'return layer_idx < math.floor(self.mix_fraction * self.n_layer + 1e-9)',
+     'return layer_idx < math.ceil(self.mix_fraction * self.n_layer + 1e-9)'),
+    ('stable_gpt.py', 'Peri-LN without the attention output norm', 'peri',
+     'self.attn_out_norm = make_norm(config, config.n_embd) if peri else nn.Identity()',
+     'self.attn_out_norm = nn.Identity()'),
+    ('stable_gpt.py', 'reorder becomes Post-LN in the attention', 'reorder or olmo2',
+     'x = x + self.ln_1(self.attn(x))',
+     'x = self.ln_1(x + self.attn(x))'),
+    ('stable_gpt.py', 'LIR 1/l instead of 1/sqrt(l)', 'lir',
+     'return [c.init_std / math.sqrt(layer)] * len(kinds)',
+     'return [c.init_std / layer] * len(kinds)'),
+    ('stable_gpt.py', 'TVR drops the mean', 'tvr',
+     'rows.copy_((w - mean) * (target / std) + mean)',
+     'rows.copy_(w * (target / std))'),
+    ('stable_gpt.py', 'TVR ignores its threshold', 'tvr',
+     'if std > threshold * target:',
+     'if std > target:'),
+    ('stable_gpt.py', 'WeSaR gates not divided by sigma', 'wesar',
+     'module.gate.copy_(torch.tensor(stds) / self.config.wesar_sigma)',
+     'module.gate.copy_(torch.tensor(stds))'),
+    ('stable_gpt.py', 'WeSaR gates decayed', 'wesar',
+     '            if id(p) in gates:\n                return False',
+     '            if id(p) in gates:\n                return True'),
+    ('stable_gpt.py', 'QK-norm forgets k', 'qk_norm',
+     'q, k = self.q_norm(q.view(B, T, self.n_head, hs)), self.k_norm(k.view(B, T, self.n_head, hs))',
+     'q, k = self.q_norm(q.view(B, T, self.n_head, hs)), k.view(B, T, self.n_head, hs)'),
+    ('stable_gpt.py', 'full QK-norm forgets k', 'qk_norm',
+     'q, k = self.q_norm(q), self.k_norm(k)',
+     'q, k = self.q_norm(q), k'),
+    ('stable_gpt.py', 'QK-Clip scales q and k by gamma, not sqrt', 'qk_clip',
+     'row_scale = gamma.sqrt().repeat_interleave',
+     'row_scale = gamma.repeat_interleave'),
+    ('stable_gpt.py', "QK-Clip's logit without 1/sqrt(d)", 'qk_clip',
+     'logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))',
+     'logits = (q @ k.transpose(-2, -1)).float()'),
+    ('stable_gpt.py', 'gate computed from the context, not the input', 'gate',
+     'y = y * torch.sigmoid(self.c_gate(x))',
+     'y = y * torch.sigmoid(self.c_gate(y))'),
+    ('stable_gpt.py', 'z-loss |log Z| not log^2 Z', 'z_loss',
+     'z2 = log_z(logits).square()',
+     'z2 = log_z(logits).abs()'),
+    ('stable_gpt.py', 'z-loss in the val loss too', 'z_loss',
+     'if self.training and self.config.z_loss > 0:',
+     'if self.config.z_loss > 0:'),
+    ('stable_gpt.py', 'soft-cap without its C', 'softcap',
+     'return c * torch.tanh(logits / c) if c > 0 else logits',
+     'return torch.tanh(logits / c) if c > 0 else logits'),
+    ('stable_gpt.py', "Muon's learning-rate rule", 'muon',
+     'weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"), adamw)',
+     'weight_decay=weight_decay, adjust_lr_fn="original"), adamw)'),
+    ('stable_gpt.py', "nanoGPT's groups decay the gains", 'optimizer_groups or decay',
+     'return id(p) not in embeddings if olmo_groups else p.dim() >= 2',
+     'return id(p) not in embeddings if olmo_groups else p.dim() >= 1'),
+    ('stable_gpt.py', "Post-LN's attention add outside the norm", 'post or mix or deepnorm',
+     'x = self.ln_1(self._times(x, self.deepnorm_alpha) + self.attn(x))',
+     'x = self.ln_1(self._times(x, self.deepnorm_alpha)) + self.attn(x)'),
+    ('train_shakespeare.py', "OLMo 2's eps", 'olmo2',
+     'z_loss=1e-5, norm="rmsnorm", norm_eps=1e-6',
+     'z_loss=1e-5, norm="rmsnorm", norm_eps=1e-5'),
+    ('train_shakespeare.py', 'independent decay coupled again', 'independent',
+     'cfg.weight_decay / (cfg.lr if cfg.independent_wd else 1)',
+     'cfg.weight_decay'),
+    ('tools/stability.py', 'the pairing broken', 'paired or map_verdicts or cover_the_truth',
+     '    d = [x - y for x, y in zip(a, b)]',
+     '    d = [x - y for x, y in zip(a, reversed(b))]'),
+    ('tools/stability.py', 'unstable part not averaged', 'curve_stats or map_verdicts',
+     '        per_seed["unstable"].append(sum(gap[lr] for lr in lrs if lr > best) / len(lrs))',
+     '        per_seed["unstable"].append(sum(gap[lr] for lr in lrs if lr > best))'),
+    ('tools/stability.py', 'sensitivity as a range', 'sensitivity or curve_stats',
+     '    return statistics.fmean(values) - min(values)',
+     '    return max(values) - min(values)'),
+    ('tools/stability.py', 'collapse margin sign', 'failure_mode or counts_at',
+     'final_val_loss >= unigram_loss - COLLAPSE_NATS',
+     'final_val_loss >= unigram_loss + COLLAPSE_NATS'),
+]
+
+
+def copy_of_the_repository(where):
+    """The four top-level files and tools/ (no data, no runs) in a scratch folder."""
+    for name in ("stable_gpt.py", "train_shakespeare.py", "prepare_data.py", "test_stable_gpt.py"):
+        shutil.copy(ROOT / name, where / name)
+    shutil.copytree(ROOT / "tools", where / "tools", ignore=shutil.ignore_patterns("__pycache__"))
+
+
+def try_mutant(where, path, code, mutant, tests):
+    """"killed", "SURVIVED" or "not found" (the code is no longer in the file: update the list), and the first
+    failing test."""
+    file = where / path
+    source = file.read_text()
+    if code not in source:
+        return "not found", None
+    file.write_text(source.replace(code, mutant, 1))
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", tests,
+                              "test_stable_gpt.py"], cwd=where, capture_output=True, text=True)
+    finally:
+        file.write_text(source)
+    failed = next((line.split(" ")[1] for line in run.stdout.splitlines() if line.startswith("FAILED")), None)
+    return {0: "SURVIVED", 1: "killed"}.get(run.returncode, f"pytest exit {run.returncode}"), failed
+
+
+def main(argv=None):
+    chosen = {int(a) for a in (sys.argv[1:] if argv is None else argv)}
+    killed = tried = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        where = Path(scratch)
+        copy_of_the_repository(where)
+        for k, (path, what, tests, code, mutant) in enumerate(MUTANTS):
+            if chosen and k not in chosen:
+                continue
+            started = time.time()
+            state, failed = try_mutant(where, path, code, mutant, tests)
+            tried, killed = tried + 1, killed + (state == "killed")
+            print(f"{k:2d} {what}: {state} ({failed or '-'}; -k {tests!r}; {time.time() - started:.0f} s)", flush=True)
+    print(f"killed {killed} of {tried}")
+    return 0 if killed == tried else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
