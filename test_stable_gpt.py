@@ -1483,6 +1483,14 @@ def test_resume_refuses_a_different_model(tmp_path, data_dir, capsys):
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "5")) == 0
     assert train_shakespeare.main(train_args(data_dir, out, "--resume", "--n-embd", "64")) == 2
     assert "cannot resume with a different model: n_embd 32 -> 64" in capsys.readouterr().err
+    # settings that would leave the checkpoint's optimizer state unfit, or seem to change a resumed run: one line
+    for flags, message in ((["--preset", "shakespeare-char"], "another --preset (cpu -> shakespeare-char)"),
+                           (["--olmo-decay"], "another --olmo-decay (False -> True)"),
+                           (["--olmo2"], "another --olmo2 (False -> True)"),
+                           (["--no-sdd-official-decay"], "another --sdd-official-decay (True -> False)")):
+        assert train_shakespeare.main(train_args(data_dir, out, "--resume", *flags)) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
 
 
 def test_sample_from_checkpoint(tmp_path, data_dir, capsys):
@@ -1889,6 +1897,9 @@ def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
     assert len(diag[-1]["attn_logit_max"]) == 2 and diag[-1]["logit_lse_std"] > 0
     assert plots.main(["--logits", str(tmp_path / "twins.png"), str(out), str(out)]) == 0
     assert (tmp_path / "twins.png").read_bytes()[:4] == b"\x89PNG"
+    with contextlib.chdir(tmp_path):  # a bare file name: into the first run's folder, not the working folder
+        assert plots.main(["--logits", "bare.png", str(out)]) == 0
+    assert (out / "bare.png").is_file() and not (tmp_path / "bare.png").exists()
     # a run killed mid-write leaves a partial last line: the plots skip it, as --resume does
     for name in ("log.jsonl", "diag.jsonl"):
         with (out / name).open("a") as f:
@@ -2599,12 +2610,26 @@ def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, finis
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit, match="defines no GPT and GPTConfig of its own"):
         bench.main(["--nanogpt", str(Path(__file__).parent / "train_shakespeare.py")])
+    bad_devices = (["--device", "foo"], "unknown device 'foo'"), (["--device", "cuda"], "CUDA is not available")
+    for argv, message in bad_devices[:None if not torch.cuda.is_available() else 1]:
+        with pytest.raises(SystemExit) as e:
+            bench.main(argv + ["--no-memory"])
+        one_line(e.value.code, message)
     assert train_shakespeare.main(train_args(data_dir, tmp_path / "no_diag", "--max-iters", "2", "--diag-interval",
                                              "0")) == 0
     capsys.readouterr()
     one_line(plots.main(["--logits", str(tmp_path / "logits.png"), str(tmp_path / "no_diag")]),
              "recorded no attention logits")
     assert not (tmp_path / "logits.png").exists()
+    one_line(plots.main(["--logits", str(tmp_path / "nowhere" / "x.png"), str(finished_run)]), "no folder")
+    from tools import race
+
+    for command, argv, message in ((plots, ["--logits", str(tmp_path / "x.txt"), str(finished_run)], "give a .png file"),
+                                   (plots, ["--frob"], "unrecognized arguments: --frob"),
+                                   (race, ["--target", "x"], "invalid float value")):
+        with pytest.raises(SystemExit) as e:
+            command.main(argv)
+        one_line(e.value.code, message)
 
 
 def test_prepare_data_input_writes_the_folder_that_data_reuses(tmp_path, text_file, capsys):
@@ -3202,6 +3227,12 @@ def test_sigint_writes_a_resumable_checkpoint(tmp_path, data_dir):
 
 # ----------------------------------------------------------------------------------------------------
 # The compare runner and the learning-rate sweep: the stability map's numbers
+
+
+def test_each_comparison_gets_its_own_default_folder():
+    assert sweep.default_root(["baseline", "--lns"], None) == Path("out/compare/baseline_lns")
+    assert sweep.default_root(["baseline", "--sdd --lns"], None) != sweep.default_root(["baseline", "--lns"], None)
+    assert sweep.default_root(["baseline"], [1e-3]) == Path("out/lr_sweep")  # sweeps of one protocol add up
 
 
 def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):

@@ -29,7 +29,7 @@ import torch
 
 from stable_gpt import GPT, GPTConfig, qk_clip_after_step, tvr_after_step
 from tools.cli import OneLineParser
-from tools.runs import compile_or_eager, keep_freed_memory, pick_dtype
+from tools.runs import TrainError, compile_or_eager, keep_freed_memory, pick_device, pick_dtype
 from train_shakespeare import OLMO2
 
 SHAPES = {  # vocab 65: tiny Shakespeare's characters; 50304: GPT-2's BPE padded to a multiple of 64
@@ -164,7 +164,11 @@ def main(argv=None):
 
 
 def run(args):
-    device = torch.device(args.device)
+    try:
+        device = pick_device(args.device)  # "auto", "cpu", "cuda", "cuda:N", "mps", checked: one line if not here
+    except TrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     args.compile = compile_or_eager(args.compile, device)
     # every configuration is another graph of GPT.forward's one cache: room for all, or dynamo runs the rest eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * len(FLAGS) + 2)

@@ -10,20 +10,13 @@ from dataclasses import field, fields
 from pathlib import Path
 
 from stable_gpt import GPT2_SIZES, GPTConfig
+from tools.oneline import OneLineParser  # noqa: F401 (the commands import it from here)
 from tools.runs import TrainError
 
 POSITIVE = (lambda v: isinstance(v, int) and v > 0, "a positive integer")
 AT_LEAST_0 = (lambda v: v >= 0, ">= 0")
 FINITE_POSITIVE = (lambda v: 0 < v < math.inf, "a finite number > 0")  # NaN fails every comparison: refused too
 FINITE_AT_LEAST_0 = (lambda v: 0 <= v < math.inf, "a finite number >= 0")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse with one line per bad flag, as every other input error here (docs/troubleshooting.md): the error
-    and where the flags are listed, not argparse's full usage first. Exit code 2, as argparse's."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (python {self.prog} --help lists every flag)\n")
 
 
 def setting(default, help, check=None, choices=None, out_dir=False, aliases=()):
@@ -80,11 +73,15 @@ def saved_settings(given, ckpt, settings_class):
         raise TrainError("cannot resume with a different model: " + ", ".join(
             f"{k} {old!r} -> {new!r}" for k, (old, new) in changed.items()))
     defaults = {f.name: f.default for f in fields(settings_class)}
+    groups = "it changes the optimizer's parameter groups, so the checkpoint's optimizer state would not fit"
     for key, why in (("seed", "it sets the evaluation batches, so the losses would not compare"),
-                     ("optimizer", "the checkpoint holds the other one's state")):
+                     ("optimizer", "the checkpoint holds the other one's state"),
+                     ("preset", "a resumed run keeps its checkpoint's settings, which a preset would not change"),
+                     ("olmo2", groups), ("olmo_decay", groups), ("sdd_official_decay", groups)):
         old = saved.get(key, defaults[key])  # a checkpoint from before a setting existed ran its default
         if given.get(key, old) != old:
-            raise TrainError(f"cannot resume with another --{key} ({old} -> {given[key]}): {why}; drop --{key}")
+            flag = key.replace("_", "-")
+            raise TrainError(f"cannot resume with another --{flag} ({old} -> {given[key]}): {why}; drop --{flag}")
     return dict(defaults, **{k: v for k, v in saved.items() if k in defaults})
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import matplotlib
 
+from tools.oneline import OneLineParser
+
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter  # noqa: E402
@@ -347,18 +349,26 @@ def plot_lr_sensitivity(results, out_dir, dpi=90):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", default=["out/cpu"], metavar="RUN_DIR",
                         help="a run folder written by train_shakespeare.py (default: out/cpu)")
     parser.add_argument("--logits", metavar="PNG", help="instead of each run's plots, one figure of the runs' "
-                        "attention-logit and log Z growth side by side (they need --diag-interval > 0)")
+                        "attention-logit and log Z growth side by side (they need --diag-interval > 0); a bare "
+                        "file name goes into the first run's folder")
     args = parser.parse_args(argv)
+    if args.logits and Path(args.logits).suffix.lower() != ".png":
+        parser.error(f"--logits {args.logits}: give a .png file")
     for folder in args.run_dirs:
         if not (Path(folder) / "log.jsonl").is_file():
             print(f"error: {folder} holds no run (no log.jsonl); give a folder train_shakespeare.py wrote",
                   file=sys.stderr)
             return 2
     if args.logits:
+        png = Path(args.logits)
+        png = png if png.parent != Path(".") else Path(args.run_dirs[0]) / png  # not into the working folder
+        if not png.parent.is_dir():
+            print(f"error: --logits {png}: no folder {png.parent}", file=sys.stderr)
+            return 2
         records = [read_run(folder) for folder in args.run_dirs]
         if without := [f for f, (_, diag) in zip(args.run_dirs, records)
                        if not any("attn_logit_max" in r for r in diag)]:
@@ -366,7 +376,7 @@ def main(argv=None):
                   "> 0 to plot them", file=sys.stderr)
             return 2
         labels = ["/".join(Path(folder).parts[-3:]) for folder in args.run_dirs]  # e.g. baseline/lr0.1/seed1337
-        print(plot_logit_growth(dict(zip(labels, records)), args.logits)[0])
+        print(plot_logit_growth(dict(zip(labels, records)), png)[0])
         return 0
     for folder in args.run_dirs:
         print("\n".join(str(p) for p in plot_run(folder)))

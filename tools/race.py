@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tools.oneline import OneLineParser
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # nanoGPT's README, "I only have a macbook" (CPU): the command as written there, with the checkpoints sent elsewhere
@@ -119,7 +121,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     ours_flags = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     who = p.add_mutually_exclusive_group(required=True)
     who.add_argument("--nanogpt", metavar="DIR", help="a nanoGPT checkout (its train.py is run)")
     who.add_argument("--target", type=float, metavar="VAL", help="no nanoGPT run: time ours to this val loss")

@@ -8,7 +8,7 @@ seeds and budget, one after another in this process; finished runs are skipped, 
     python -m tools.sweep --compare baseline "--sdd" --lrs 1e-3 1e-2 --sizes 4x64 4x128 8x128 --seeds 3 --jobs 2
 
 --compare takes 'baseline' or quoted strings of flags; every other flag is common to all runs. Writes compare.md
-and compare.png into --out-dir (default out/compare), or with --lrs (Wortsman et al., arXiv 2309.14322)
+and compare.png into --out-dir (default out/compare/<the configurations>), or with --lrs (Wortsman et al., arXiv 2309.14322)
 runs.csv (one row per run, with its failure mode), tables.md (the map's tables and verdicts, tools/stability.py),
 stability_map.png and lr_sensitivity.png into out/lr_sweep; --min-lr follows each peak at the preset's ratio
 unless given. --sizes LxW[xH] sweeps model sizes: L layers, W wide, H heads (default: W over the head size of the
@@ -127,7 +127,7 @@ def compare(argv):
         common = ["--preset", "cpu"] + common  # one protocol on every device (the training script picks by device)
     base = settings_given(parser.parse_args(common))
     seed0 = base.get("seed", Settings.seed)
-    root = Path(base.get("out_dir") or Path("out") / ("lr_sweep" if lrs else "compare"))
+    root = Path(base.get("out_dir") or default_root(configs, lrs))
     grid = lrs or [None]  # None: the learning rate of the flags (a comparison without a sweep)
 
     def lr_flag(lr):
@@ -277,6 +277,15 @@ def print_plots(draw):
         print("plots: " + ", ".join(str(p) for p in draw(plots)))
     except Exception as e:  # an import or a drawing error: the runs and the tables are already safe
         print(f"warning: no plots ({type(e).__name__}: {e}); the tables are written")
+
+
+def default_root(configs, lrs):
+    """The folder of a sweep without --out-dir: out/lr_sweep (sweeps of one protocol add up there), or one folder
+    per comparison, named after its configurations, so that a second comparison does not overwrite the first's
+    compare.md (out/compare/baseline_lns)."""
+    if lrs:
+        return Path("out") / "lr_sweep"
+    return Path("out") / "compare" / "_".join(config_slug(c) for c in configs)[:120]
 
 
 def check_compare_config(parser, common, config):
