@@ -253,8 +253,12 @@ def build_model(cfg, meta, resume_ckpt, proc):
         model.load_state_dict(pretrained.state_dict())
     model = model.to(proc.device)
     model.grad_checkpointing = cfg.grad_checkpoint
-    optimizer = model.configure_optimizers(cfg.weight_decay / (cfg.lr if cfg.independent_wd else 1), cfg.lr, (
-        cfg.beta1, cfg.beta2), proc.device.type, cfg.sdd_official_decay, cfg.optimizer, cfg.olmo_decay)
+    # PyTorch decays a step by lr_t x weight_decay; --independent-wd (Wortsman et al., arXiv 2309.14322, Sec. 3.2.2)
+    # divides by the peak lr, so the decay per step is lr_t / lr x --weight-decay at every peak learning rate
+    weight_decay = cfg.weight_decay / cfg.lr if cfg.independent_wd else cfg.weight_decay
+    optimizer = model.configure_optimizers(weight_decay, cfg.lr, (cfg.beta1, cfg.beta2), proc.device.type,
+                                           sdd_official_decay=cfg.sdd_official_decay, optimizer=cfg.optimizer,
+                                           olmo_decay=cfg.olmo_decay)
     return model, optimizer
 
 
