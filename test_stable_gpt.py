@@ -3424,6 +3424,8 @@ def test_map_verdicts_are_paired_and_holm_corrected(tmp_path):
     results = stability.map_results(rows)
     configs = results["sizes"]["4x32"]["configs"]
     assert configs["ref"]["vs_reference"] is None and results["tests"] == 9
+    renamed = [dict(r, config="baseline" if r["config"] == "ref" else r["config"]) for r in rows[9:] + rows[:9]]  # the reference last
+    assert list(stability.map_results(renamed)["sizes"]["4x32"]["configs"])[0] == "baseline"  # the reference
     verdicts = {n: {k: t["verdict"] for k, t in configs[n]["vs_reference"].items()} for n in ("far", "near", "steep")}
     assert verdicts["far"] == dict(best_loss="higher", lr_sensitivity="not resolved", unstable="not resolved")
     assert set(verdicts["near"].values()) == {"not resolved"}

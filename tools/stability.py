@@ -291,8 +291,9 @@ ALPHA = 0.05
 
 
 def map_results(rows):
-    """The map from runs.csv's rows: per size (in order of parameters) and configuration (in the rows' order, the
-    first the reference), the runs by learning rate, the mean curve with its 95% intervals, curve_stats() with 95%
+    """The map from runs.csv's rows: per size (in order of parameters) and configuration (the baseline first, as the
+    reference, where there is one; else the first configuration of the rows; the rest in the rows' order), the runs
+    by learning rate, the mean curve with its 95% intervals, curve_stats() with 95%
     intervals, and against the reference the paired tests of VERDICT_KEYS, Holm-corrected over the whole map:
     each "lower", "higher" or "not resolved"."""
     sizes = {}
@@ -303,7 +304,8 @@ def map_results(rows):
                                          for r in rs) or 0
     for size, by_config in sorted(sizes.items(), key=lambda kv: size_params(kv[1])):
         configs = {}
-        for config, by_lr in by_config.items():
+        # the reference: the baseline where the map has one, else its first configuration; the rest in row order
+        for config, by_lr in sorted(by_config.items(), key=lambda kv: kv[0] != "baseline"):
             seeds = sorted(set.intersection(*({r["seed"] for r in runs} for runs in by_lr.values())))
             runs = {lr: sorted((r for r in by_lr[lr] if r["seed"] in seeds), key=lambda r: r["seed"])
                     for lr in sorted(by_lr)}
