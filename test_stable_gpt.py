@@ -3250,6 +3250,10 @@ def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):
         run = json.loads((out / "lns-n-layer-3" / f"seed{seed}" / "summary.json").read_text())
         assert run["config"]["seed"] == seed and run["model_args"]["n_layer"] == 3 and run["model_args"]["lns"]
     assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+    # a failure and its fix, seeds with intervals: each folder's seed*/ runs, one arm each
+    assert plots.main(["--arms", str(tmp_path / "arms.png"), str(out / "baseline"), str(out / "lns-n-layer-3")]) == 0
+    assert (tmp_path / "arms.png").read_bytes()[:4] == b"\x89PNG"
+    assert plots.main(["--arms", str(tmp_path / "x.png"), str(tmp_path)]) == 2 and not (tmp_path / "x.png").exists()
     capsys.readouterr()
     assert sweep.main(argv) == 0  # again: nothing is redone
     assert capsys.readouterr().out.count("done already") == 4

@@ -11,6 +11,7 @@ Layer-indexed panels put the block index (1 = first block) on the x axis.
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -207,6 +208,39 @@ def plot_logit_growth(runs, path, dpi=90, with_loss=True):
     return [save(fig, Path(path), dpi)]
 
 
+def plot_arms(arms, path, dpi=90):
+    """A failure and its fix over training, seeds with intervals: for each arm (a label and its seeds' run
+    folders) the val loss, the largest attention logit over blocks (Wortsman Sec. 3.1.1; log axis) and the mean
+    log Z of the output logits (Sec. 3.1.2), each the mean over seeds at every record with its 95% interval
+    (Student's t over seeds; the logits' in log10). arms: {label: [run folder, ...]}."""
+    from tools.stability import mean_interval
+
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.8))
+    panels = ((lambda log, diag: [(r["iter"], r["val_loss"]) for r in log if r.get("type") == "eval"], False),
+              (lambda log, diag: [(r["iter"], math.log10(max(max(r["attn_logit_max"]), 1e-3))) for r in diag
+                                  if "attn_logit_max" in r], True),
+              (lambda log, diag: [(r["iter"], r["logit_lse_mean"]) for r in diag if "logit_lse_mean" in r], False))
+    for i, (label, folders) in enumerate(arms.items()):
+        series = [[dict(points(*read_run(f))) for f in folders] for points, _ in panels]
+        for ax, per_seed, (_, in_log10) in zip(axes, series, panels):
+            steps = sorted(set.intersection(*(set(s) for s in per_seed)))
+            mean = [sum(s[t] for s in per_seed) / len(per_seed) for t in steps]
+            bands = [mean_interval([s[t] for s in per_seed]) for t in steps]
+            unlog = (lambda v: 10 ** v) if in_log10 else (lambda v: v)
+            ax.plot(steps, [unlog(m) for m in mean], "o-", ms=3, color=f"C{i}", label=f"{label} ({len(folders)} seeds)")
+            if all(bands):
+                ax.fill_between(steps, [unlog(b[0]) for b in bands], [unlog(b[1]) for b in bands], color=f"C{i}",
+                                alpha=0.2)
+    axes[0].set(title="Val loss", xlabel="iteration", ylabel="nats/token")
+    axes[1].set(title="Largest attention logit over blocks", xlabel="iteration", ylabel="max q.k / sqrt(d)",
+                yscale="log")
+    axes[2].set(title="Mean log Z of the output logits", xlabel="iteration", ylabel="log Z")
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.suptitle("mean over seeds, band: 95% interval (Student's t over seeds)")
+    return [save(fig, Path(path), dpi)]
+
+
 def mean_over(runs, fn):
     """Element-wise mean of fn(run) over runs (lists of equal length; shorter ones, e.g. diverged runs, are cut)."""
     values = [fn(r) for r in runs]
@@ -352,12 +386,22 @@ def main(argv=None):
     parser = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="*", default=["out/cpu"], metavar="RUN_DIR",
                         help="a run folder written by train_shakespeare.py (default: out/cpu)")
+    parser.add_argument("--arms", metavar="PNG", help="instead of each run's plots, one figure of the val loss, "
+                        "attention logits and log Z, mean over seeds with 95%% intervals: each RUN_DIR a folder of "
+                        "seed runs (e.g. out/stability_map_v3/4x32/baseline/lr0.1, its seed*/ runs)")
     parser.add_argument("--logits", metavar="PNG", help="instead of each run's plots, one figure of the runs' "
                         "attention-logit and log Z growth side by side (they need --diag-interval > 0); a bare "
                         "file name goes into the first run's folder")
     args = parser.parse_args(argv)
     if args.logits and Path(args.logits).suffix.lower() != ".png":
         parser.error(f"--logits {args.logits}: give a .png file")
+    if args.arms:
+        arms = {"/".join(Path(d).parts[-2:]): sorted(Path(d).glob("seed*/")) for d in args.run_dirs}
+        if empty := [d for d, seeds in zip(args.run_dirs, arms.values()) if not seeds]:
+            print(f"error: {', '.join(empty)} holds no seed*/ runs", file=sys.stderr)
+            return 2
+        print(plot_arms(arms, args.arms)[0])
+        return 0
     for folder in args.run_dirs:
         if not (Path(folder) / "log.jsonl").is_file():
             print(f"error: {folder} holds no run (no log.jsonl); give a folder train_shakespeare.py wrote",
