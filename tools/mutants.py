@@ -124,6 +124,9 @@ MUTANTS = [  # (file, what the mutant does, the tests that should fail it (-k), 
     ('tools/stability.py', 'collapse margin sign', 'failure_mode or counts_at',
      'final_val_loss >= unigram_loss - COLLAPSE_NATS',
      'final_val_loss >= unigram_loss + COLLAPSE_NATS'),
+    ('stable_gpt.py', "Muon's weight decay dropped", 'independent or muon',
+     'weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"), adamw)',
+     'weight_decay=0.0, adjust_lr_fn="match_rms_adamw"), adamw)'),
 ]
 
 
