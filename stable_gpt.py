@@ -371,15 +371,24 @@ class CausalSelfAttention(nn.Module):
             y = y * torch.sigmoid(self.c_gate(x))  # (B, T, C), the gate from the attention's input
         return self.resid_dropout(self.out_norm(self.c_proj(y)))
 
+    QK_CLIP_ROWS = 128  # query rows per block of QK-Clip's statistic: (B, nh, 128, T) logits alive at once
+
     @torch.no_grad()
     def record_max_logit(self, q, k):
         """QK-Clip's statistic: each head's largest pre-softmax logit q_i . k_j / sqrt(hs) over the causal pairs
         j <= i of this forward, the running max over the step's micro-batches. Flash attention never forms
-        the logits, so this is one more q @ k^T (the cost QK-Clip pays; nothing when it is off)."""
-        T = q.size(2)
-        logits = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.size(-1))  # (B, nh, T, T)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-        head_max = logits.masked_fill(~causal, -math.inf).amax(dim=(0, 2, 3))  # (nh,)
+        the logits, so this is one more q @ k^T (the cost QK-Clip pays; nothing when it is off), taken in blocks
+        of QK_CLIP_ROWS query rows against the keys they may see, in the compute dtype (bf16 under autocast),
+        the max in fp32: never the whole (B, nh, T, T) matrix, nor an fp32 copy of it (at gpt2-124m's micro-batch
+        that would be 1.6 GB per layer)."""
+        T, scale = q.size(2), 1 / math.sqrt(q.size(-1))
+        head_max = torch.full_like(self.max_logit, -math.inf)  # (nh,)
+        for start in range(0, T, self.QK_CLIP_ROWS):
+            stop = min(start + self.QK_CLIP_ROWS, T)
+            logits = q[:, :, start:stop] @ k[:, :, :stop].transpose(-2, -1)  # (B, nh, rows, stop)
+            causal = torch.ones(stop - start, stop, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            block_max = logits.masked_fill(~causal, -math.inf).amax(dim=(0, 2, 3)).float() * scale  # (nh,)
+            head_max = torch.maximum(head_max, block_max)
         self.max_logit.copy_(torch.maximum(self.max_logit, head_max))
 
 
@@ -885,10 +894,13 @@ def qk_clip_after_step(model):
     tau, clipped = model.config.qk_clip, torch.zeros((), dtype=torch.long)
     if tau <= 0:
         return clipped
+    if torch.distributed.is_initialized():  # one all-reduce for every layer's statistic, not one per layer
+        stacked = torch.stack([block.attn.max_logit for block in model.transformer.h])  # (L, nh)
+        torch.distributed.all_reduce(stacked, op=torch.distributed.ReduceOp.MAX)
+        for block, agreed in zip(model.transformer.h, stacked):
+            block.attn.max_logit.copy_(agreed)
     for block in model.transformer.h:
         attn = block.attn
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(attn.max_logit, op=torch.distributed.ReduceOp.MAX)
         over = attn.max_logit > tau  # (nh,); -inf (no forward this step) never is
         gamma = torch.where(over, tau / attn.max_logit, torch.ones_like(attn.max_logit))  # (nh,)
         row_scale = gamma.sqrt().repeat_interleave(attn.n_embd // attn.n_head)  # (C,): each head's rows of q or k

@@ -1071,6 +1071,26 @@ def test_qk_clip_bounds_the_clipped_heads_logit_on_the_same_batch_at_tau(kw):
             assert torch.equal(split_v(b.attn.c_attn.weight), split_v(w0))
 
 
+def test_qk_clip_statistic_in_row_blocks_equals_the_whole_matrix(monkeypatch):
+    """QK-Clip's per-head max logit taken in blocks of query rows (never the whole T x T matrix) is the max of the
+    whole causal matrix, for a block size that divides T and one that does not, and in bf16 within its rounding."""
+    torch.manual_seed(0)
+    attn = GPT(tiny(qk_clip=1.0)).transformer.h[0].attn
+    x = torch.randn(2, 16, 32)
+    expected = head_logit_max(attn, x).detach()
+    B, T, C = x.shape
+    q, k, _ = attn.c_attn(x).detach().split(C, dim=2)
+    heads = lambda t: t.view(B, T, attn.n_head, -1).transpose(1, 2)
+    for rows in (4, 5, 128):
+        monkeypatch.setattr(type(attn), "QK_CLIP_ROWS", rows)
+        attn.max_logit.fill_(-math.inf)
+        attn.record_max_logit(heads(q), heads(k))
+        torch.testing.assert_close(attn.max_logit, expected, rtol=1e-6, atol=1e-6)
+    attn.max_logit.fill_(-math.inf)
+    attn.record_max_logit(heads(q).bfloat16(), heads(k).bfloat16())  # autocast's dtype: the max within bf16's 2^-8
+    torch.testing.assert_close(attn.max_logit, expected, rtol=2e-2, atol=2e-2)
+
+
 def split_v(weight):
     return stable_gpt.split_rows(weight, 3)[2]
 
@@ -2075,10 +2095,11 @@ def test_summary_reports_the_olmo_spike_score(tmp_path, data_dir):
 
 
 def test_ddp_two_cpu_processes(tmp_path, data_dir):
-    """torchrun with 2 processes on CPU (gloo): the replicas stay identical (TVR included) and the loss falls."""
+    """torchrun with 2 processes on CPU (gloo): the replicas stay identical (TVR and QK-Clip, whose ranks agree
+    on each head's max logit in one all-reduce, included) and the loss falls."""
     out = tmp_path / "ddp"
     flags = ["--eval-interval", "30", "--grad-accum", "2", "--tvr", "--tvr-interval", "10", "--tvr-target", "0.02",
-             "--diag-interval", "10", "--dropout", "0.1"]
+             "--qk-clip", "2", "--diag-interval", "10", "--dropout", "0.1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train_shakespeare.py", *train_args(data_dir, out, "--max-iters", "30", *flags)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
