@@ -2854,25 +2854,42 @@ def test_stale_torchrun_variables_end_in_one_line(rank, monkeypatch):
             runs.setup_process("cpu", stopped=lambda: True)
 
 
-def test_gpu_check_dry_run_runs_every_check(tmp_path, data_dir, capsys):
-    """python -m tools.gpu_check --dry-run: the GPU check's code paths at toy size on CPU (its figures need a GPU)."""
+def test_gpu_check_dry_run_runs_both_parts_and_writes_their_verdicts(tmp_path, text_file, capsys):
+    """python -m tools.gpu_check --dry-run: both parts' code paths at toy size on CPU (the real training loop in
+    every configuration, the isolated step, the profiler, the shakespeare-char run), each check with its verdict
+    ("n/a" on CPU) and the JSON; the data a GPU machine needs, prepared by --prepare, checked first in one line."""
     from tools import gpu_check
 
-    assert gpu_check.main(["--dry-run", "--data", str(data_dir), "--out-dir", str(tmp_path / "run")]) == 0
+    data = tmp_path / "device_data"
+    assert gpu_check.main(["--prepare", "--text", str(text_file), "--data-dir", str(data)]) == 0
+    assert {p.name for p in data.iterdir()} == {"char", "gpt2", "tiktoken_cache"}
+    argv = ["--dry-run", "--data-dir", str(data), "--out-dir", str(tmp_path / "run")]
+    assert gpu_check.main(argv) == 0
     out = capsys.readouterr().out
-    for line in ("1. gpt2-124m steps", "2. peak memory", "3. graphs", "4. host syncs", "5. shakespeare-char"):
-        assert line in out
-    assert out.count("graphs 1, breaks 0") == len(gpu_check.FLAG_SETS) and "exit 0" in out
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["iters"] == 4
-    # a run already in --out-dir: refused at once (no check run), replaced only with --overwrite
+    speed = json.loads((tmp_path / "run" / "gpu_check_speed.json").read_text())
+    assert set(speed["configs"]) == set(gpu_check.CONFIGS) and speed["isolated"]["attention_kernel"]
+    assert all(c["graph_breaks"] == 0 and c["tokens_per_s"] > 0 for c in speed["configs"].values())
+    if runs.why_compile_fails("cpu") is None:  # compiled as on a GPU: the train step's graph and the eval's
+        assert all(c["graphs"] == 2 for c in speed["configs"].values()), speed["configs"]
+    assert set(speed["graphs_by_flag_set"]) == set(gpu_check.FLAG_SETS)
+    assert all(c["verdict"] == "n/a (dry run)" for c in speed["checks"].values()) and len(speed["checks"]) == 7
+    shakespeare = json.loads((tmp_path / "run" / "gpu_check_shakespeare.json").read_text())
+    assert shakespeare["best_val_loss"] > 0 and "best val loss (nanoGPT: 1.4697)" in shakespeare["checks"]
+    assert out.count("n/a (dry run)") == 9 and "--- gpu_check: speed ---" in out
+    for name in gpu_check.CONFIGS:  # each configuration through the real loop, at the preset's accumulation
+        summary = json.loads((tmp_path / "run" / "speed" / name / "summary.json").read_text())
+        assert summary["iters"] == gpu_check.STEPS and summary["config"]["grad_accum"] == 2
+    # runs already in --out-dir: refused at once (no check run), replaced only with --overwrite
     before = snapshot(tmp_path / "run")
-    assert gpu_check.main(["--dry-run", "--data", str(data_dir), "--out-dir", str(tmp_path / "run")]) == 2
+    assert gpu_check.main(argv + ["--part", "shakespeare"]) == 2
     out, err = capsys.readouterr()
-    assert "already holds a run" in err and "1. gpt2-124m" not in out and snapshot(tmp_path / "run") == before
-    # data that is not: refused at once, before any check
-    assert gpu_check.main(["--dry-run", "--data", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "r2")]) == 2
+    assert "already holds a run" in err and "gpu_check:" not in out and snapshot(tmp_path / "run") == before
+    # the device data missing: one line naming --prepare, before anything runs
+    shutil.rmtree(data / "gpt2")
+    assert gpu_check.main(["--dry-run", "--part", "speed", "--data-dir", str(data), "--out-dir", str(tmp_path / "r2")]) == 2
     out, err = capsys.readouterr()
-    assert err.startswith("error: ") and err.count("\n") == 1 and "1. gpt2-124m" not in out, err
+    assert err.startswith("error: ") and "--prepare" in err and err.count("\n") == 1 and not out, err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_a_non_finite_loss_on_one_rank_stops_every_rank(monkeypatch):
