@@ -2653,6 +2653,31 @@ def test_more_bad_input_is_one_line_and_writes_nothing(tmp_path, data_dir, finis
         one_line(e.value.code, message)
 
 
+def test_a_damaged_checkpoint_is_one_line_on_resume_and_sample(tmp_path, data_dir, finished_run, capsys):
+    """Checkpoints a weights-only load accepts but whose contents are wrong (edited by hand, or damaged): each
+    --resume and --sample is one line, exit 2, naming what is wrong; nothing is written."""
+    ckpt = torch.load(finished_run / "ckpt.pt", weights_only=True)
+    cases = {"config": (dict(ckpt, config=None), "config is NoneType"),
+             "iter": (dict(ckpt, iter_num="5"), "iter_num is str"),
+             "optimizer": ({k: v for k, v in ckpt.items() if k != "optimizer"}, "no optimizer"),
+             "meta": (dict(ckpt, meta={"tokenizer": "char"}), "meta has no vocab_size"),
+             "nan": (dict(ckpt, model={k: v * math.nan for k, v in ckpt["model"].items()}), "non-finite values"),
+             "shape": (dict(ckpt, model={k: v[:, :3] if v.dim() == 2 else v for k, v in ckpt["model"].items()}),
+                       "Error(s) in loading state_dict")}
+    for name, (changed, message) in cases.items():
+        folder = tmp_path / name
+        shutil.copytree(finished_run, folder)
+        torch.save(changed, folder / "ckpt.pt")
+        before = snapshot(folder)
+        for mode in ("--resume", "--sample"):
+            if mode == "--sample" and name in ("iter", "optimizer"):
+                continue  # sampling needs neither
+            code = train_shakespeare.main(train_args(data_dir, folder, "--max-iters", "999", mode))
+            err = capsys.readouterr().err
+            assert code == 2 and message in err and err.startswith("error: ") and err.count("\n") == 1, (name, err)
+        assert snapshot(folder) == before, name
+
+
 def test_prepare_data_input_writes_the_folder_that_data_reuses(tmp_path, text_file, capsys):
     prepare_data.main(["--input", str(text_file)])
     capsys.readouterr()

@@ -445,7 +445,7 @@ def main(argv=None):
             sample_from_checkpoint(cfg, sampling)
             return 0
         if args.get("resume"):
-            resume_ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt")
+            resume_ckpt = load_checkpoint(Path(cfg.out_dir) / "ckpt.pt", for_resume=True)
             cfg = resume_settings(given, resume_ckpt)
             if resume_ckpt["iter_num"] >= cfg.max_iters:
                 raise TrainError(f"the run in {cfg.out_dir} is finished ({resume_ckpt['iter_num']} of "

@@ -100,7 +100,7 @@ def link_checkpoint(src, dst):
     os.replace(tmp, dst)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, for_resume=False):
     path = Path(path)
     try:
         found = path.is_file()
@@ -123,7 +123,30 @@ def load_checkpoint(path):
     missing = {"model", "model_args", "config", "meta"} - set(ckpt) if isinstance(ckpt, dict) else {"model"}
     if missing:
         raise TrainError(f"{path} is not a stable-gpt checkpoint (missing {', '.join(sorted(missing))})")
+    if problem := checkpoint_problem(ckpt, for_resume):
+        raise TrainError(f"{path} is damaged or not a stable-gpt checkpoint ({problem}); train afresh with "
+                         "--overwrite, or use another --out-dir")
     return ckpt
+
+
+def checkpoint_problem(ckpt, for_resume):
+    """What is wrong with a loaded checkpoint's contents (None: nothing): each part of the type the training
+    script writes, finite weights; for a resume, the optimizer, step and random states too."""
+    kinds = dict(model=dict, model_args=dict, config=dict, meta=dict)
+    if for_resume:
+        kinds.update(optimizer=dict, iter_num=int, best_val_loss=(int, float), rng=list)
+    if wrong := [k for k, kind in kinds.items() if not isinstance(ckpt.get(k), kind)]:
+        return ", ".join(f"{k} is {type(ckpt[k]).__name__}" if k in ckpt else f"no {k}" for k in wrong)
+    if not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        return "the model holds something other than tensors"
+    if not (isinstance(ckpt["meta"].get("vocab_size"), int) and isinstance(ckpt["meta"].get("tokenizer"), str)):
+        return "meta has no vocab_size or tokenizer"
+    if bad := next((k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()),
+                   None):
+        return f"{bad} holds non-finite values"
+    if for_resume and ckpt["iter_num"] < 0:
+        return f"iter_num is {ckpt['iter_num']}"
+    return None
 
 
 def checkpoint_model_state(ckpt):
@@ -679,15 +702,20 @@ class Run:
             raise TrainError(f"the checkpoint was trained on another {' and '.join(what[k] for k in differ)} than "
                              f"--data's ({saved.get('source', 'its data')} vs {meta.get('source', 'this data')}); "
                              "resume with the run's own --data and --tokenizer")
-        self.model.load_state_dict(checkpoint_model_state(ckpt))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            self.scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"][self.proc.rank % len(ckpt["rng"])]  # a run resumed on more ranks reuses streams
-        torch.set_rng_state(rng["torch"])
-        if self.proc.device.type == "cuda" and rng["cuda"] is not None:
-            torch.cuda.set_rng_state(rng["cuda"])
-        self.batches.gen.set_state(rng["data"])
+        try:  # a checkpoint whose tensors or states do not fit (damaged, or edited by hand): one line
+            self.model.load_state_dict(checkpoint_model_state(ckpt))
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            rng = ckpt["rng"][self.proc.rank % len(ckpt["rng"])]  # a run resumed on more ranks reuses streams
+            torch.set_rng_state(rng["torch"])
+            if self.proc.device.type == "cuda" and rng["cuda"] is not None:
+                torch.cuda.set_rng_state(rng["cuda"])
+            self.batches.gen.set_state(rng["data"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as e:
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            raise TrainError(f"the checkpoint in {self.out_dir} does not fit this run ({type(e).__name__}: "
+                             f"{first_line}); train afresh with --overwrite, or use another --out-dir") from None
         return ckpt["iter_num"], ckpt["best_val_loss"], {k: ckpt[k] for k in SpikeWatch.STATE_KEYS if k in ckpt}
 
     def checkpoint_state(self, data_state):

@@ -320,7 +320,7 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
     cfg = resolve(settings_given(run_args))
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    resume_ckpt = load_checkpoint(run_dir / "ckpt.pt") if (run_dir / "ckpt.pt").is_file() else None
+    resume_ckpt = load_checkpoint(run_dir / "ckpt.pt", for_resume=True) if (run_dir / "ckpt.pt").is_file() else None
     saved = summary["config"] if summary else resume_ckpt["config"] if resume_ckpt else None
     if saved is not None and (differences := settings_differences(saved, cfg)):
         raise TrainError(f"{run_dir} holds a run of other settings ({', '.join(differences)}); give the sweep "
