@@ -2877,6 +2877,18 @@ def test_stale_torchrun_variables_end_in_one_line(rank, monkeypatch):
     if rank == "1":  # a Ctrl-C or SIGTERM while waiting ends the wait at once
         with pytest.raises(runs.TrainError, match="stopped by a signal while waiting for the other processes"):
             runs.setup_process("cpu", stopped=lambda: True)
+        # something that is not a store listens on the port (another server, a live job's port): still bounded,
+        # and a signal still ends the wait at once
+        with socket.socket() as server:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            monkeypatch.setenv("MASTER_PORT", str(server.getsockname()[1]))
+            started = time.monotonic()
+            with pytest.raises(runs.TrainError, match="no peers after 1 s|cannot join the process group"):
+                runs.setup_process("cpu")
+            assert time.monotonic() - started < 15
+            with pytest.raises(runs.TrainError, match="stopped by a signal"):
+                runs.setup_process("cpu", stopped=lambda: True)
 
 
 def test_gpu_check_dry_run_runs_both_parts_and_writes_their_verdicts(tmp_path, text_file, capsys):

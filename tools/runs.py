@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -499,11 +500,31 @@ def join_peers(rank, world, host, port, stopped):
                 if time.monotonic() > deadline:
                     raise TrainError(stale) from None
                 time.sleep(0.5)
-    try:
-        return dist.TCPStore(host, port, world, is_master=hosts_store, wait_for_workers=True,
-                             timeout=datetime.timedelta(seconds=PEER_WAIT_S))
-    except dist.DistError as e:
+    # the store is joined in a thread: a port where something else listens (another server, a live job's port)
+    # can hold TCPStore's handshake in C++, where no signal reaches Python; this thread keeps the wait bounded and
+    # a Ctrl-C effective
+    joined = {}
+
+    def join():
+        try:
+            joined["store"] = dist.TCPStore(host, port, world, is_master=hosts_store, wait_for_workers=True,
+                                            timeout=datetime.timedelta(seconds=PEER_WAIT_S))
+        except Exception as e:  # DistError, or a RuntimeError from a peer that is not a store
+            joined["error"] = e
+
+    thread = threading.Thread(target=join, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + PEER_WAIT_S + 5
+    while thread.is_alive():
+        thread.join(0.5)
+        if stopped():
+            raise TrainError("stopped by a signal while waiting for the other processes; nothing was written")
+        if time.monotonic() > deadline:
+            raise TrainError(stale + f"; if they were started, something other than their store answers on port {port}")
+    if "error" in joined:
+        e = joined["error"]
         raise TrainError(stale if "timed out" in str(e).lower() else f"cannot join the process group: {e}") from None
+    return joined["store"]
 
 
 def micro_steps_per_rank(grad_accum, world):
