@@ -2678,6 +2678,32 @@ def test_a_damaged_checkpoint_is_one_line_on_resume_and_sample(tmp_path, data_di
         assert snapshot(folder) == before, name
 
 
+def test_a_full_disk_while_logging_stops_in_one_line_and_the_run_resumes(tmp_path, data_dir, capsys, monkeypatch):
+    """A log line that cannot be written (ENOSPC, or a file-size limit's EFBIG) stops the run with one line; the
+    last checkpoint stays whole, and once there is room --resume finishes the run."""
+    import errno
+
+    out, appended = tmp_path / "run", []
+    real_append = runs.JsonlLog.append
+
+    def append_until_full(log, line):
+        appended.append(line)
+        if len(appended) > 30:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_append(log, line)
+
+    monkeypatch.setattr(runs.JsonlLog, "append", append_until_full)
+    args = train_args(data_dir, out, "--max-iters", "40", "--eval-interval", "10")
+    assert train_shakespeare.main(args) == 2
+    err = capsys.readouterr().err
+    assert "could not write" in err and "No space left on device" in err and err.count("\n") == 1, err
+    saved = torch.load(out / "ckpt.pt", weights_only=True)["iter_num"]
+    assert 0 < saved < 40 and not (out / "summary.json").exists()
+    monkeypatch.setattr(runs.JsonlLog, "append", real_append)
+    assert train_shakespeare.main(args + ["--resume"]) == 0
+    assert json.loads((out / "summary.json").read_text())["iters"] == 40
+
+
 def test_prepare_data_input_writes_the_folder_that_data_reuses(tmp_path, text_file, capsys):
     prepare_data.main(["--input", str(text_file)])
     capsys.readouterr()

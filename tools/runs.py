@@ -272,8 +272,15 @@ class JsonlLog:
         self.path.write_text("".join(ln + "\n" for ln in lines))
 
     def write(self, **record):
+        try:
+            self.append(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+        except OSError as e:  # a full disk, a file-size limit: the run stops here, its last checkpoint whole
+            raise TrainError(f"could not write {self.path} ({e.strerror or e}); the last checkpoint is kept: free "
+                             "disk space, then --resume") from None
+
+    def append(self, line):
         with self.path.open("a") as f:
-            f.write(json.dumps(finite_or_null(record), allow_nan=False) + "\n")
+            f.write(line)
 
 
 def finite_or_null(value):
