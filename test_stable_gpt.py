@@ -2809,7 +2809,8 @@ def test_a_sweep_reuses_a_run_only_with_the_settings_asked_for(tmp_path, data_di
 
 def test_compare_checks_every_configuration_before_training(tmp_path, data_dir, capsys):
     for bad, message in (('--frob', "unknown flag(s) --frob"), ("--lns --norm-position post", "lns scales"),
-                         ("--n-head 5", "must be divisible by n_head")):
+                         ("--n-head 5", "must be divisible by n_head"),
+                         (f"--data {tmp_path / 'no_such_text.txt'}", "no_such_text.txt")):
         argv = train_args(data_dir, tmp_path / "cmp") + ["--compare", "baseline", bad]
         assert sweep.main(argv) == 2
         err = capsys.readouterr().err
@@ -3364,6 +3365,10 @@ def test_compare_runner_end_to_end(tmp_path, data_dir, capsys):
     assert sweep.main(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("done already") == 3 and "resuming at iter 30" in printed
+    path.write_text('{"config": ')  # a damaged summary.json: one line naming the way out
+    assert sweep.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is damaged" in err and err.count("\n") == 1
 
 
 def test_sweeps_into_one_folder_add_up_their_sizes(tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ import torch
 import prepare_data
 from prepare_data import DataError
 from tools import stability
-from tools.runs import StopRequest, TrainError, check_fresh_start, load_checkpoint
+from tools.runs import StopRequest, TrainError, check_fresh_start, load_checkpoint, parse_or_none
 from train_shakespeare import Settings, build_parser, resolve, resume_settings, settings_given, train
 
 # ----------------------------------------------------------------------------------------------------
@@ -297,8 +297,12 @@ def check_compare_config(parser, common, config):
     if unknown:
         raise TrainError(f"--compare configuration {config!r}: unknown flag(s) {' '.join(unknown)}")
     try:
-        resolve(settings_given(args))  # GPTConfig's rules included; the vocabulary comes later, from the data
+        cfg = resolve(settings_given(args))  # GPTConfig's rules included; the vocabulary comes later, from the data
     except TrainError as e:
+        raise TrainError(f"--compare configuration {config!r}: {e}") from None
+    try:  # its data too (a configuration may give its own --data): a bad one fails now, not after the others train
+        prepare_data.load_prepared(cfg.data, cfg.tokenizer, cfg.block_size)
+    except DataError as e:
         raise TrainError(f"--compare configuration {config!r}: {e}") from None
 
 
@@ -319,7 +323,10 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
     run_args = parser.parse_args(common + config_flags(config) + ["--seed", str(seed), "--out-dir", str(run_dir)])
     cfg = resolve(settings_given(run_args))
     summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    summary = None
+    if summary_path.is_file() and not isinstance(summary := parse_or_none(summary_path.read_text()), dict):
+        raise TrainError(f"{summary_path} is damaged (not a JSON object); remove it to resume that run from its "
+                         "checkpoint, or remove the run's folder to train it again")
     resume_ckpt = load_checkpoint(run_dir / "ckpt.pt", for_resume=True) if (run_dir / "ckpt.pt").is_file() else None
     saved = summary["config"] if summary else resume_ckpt["config"] if resume_ckpt else None
     if saved is not None and (differences := settings_differences(saved, cfg)):
