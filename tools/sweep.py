@@ -254,9 +254,9 @@ def parallel_worker(todo, done, threads, log_path):
                 args, config, seed, run_dir, progress = todo.get_nowait()
             except queue.Empty:
                 return
-            done.put(("start", progress, f"{config} seed {seed} -> {run_dir}"))
+            announce = lambda line: (print(line), done.put(("start", progress, f"{config} seed {seed} -> {run_dir}")))
             try:
-                run_one(parser, args, config, seed, run_dir, stop, progress)
+                trained = run_one(parser, args, config, seed, run_dir, stop, progress, announce)
             except (TrainError, DataError) as e:
                 done.put(("error", progress, f"error: {e}"))
                 return
@@ -265,7 +265,8 @@ def parallel_worker(todo, done, threads, log_path):
                 return
             summary = run_dir / "summary.json"
             best = json.loads(summary.read_text()).get("best_val_loss") if summary.is_file() else None
-            state = "interrupted" if stop.signum is not None else f"done, best val {best:.4f}" if best else "done"
+            state = "done already" if not trained else "interrupted" if stop.signum is not None else \
+                f"done, best val {best:.4f}" if best else "done"
             done.put(("end", progress, f"{config} seed {seed}: {state}"))
 
 
@@ -317,9 +318,10 @@ def settings_differences(saved, cfg):
     return [f"{k} {saved[k]!r} -> {asked[k]!r}" for k in asked if k not in NOT_RESULTS and saved[k] != asked[k]]
 
 
-def run_one(parser, common, config, seed, run_dir, stop, progress):
+def run_one(parser, common, config, seed, run_dir, stop, progress, announce=print):
     """One configuration and seed of a comparison: skipped if finished, resumed if interrupted, each only when
-    the run there was made with the settings asked for now (else one line says what differs)."""
+    the run there was made with the settings asked for now (else one line says what differs). Returns whether it
+    trained; announce(line) says so before it does."""
     run_args = parser.parse_args(common + config_flags(config) + ["--seed", str(seed), "--out-dir", str(run_dir)])
     cfg = resolve(settings_given(run_args))
     summary_path = run_dir / "summary.json"
@@ -340,14 +342,15 @@ def run_one(parser, common, config, seed, run_dir, stop, progress):
                          f"{str(sha1)[:10]}); give the sweep another --out-dir, or remove that run")
     if summary and summary.get("interrupted_at") is None:  # finished (or diverged: a result of the sweep too)
         print(f"{progress} {config} seed {seed}: done already ({summary_path})")
-        return
-    print(f"\n{progress} {config} seed {seed} -> {run_dir}")
+        return False
+    announce(f"\n{progress} {config} seed {seed} -> {run_dir}")
     torch._dynamo.reset()  # each run compiles afresh: past the recompile limit dynamo would run the rest eager
     if resume_ckpt is not None:  # interrupted earlier: continue it
         train(resume_settings(settings_given(run_args), resume_ckpt), resume_ckpt, stop)
     else:
         check_fresh_start(run_dir, overwrite=True)  # a run folder of this sweep's, with nothing else in it
         train(cfg, None, stop, overwrite=True)
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------
