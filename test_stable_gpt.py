@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 import warnings
 from dataclasses import fields, replace
 from pathlib import Path
@@ -2901,6 +2902,11 @@ def test_stale_torchrun_variables_end_in_one_line(rank, monkeypatch):
     monkeypatch.setattr(runs, "PEER_WAIT_S", 1)
     with pytest.raises(runs.TrainError, match=f"no peers after 1 s \\(RANK={rank}, WORLD_SIZE=2.*unset RANK"):
         runs.setup_process("cpu")
+    for name, value, message in (("RANK", "abc", "must be whole numbers"), ("MASTER_PORT", "99999", "is not a port")):
+        with monkeypatch.context() as m:
+            m.setenv(name, value)
+            with pytest.raises(runs.TrainError, match=message):
+                runs.setup_process("cpu")
     if rank == "1":  # a Ctrl-C or SIGTERM while waiting ends the wait at once
         with pytest.raises(runs.TrainError, match="stopped by a signal while waiting for the other processes"):
             runs.setup_process("cpu", stopped=lambda: True)
@@ -3238,6 +3244,12 @@ def test_stop_at_once_mid_step_keeps_the_last_checkpoint_and_writes_the_summary(
     assert f"--resume --out-dir '{out}'" in printed
     assert json.loads((out / "summary.json").read_text())["interrupted_at"] == 12
     assert train_shakespeare.load_checkpoint(out / "ckpt.pt")["iter_num"] == 10
+    # stopped at once before any checkpoint (a second Ctrl-C during the first evaluation): nothing to resume, so the
+    # advice is a fresh start with --overwrite, not a --resume that would fail
+    before_any = types.SimpleNamespace(iter_num=0, last_saved=None, out_dir=out, interrupted_at=None)
+    runs.Run.stopped_at_once(before_any)
+    printed = capsys.readouterr().out
+    assert "nothing to resume" in printed and "--overwrite" in printed and "--resume" not in printed
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
     assert train_shakespeare.main(train_args(data_dir, out, "--max-iters", "20", "--eval-interval", "5",
                                              "--resume")) == 0

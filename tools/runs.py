@@ -18,8 +18,8 @@ import shlex
 import shutil
 import signal
 import socket
+import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -451,7 +451,7 @@ class Process:
 def setup_process(device_name, stopped=lambda: False):
     """The device, and under torchrun (which sets RANK) the process group: NCCL on GPUs, gloo on CPUs. stopped():
     whether a signal came while waiting for the other processes (then TrainError: nothing to save yet)."""
-    if int(os.environ.get("RANK", -1)) == -1:
+    if os.environ.get("RANK", "-1").strip() == "-1":
         device = pick_device(device_name)
         if device.type == "cuda":  # the GPU asked for (cuda:1) becomes the current one: its RNG is the one saved
             device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
@@ -469,6 +469,8 @@ def setup_process(device_name, stopped=lambda: False):
             from None
     if not 0 <= rank < world:
         raise TrainError(f"RANK {rank} is not below WORLD_SIZE {world}")
+    if not 0 < port < 65536:
+        raise TrainError(f"MASTER_PORT {port} is not a port (1-65535)")
     device = pick_device("cuda" if device_name in (None, "auto") and torch.cuda.is_available() else
                          "cpu" if device_name in (None, "auto") else device_name)
     if device.type == "cuda":  # one GPU per process: the one of its LOCAL_RANK on its node
@@ -507,31 +509,36 @@ def join_peers(rank, world, host, port, stopped):
                 if time.monotonic() > deadline:
                     raise TrainError(stale) from None
                 time.sleep(0.5)
-    # the store is joined in a thread: a port where something else listens (another server, a live job's port)
-    # can hold TCPStore's handshake in C++, where no signal reaches Python; this thread keeps the wait bounded and
-    # a Ctrl-C effective
-    joined = {}
-
-    def join():
-        try:
-            joined["store"] = dist.TCPStore(host, port, world, is_master=hosts_store, wait_for_workers=True,
-                                            timeout=datetime.timedelta(seconds=PEER_WAIT_S))
-        except Exception as e:  # DistError, or a RuntimeError from a peer that is not a store
-            joined["error"] = e
-
-    thread = threading.Thread(target=join, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + PEER_WAIT_S + 5
-    while thread.is_alive():
-        thread.join(0.5)
-        if stopped():
-            raise TrainError("stopped by a signal while waiting for the other processes; nothing was written")
-        if time.monotonic() > deadline:
-            raise TrainError(stale + f"; if they were started, something other than their store answers on port {port}")
-    if "error" in joined:
-        e = joined["error"]
+        probe_store(host, port, world, stopped, deadline, stale)  # something answers: a store, or another server
+    try:
+        return dist.TCPStore(host, port, world, is_master=hosts_store, wait_for_workers=True,
+                             timeout=datetime.timedelta(seconds=PEER_WAIT_S))
+    except dist.DistError as e:
         raise TrainError(stale if "timed out" in str(e).lower() else f"cannot join the process group: {e}") from None
-    return joined["store"]
+
+
+def probe_store(host, port, world, stopped, deadline, stale):
+    """Whether the TCPStore of the other processes answers at host:port, asked by a client in a child process: a
+    port where something else listens (another server, a live job's port) holds a client's handshake in C++, past
+    its timeout and deaf to signals, so the wait here stays in Python, bounded, and a signal ends it at once."""
+    code = ("import datetime, torch.distributed as dist; "
+            f"dist.TCPStore({host!r}, {port}, {world}, False, wait_for_workers=False, "
+            f"timeout=datetime.timedelta(seconds={PEER_WAIT_S}))")
+    probe = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while probe.poll() is None:
+            if stopped():
+                raise TrainError("stopped by a signal while waiting for the other processes; nothing was written")
+            if time.monotonic() > deadline:
+                raise TrainError(f"{stale}; if they were started, something other than their store answers on "
+                                 f"port {port}")
+            time.sleep(0.2)
+    finally:
+        if probe.poll() is None:
+            probe.kill()
+            probe.wait()
+    if probe.returncode != 0:
+        raise TrainError(f"{stale}; something other than their store answers on port {port}")
 
 
 def micro_steps_per_rank(grad_accum, world):
@@ -809,9 +816,15 @@ class Run:
         """A second Ctrl-C stopped the loop mid-step: nothing more is written but summary.json; the last checkpoint
         (written atomically) is whole."""
         self.interrupted_at = self.iter_num
-        where = f"{self.out_dir / 'ckpt.pt'} (iter {self.last_saved})" if self.last_saved is not None else "none yet"
-        print(f"stopped at once at iter {self.iter_num} (a second signal); the last checkpoint: {where}. Resume with:\n"
-              f"  python train_shakespeare.py --resume --out-dir {shlex.quote(str(self.out_dir))}", flush=True)
+        folder = shlex.quote(str(self.out_dir))
+        if self.last_saved is None:  # nothing to resume: say how to start again, not how to resume
+            print(f"stopped at once at iter {self.iter_num} (a second signal), before the first checkpoint: nothing "
+                  f"to resume. Start again with:\n  python train_shakespeare.py --overwrite --out-dir {folder} ...",
+                  flush=True)
+            return
+        print(f"stopped at once at iter {self.iter_num} (a second signal); the last checkpoint: "
+              f"{self.out_dir / 'ckpt.pt'} (iter {self.last_saved}). Resume with:\n"
+              f"  python train_shakespeare.py --resume --out-dir {folder}", flush=True)
 
     def skip_or_stop_on_nonfinite(self, what, loss, grad_norm):
         """A step with a non-finite loss or gradient. With --skip-nonfinite it made no update: count it and return
