@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tools.oneline import OneLineParser
+
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_LOCAL = ROOT / "data" / "shakespeare" / "input.txt"
@@ -267,7 +269,7 @@ def load_prepared(data=None, tokenizer="char", block_size=1):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", help="UTF-8 text file (default: tiny Shakespeare, found or downloaded)")
     p.add_argument("--tokenizer", choices=TOKENIZERS, default="char", help="char level or GPT-2 BPE (tiktoken)")
     p.add_argument("--out-dir", help="output folder (default: data/shakespeare_<tokenizer> for tiny Shakespeare; "
@@ -281,6 +283,9 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # prepare() has removed its partial files
+        print("prepare_data: interrupted; nothing was written", file=sys.stderr)
+        sys.exit(130)
     print(f"{text_path} -> {out_dir}: vocab {meta['vocab_size']}, "
           f"train {meta['train_tokens']:,} tokens, val {meta['val_tokens']:,} tokens")
 

@@ -2705,6 +2705,27 @@ def test_a_full_disk_while_logging_stops_in_one_line_and_the_run_resumes(tmp_pat
     assert json.loads((out / "summary.json").read_text())["iters"] == 40
 
 
+def test_ctrl_c_while_the_training_script_starts_or_prepare_data_runs_is_one_line(tmp_path, text_file):
+    """SIGINT while torch is still loading (before main's own handler) and in prepare_data.py: one line, exit 130,
+    no traceback, nothing written."""
+    script = Path(__file__).parent
+    # the script run as __main__, a SIGINT arriving as it imports torch
+    code = ("import builtins, os, runpy, signal, sys; sys.argv = ['train_shakespeare.py']; real = builtins.__import__; "
+            "builtins.__import__ = lambda name, *a, **k: (name == 'torch' and os.kill(os.getpid(), signal.SIGINT), "
+            "real(name, *a, **k))[1]; runpy.run_path('train_shakespeare.py', run_name='__main__')")
+    starting = subprocess.run([sys.executable, "-c", code], cwd=script, capture_output=True, text=True, timeout=120)
+    assert starting.returncode == 130, starting.stderr
+    assert starting.stderr.strip() == "interrupted while starting; nothing was written", starting.stderr
+    code = ("import os, signal, sys, prepare_data; "
+            "prepare_data.prepare = lambda *a: os.kill(os.getpid(), signal.SIGINT) or __import__('time').sleep(5); "
+            f"sys.argv = ['prepare_data.py', '--input', {str(text_file)!r}, '--out-dir', {str(tmp_path / 'p')!r}]; "
+            "prepare_data.main()")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=script, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130 and proc.stderr.strip() == "prepare_data: interrupted; nothing was written", \
+        proc.stderr
+    assert not (tmp_path / "p").exists()
+
+
 def test_prepare_data_input_writes_the_folder_that_data_reuses(tmp_path, text_file, capsys):
     prepare_data.main(["--input", str(text_file)])
     capsys.readouterr()

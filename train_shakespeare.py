@@ -19,6 +19,10 @@ import math
 import os
 import signal
 import sys
+
+if __name__ == "__main__":  # a Ctrl-C while torch loads: one line and exit 130, not a traceback (main has its own)
+    signal.signal(signal.SIGINT, lambda signum, frame: (print("interrupted while starting; nothing was written",
+                                                              file=sys.stderr), sys.exit(130)))
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
