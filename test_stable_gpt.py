@@ -2975,6 +2975,12 @@ def test_gpu_check_dry_run_runs_both_parts_and_writes_their_verdicts(tmp_path, t
     assert gpu_check.main(argv + ["--part", "shakespeare"]) == 2
     out, err = capsys.readouterr()
     assert "already holds a run" in err and "gpu_check:" not in out and snapshot(tmp_path / "run") == before
+    # a folder that is not the check's own (the repository's docs/, say): refused before anything runs
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text("mine")
+    assert gpu_check.main(["--dry-run", "--data-dir", str(data), "--out-dir", str(tmp_path / "docs")]) == 2
+    assert "holds other files (README.md)" in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "docs").iterdir()] == ["README.md"]
     # the device data missing: one line naming --prepare, before anything runs
     shutil.rmtree(data / "gpt2")
     assert gpu_check.main(["--dry-run", "--part", "speed", "--data-dir", str(data), "--out-dir", str(tmp_path / "r2")]) == 2

@@ -235,7 +235,12 @@ def main(argv=None):
         if args.prepare:
             prepare_device_data(args.data_dir, args.text)
             return 0
-        # before any check spends the GPU's minutes: runs already there, the data, the device
+        # before any check spends the GPU's minutes: a folder of its own, runs already there, the data, the device
+        out_dir = Path(args.out_dir)
+        if out_dir.is_dir() and (foreign := sorted(p.name for p in out_dir.iterdir() if p.name not in (
+                "speed", "shakespeare") and not p.name.startswith("gpu_check_"))):
+            raise TrainError(f"--out-dir {out_dir} holds other files ({', '.join(foreign[:3])}"
+                             f"{', ...' if len(foreign) > 3 else ''}); give the GPU check a folder of its own")
         for part in parts:
             for name in (CONFIGS if part == "speed" else ["."]):
                 check_fresh_start(str(Path(args.out_dir) / part / name), args.overwrite)
