@@ -3318,21 +3318,20 @@ def test_ctrl_c_while_the_data_is_prepared_stops_at_once_and_writes_nothing(tmp_
     """A signal before the run folder is opened (a long text being tokenized) ends the run at once: one line,
     exit 130, no run folder; in a sweep, the same, the runs already finished kept."""
     real_load = prepare_data.load_prepared
-    calls = []
+    interrupt_now = lambda: True  # when the data preparation gets its Ctrl-C
 
     def load_and_get_a_ctrl_c(*args, **kw):
-        calls.append(1)
-        if len(calls) == 2:  # (the sweep: its second run)
+        if interrupt_now():
             signal.raise_signal(signal.SIGINT)
             pytest.fail("the signal did not stop the run")
         return real_load(*args, **kw)
 
     monkeypatch.setattr(prepare_data, "load_prepared", load_and_get_a_ctrl_c)
     handler_before = signal.getsignal(signal.SIGINT)  # (SIG_IGN where the suite runs in the background)
-    calls.append(1)  # the training script's first call is the one interrupted
     assert train_shakespeare.main(train_args(data_dir, tmp_path / "run")) == 130
     assert capsys.readouterr().err == "interrupted\n" and not (tmp_path / "run").exists()
-    calls.clear()
+    # the sweep: its second run's data preparation, once the first run has finished
+    interrupt_now = lambda: (tmp_path / "cmp" / "baseline" / "seed1337" / "summary.json").is_file()
     argv = train_args(data_dir, tmp_path / "cmp", "--max-iters", "2", "--eval-interval", "2", "--diag-interval", "0")
     assert sweep.main(argv + ["--compare", "baseline", "--lns"]) == 130
     assert "interrupted; run the same command again" in capsys.readouterr().err
