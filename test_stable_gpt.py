@@ -1249,6 +1249,73 @@ def test_muon_on_a_cpu_without_bf16_matmuls_says_what_it_costs(tmp_path, data_di
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def olmo_core_step_factor(losses, grad_norms, window=128, sigma=6):
+    """A transcription of OLMo-core's SkipStepOptimizer.get_step_factor (allenai/OLMo-core,
+    olmo_core/optim/skip_step_optimizer.py) on the lists it keeps (the last window + 1 values): 1 to step, 0 to skip."""
+    if len(losses) < max(20, window // 2):
+        return 1.0
+    loss_std, loss_mean = torch.std_mean(torch.tensor(losses[:-1], dtype=torch.float64))
+    loss_z = (losses[-1] - loss_mean).abs().div(loss_std)
+    norm_std, norm_mean = torch.std_mean(torch.tensor(grad_norms[:-1], dtype=torch.float64))
+    norm_z = (grad_norms[-1] - norm_mean).abs().div(norm_std)
+    return float(bool(loss_z <= sigma and norm_z <= sigma))
+
+
+def test_skip_step_is_olmo_cores_rule():
+    """--skip-spikes' rule against a transcription of OLMo-core's on a synthetic series: a falling noisy loss with
+    loss spikes, gradient-norm spikes, a flat stretch (0 / 0) and a window that trims; every step's decision alike,
+    and some of each kind skipped."""
+    rng, rule, losses, norms, skipped = random.Random(0), monitors.SkipStep(window=32), [], [], []
+    for step in range(400):
+        loss = 4.0 * math.exp(-step / 150) + 2.0 + rng.gauss(0, 0.02) + (3.0 if step in (50, 51, 200) else 0.0)
+        norm = 1.0 + rng.gauss(0, 0.05) + (20.0 if step in (120, 300) else 0.0)
+        if 340 <= step < 380:
+            loss, norm = 2.5, 1.0  # a flat stretch: once the window is all equal values, 0 / 0
+        losses, norms = (losses + [loss])[-33:], (norms + [norm])[-33:]
+        expected = olmo_core_step_factor(losses, norms, window=32)
+        assert rule.skip(loss, norm) == (expected == 0.0), step
+        if expected == 0.0:
+            skipped.append(step)
+    # step 51's spike is not skipped: step 50's, in the window, widens its std (OLMo-core's rule does the same)
+    assert {50, 120, 200, 300} <= set(skipped) and 51 not in skipped and any(s >= 372 for s in skipped), skipped
+    assert rule.losses == losses and rule.grad_norms == norms  # the window it keeps, as OLMo-core's
+
+
+def test_skip_spikes_skips_a_spiking_update_and_resumes_its_window(tmp_path, data_dir, monkeypatch):
+    """--skip-spikes in training: a gradient-norm spike at step 80 (the reported norm x 1e4; the update itself
+    unchanged) is skipped, logged, counted; a run stopped at step 60 and resumed skips the same steps, since the
+    window travels in the checkpoint (rebuilt from nothing it would hold 20 values, too few to judge), and ends
+    the same."""
+    clip, calls = torch.nn.utils.clip_grad_norm_, []
+
+    def clip_with_a_spike_at(step):
+        def clip_and_report(*args, **kw):
+            calls.append(1)
+            norm = clip(*args, **kw)
+            return norm * 1e4 if len(calls) == step else norm
+        return clip_and_report
+
+    flags = ("--eval-interval", "20", "--skip-spikes", "--log-interval", "10", "--diag-interval", "0",
+             "--lr-decay-iters", "100")  # one schedule for the whole run and both parts
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_a_spike_at(80))
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "whole", "--max-iters", "100", *flags)) == 0
+    whole = read_log(tmp_path / "whole")
+    skipped = [r["iter"] for r in whole if r.get("type") == "skipped"]  # 80, and any the rule finds by itself
+    assert 80 in skipped and {r["reason"] for r in whole if r.get("type") == "skipped"} == {"spike"}
+    assert json.loads((tmp_path / "whole" / "summary.json").read_text())["skipped_updates"] == len(skipped)
+    calls.clear()
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "parts", "--max-iters", "60", *flags)) == 0
+    assert len(torch.load(tmp_path / "parts" / "ckpt.pt", weights_only=True)["skip_step"]["losses"]) == 60
+    calls.clear()
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip_with_a_spike_at(20))  # step 80 of the resumed run
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "parts", "--max-iters", "100", "--resume",
+                                             *flags)) == 0
+    parts = read_log(tmp_path / "parts")
+    assert [r["iter"] for r in parts if r.get("type") == "skipped"] == skipped
+    evals = lambda log: [(r["iter"], r["val_loss"]) for r in log if r.get("type") == "eval"]
+    assert evals(parts) == evals(whole)
+
+
 def test_independent_weight_decay_does_not_scale_with_the_peak_lr(optimizer, tmp_path, data_dir):
     """Wortsman et al.'s independent decay (arXiv 2309.14322): with a zero gradient (no Adam/Muon step) one step
     at lr_t multiplies a decayed weight by 1 - (lr_t / lr) wd, whatever the peak lr; PyTorch's own decay is
@@ -2096,11 +2163,12 @@ def test_summary_reports_the_olmo_spike_score(tmp_path, data_dir):
 
 
 def test_ddp_two_cpu_processes(tmp_path, data_dir):
-    """torchrun with 2 processes on CPU (gloo): the replicas stay identical (TVR and QK-Clip, whose ranks agree
-    on each head's max logit in one all-reduce, included) and the loss falls."""
+    """torchrun with 2 processes on CPU (gloo): the replicas stay identical (TVR, QK-Clip, whose ranks agree on each
+    head's max logit in one all-reduce, and --skip-spikes, which judges the loss averaged over ranks, included) and
+    the loss falls."""
     out = tmp_path / "ddp"
     flags = ["--eval-interval", "30", "--grad-accum", "2", "--tvr", "--tvr-interval", "10", "--tvr-target", "0.02",
-             "--qk-clip", "2", "--diag-interval", "10", "--dropout", "0.1"]
+             "--qk-clip", "2", "--skip-spikes", "--diag-interval", "10", "--dropout", "0.1"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train_shakespeare.py", *train_args(data_dir, out, "--max-iters", "30", *flags)]
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -96,6 +96,8 @@ class Settings:
     init_from: Optional[str] = setting(None, "start from OpenAI's GPT-2 weights (needs transformers)",
                                        choices=GPT2_SIZES, out_dir=True)
     skip_nonfinite: bool = setting(False, "skip an update with a non-finite loss or gradient instead of stopping")
+    skip_spikes: bool = setting(False, "skip an update whose loss or gradient norm is 6 std off the last 128 steps' "
+                                "(OLMo-core's skip-step; a host sync per step)")
     # --- the model: shape (GPTConfig's fields; stable_gpt.py documents each)
     n_layer: int = model_setting("n_layer", "number of blocks")
     n_head: int = model_setting("n_head", "attention heads (must divide --n-embd)")
@@ -390,12 +392,16 @@ def training_loop(run, model, diag, evaluate, autocast, stop):
         # with --skip-nonfinite a bad step must be known before its update (a host sync per step); else it is
         # found by settle_steps, before anything is saved, and the run stops there
         nonfinite = cfg.skip_nonfinite and nonfinite_part(float(loss_sum), float(grad_norm), scaler, proc)
-        if not nonfinite:
+        # --skip-spikes (OLMo-core's skip-step): a step whose loss or gradient norm is a spike makes no update
+        spike = not nonfinite and run.skip_this_spike(loss_sum, grad_norm)
+        if not (nonfinite or spike):
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
         # --------------------------------------------------------------------------------------------------
 
+        if spike:  # counted and logged by skip_this_spike: on to the next step
+            continue
         if nonfinite:  # no update was made: count it and go on, or stop without saving after too many
             if run.skip_or_stop_on_nonfinite(nonfinite, float(loss_sum), float(grad_norm)):
                 continue

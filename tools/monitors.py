@@ -4,6 +4,7 @@ the progress line's ms/iter and ETA, and the per-layer diagnostics recorder (dia
 helpers and stable_gpt's diagnostics only.
 """
 
+import math
 import statistics
 import time
 from collections import deque
@@ -117,6 +118,40 @@ class OLMoSpikeScore:
         score.flags.extend(state["flags"])
         score.spike_iters, score.steps = list(state["spike_iters"]), state["steps"]
         return score
+
+
+class SkipStep:
+    """OLMo-core's skip-step rule (allenai/OLMo-core, olmo_core/optim/skip_step_optimizer.py, SkipStepOptimizer;
+    OLMo 2 trains with it, arXiv 2501.00656): the update of a step is skipped when its loss or its gradient norm is
+    more than `sigma` standard deviations from the mean of the previous values in a rolling window of `window`
+    steps. The window holds the last window + 1 values, skipped steps' included; no step is skipped before it holds
+    max(20, window // 2); the std is the unbiased one (torch.std_mean's). As in OLMo-core's code, a z-score that is
+    not a number (a window whose values are all equal: 0 / 0) skips too. state() goes into every checkpoint."""
+
+    def __init__(self, window=128, sigma=6.0, state=None):
+        self.window, self.sigma = window, sigma
+        state = state or {}
+        self.losses, self.grad_norms = list(state.get("losses", ())), list(state.get("grad_norms", ()))
+
+    def skip(self, loss, grad_norm):
+        """Add this step's loss and gradient norm; True: skip its update."""
+        for values, value in ((self.losses, loss), (self.grad_norms, grad_norm)):
+            values.append(float(value))
+            del values[:-(self.window + 1)]
+        if len(self.losses) < max(20, self.window // 2):
+            return False
+        return not all(self.z_score(values) <= self.sigma for values in (self.losses, self.grad_norms))
+
+    @staticmethod
+    def z_score(values):
+        """|latest - mean(the others)| / std(the others), NaN for 0 / 0 (which compares False with anything)."""
+        previous = values[:-1]
+        mean, std = statistics.fmean(previous), statistics.stdev(previous)
+        deviation = abs(values[-1] - mean)
+        return deviation / std if std > 0 else math.inf if deviation > 0 else math.nan
+
+    def state(self):
+        return dict(losses=list(self.losses), grad_norms=list(self.grad_norms))
 
 
 class SpikeWatch:

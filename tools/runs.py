@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stable_gpt import GPT, GPTConfig, combination_notes
-from tools.monitors import SpikeWatch, StepTimer
+from tools.monitors import SkipStep, SpikeWatch, StepTimer
 
 
 class TrainError(Exception):
@@ -712,6 +712,7 @@ class Run:
         for key in ("model", "optimizer") if resume_ckpt else ():  # restored: the host copy is not kept all run
             resume_ckpt.pop(key)  # (18.7 GB per process at gpt2-1.5b)
         self.spikes = SpikeWatch(cfg.spike_factor, cfg.spike_window, spike_state)
+        self.skip_step = SkipStep(state=(resume_ckpt or {}).get("skip_step")) if cfg.skip_spikes else None
         self.resumed_at = self.last_saved = self.iter_num if resume_ckpt else None
         self.last_eval = self.diverged_at = self.interrupted_at = None
         self.skipped = self.skips_in_a_row = self.tokens_trained = 0
@@ -758,7 +759,7 @@ class Run:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict(), model_args=asdict(self.model.config), config=asdict(self.cfg),
                     meta=self.meta, iter_num=self.iter_num, best_val_loss=self.best_val, **self.spikes.state(),
-                    rng=rng_states(data_state, self.proc))
+                    skip_step=self.skip_step.state() if self.skip_step else None, rng=rng_states(data_state, self.proc))
 
     def print_start(self, dtype, compiled, data_dir, resume_ckpt):
         if not self.proc.master:
@@ -846,6 +847,26 @@ class Run:
         else:
             self.diverged_at = step
         return skip
+
+    def skip_this_spike(self, loss, grad_norm):
+        """--skip-spikes: whether this step's update is skipped by OLMo-core's skip-step rule (SkipStep), judged on
+        the loss averaged over ranks and the (already global) gradient norm, so every rank decides alike; a skipped
+        step is counted, logged and done. A host sync per step."""
+        if self.skip_step is None:
+            return False
+        loss = loss.detach().float().clone()
+        if self.proc.ddp:  # (a sum: gloo has no average)
+            dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+        loss, grad_norm = loss.item() / self.proc.world, float(grad_norm)
+        if not self.skip_step.skip(loss, grad_norm):
+            return False
+        self.skipped += 1
+        self.iter_num += 1
+        if self.proc.master:
+            print(f"iter {self.iter_num}: loss {loss:.4f} or gradient norm {grad_norm:.4g} over {self.skip_step.sigma:g} "
+                  f"std off the last {self.skip_step.window} steps; update skipped ({self.skipped} so far)")
+            self.log.write(iter=self.iter_num, type="skipped", loss=loss, grad_norm=grad_norm, reason="spike")
+        return True
 
     def count_step(self, loss, z_loss, grad_norm, lr):
         """An optimizer step made. Its values (device tensors: loss with the z-loss, the z-loss term, the gradient
