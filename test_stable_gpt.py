@@ -1316,6 +1316,63 @@ def test_skip_spikes_skips_a_spiking_update_and_resumes_its_window(tmp_path, dat
     assert evals(parts) == evals(whole)
 
 
+def official_zclip(norms, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6):
+    """A transcription of the official ZClip's step (bluorion-com/ZClip, zclip/zclip.py: mode "zscore", clip_option
+    "adaptive_scaling", clip_factor 1, skip_update_on_spike False) on a sequence of gradient norms: each step's
+    adaptive clip value, None where it does not clip (max_grad_norm, applied on top, left out)."""
+    buffer, mean, var, out = [], None, None, []
+    for norm in norms:
+        if mean is None:
+            buffer.append(norm)
+            if len(buffer) >= warmup:
+                mean = sum(buffer) / len(buffer)
+                var = sum((x - mean) ** 2 for x in buffer) / len(buffer)
+            out.append(None)
+            continue
+        std = var ** 0.5
+        z = (norm - mean) / (std + eps)
+        clip = mean + (z_thresh * std) / (z / z_thresh) if z > z_thresh else None
+        out.append(clip)
+        effective = clip if clip is not None else norm
+        mean = alpha * mean + (1 - alpha) * effective
+        var = alpha * var + (1 - alpha) * (effective - mean) ** 2
+    return out
+
+
+def test_zclip_is_the_official_rule_and_clips_the_gradients_to_it(tmp_path, data_dir):
+    """ZClip's clip values against a transcription of the official code on a gradient-norm series with spikes;
+    Run.clip_gradients scales the gradients to min(ZClip's value, --grad-clip); its state travels in the checkpoint
+    (a resumed run's EMA equals the uninterrupted run's)."""
+    rng = random.Random(0)
+    norms = [1.0 + 0.3 * math.exp(-k / 50) + rng.gauss(0, 0.05) + (5.0 if k in (40, 41, 90) else 0.0)
+             for k in range(150)]
+    rule, expected = monitors.ZClip(), official_zclip(norms)
+    got = [rule.clip_value(n) for n in norms]
+    assert [g is None for g in got] == [e is None for e in expected]
+    assert all(g == pytest.approx(e, rel=1e-12) for g, e in zip(got, expected) if e is not None)
+    assert {40, 90} <= {k for k, e in enumerate(expected) if e is not None}
+    # the gradients scaled to the adaptive value, below --grad-clip, and to --grad-clip below it
+    model = GPT(tiny())
+    for max_norm, mean, expected_norm in ((10.0, 0.5, None), (0.1, 0.5, 0.1)):
+        model(torch.randint(0, 40, (2, 16)), torch.randint(0, 40, (2, 16)))[1].backward()
+        total = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+        zclip = monitors.ZClip(state=dict(mean=mean * total, var=(0.01 * total) ** 2))  # the norm a far outlier
+        run = types.SimpleNamespace(model=model, cfg=types.SimpleNamespace(grad_clip=max_norm), zclip=zclip)
+        z = (total - mean * total) / (0.01 * total + 1e-6)
+        threshold = mean * total + 2.5 * 0.01 * total / (z / 2.5)
+        assert float(runs.Run.clip_gradients(run)) == pytest.approx(total)  # returns the norm before clipping
+        after = float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+        assert after == pytest.approx(expected_norm or threshold, rel=1e-4)
+        model.zero_grad()
+    flags = ("--eval-interval", "30", "--zclip", "--diag-interval", "0", "--lr-decay-iters", "60")
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "whole", "--max-iters", "60", *flags)) == 0
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "parts", "--max-iters", "30", *flags)) == 0
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "parts", "--max-iters", "60", "--resume",
+                                             *flags)) == 0
+    state = lambda d: torch.load(tmp_path / d / "ckpt.pt", weights_only=True)["zclip"]
+    assert state("parts")["mean"] is not None and state("parts") == state("whole")
+
+
 def test_independent_weight_decay_does_not_scale_with_the_peak_lr(optimizer, tmp_path, data_dir):
     """Wortsman et al.'s independent decay (arXiv 2309.14322): with a zero gradient (no Adam/Muon step) one step
     at lr_t multiplies a decayed weight by 1 - (lr_t / lr) wd, whatever the peak lr; PyTorch's own decay is

@@ -96,6 +96,8 @@ class Settings:
     init_from: Optional[str] = setting(None, "start from OpenAI's GPT-2 weights (needs transformers)",
                                        choices=GPT2_SIZES, out_dir=True)
     skip_nonfinite: bool = setting(False, "skip an update with a non-finite loss or gradient instead of stopping")
+    zclip: bool = setting(False, "ZClip (arXiv 2504.02507): clip the gradient norm at a z-score of 2.5 over an EMA of "
+                          "its mean and variance, --grad-clip on top (a host sync per step)")
     skip_spikes: bool = setting(False, "skip an update whose loss or gradient norm is 6 std off the last 128 steps' "
                                 "(OLMo-core's skip-step; a host sync per step)")
     # --- the model: shape (GPTConfig's fields; stable_gpt.py documents each)
@@ -388,7 +390,7 @@ def training_loop(run, model, diag, evaluate, autocast, stop):
                 z_sum = z / run.grad_accum if z_sum is None else z_sum + z / run.grad_accum
         scaler.unscale_(optimizer)
         diag.after_backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or float("inf"))
+        grad_norm = run.clip_gradients()  # the global norm before clipping; clipped at --grad-clip (and --zclip's)
         # with --skip-nonfinite a bad step must be known before its update (a host sync per step); else it is
         # found by settle_steps, before anything is saved, and the run stops there
         nonfinite = cfg.skip_nonfinite and nonfinite_part(float(loss_sum), float(grad_norm), scaler, proc)

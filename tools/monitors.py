@@ -154,6 +154,41 @@ class SkipStep:
         return dict(losses=list(self.losses), grad_norms=list(self.grad_norms))
 
 
+class ZClip:
+    """ZClip (Kumar et al., arXiv 2504.02507; official code bluorion-com/ZClip, zclip/zclip.py, its defaults: z-score
+    mode, adaptive scaling): the gradient norm is clipped at a threshold set by an EMA of its own mean and variance.
+    The first `warmup` norms only initialize them (mean, and the population variance); after that a norm whose
+    z-score z = (norm - mean) / (std + eps) exceeds `z_thresh` is clipped to mean + z_thresh * std / (z / z_thresh)
+    (the larger the outlier, the harder the clip), and the EMA (alpha) takes the clipped norm: mean first, then the
+    variance around the new mean, as the official code. The fixed clip (--grad-clip) still applies on top, as the
+    official max_grad_norm does. state() goes into every checkpoint."""
+
+    def __init__(self, alpha=0.97, z_thresh=2.5, warmup=25, eps=1e-6, state=None):
+        self.alpha, self.z_thresh, self.warmup, self.eps = alpha, z_thresh, warmup, eps
+        state = state or {}
+        self.buffer, self.mean, self.var = list(state.get("buffer", ())), state.get("mean"), state.get("var")
+
+    def clip_value(self, norm):
+        """This step's clip for a gradient norm (None: no adaptive clip), and the EMA updated with what passes."""
+        if self.mean is None:  # warming up: collect, then initialize
+            self.buffer.append(norm)
+            if len(self.buffer) >= self.warmup:
+                self.mean = statistics.fmean(self.buffer)
+                self.var = statistics.fmean((x - self.mean) ** 2 for x in self.buffer)
+                self.buffer = []
+            return None
+        std = self.var ** 0.5
+        z = (norm - self.mean) / (std + self.eps)
+        clip = self.mean + self.z_thresh * std / (z / self.z_thresh) if z > self.z_thresh else None
+        passed = norm if clip is None else clip
+        self.mean = self.alpha * self.mean + (1 - self.alpha) * passed
+        self.var = self.alpha * self.var + (1 - self.alpha) * (passed - self.mean) ** 2
+        return clip
+
+    def state(self):
+        return dict(buffer=list(self.buffer), mean=self.mean, var=self.var)
+
+
 class SpikeWatch:
     """Both spike rules over a run's step losses: ours (SpikeDetector, with the iterations it flagged) and OLMo's
     (OLMoSpikeScore). state() goes into every checkpoint, so that a resumed run continues both."""

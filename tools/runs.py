@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from stable_gpt import GPT, GPTConfig, combination_notes
-from tools.monitors import SkipStep, SpikeWatch, StepTimer
+from tools.monitors import SkipStep, SpikeWatch, StepTimer, ZClip
 
 
 class TrainError(Exception):
@@ -713,6 +713,7 @@ class Run:
             resume_ckpt.pop(key)  # (18.7 GB per process at gpt2-1.5b)
         self.spikes = SpikeWatch(cfg.spike_factor, cfg.spike_window, spike_state)
         self.skip_step = SkipStep(state=(resume_ckpt or {}).get("skip_step")) if cfg.skip_spikes else None
+        self.zclip = ZClip(state=(resume_ckpt or {}).get("zclip")) if cfg.zclip else None
         self.resumed_at = self.last_saved = self.iter_num if resume_ckpt else None
         self.last_eval = self.diverged_at = self.interrupted_at = None
         self.skipped = self.skips_in_a_row = self.tokens_trained = 0
@@ -759,7 +760,8 @@ class Run:
         return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
                     scaler=self.scaler.state_dict(), model_args=asdict(self.model.config), config=asdict(self.cfg),
                     meta=self.meta, iter_num=self.iter_num, best_val_loss=self.best_val, **self.spikes.state(),
-                    skip_step=self.skip_step.state() if self.skip_step else None, rng=rng_states(data_state, self.proc))
+                    skip_step=self.skip_step.state() if self.skip_step else None,
+                    zclip=self.zclip.state() if self.zclip else None, rng=rng_states(data_state, self.proc))
 
     def print_start(self, dtype, compiled, data_dir, resume_ckpt):
         if not self.proc.master:
@@ -847,6 +849,18 @@ class Run:
         else:
             self.diverged_at = step
         return skip
+
+    def clip_gradients(self):
+        """Clip the global gradient norm at --grad-clip (0: off), and with --zclip also at ZClip's threshold for this
+        step (a host sync: the threshold depends on the norm); returns the norm before clipping. The gradients are
+        already all-reduced, so every rank sees the same norm and clips alike."""
+        params, max_norm = [p for p in self.model.parameters()], self.cfg.grad_clip or math.inf
+        if self.zclip is None:
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        adaptive = self.zclip.clip_value(float(norm))
+        torch.nn.utils.clip_grads_with_norm_(params, min(max_norm, math.inf if adaptive is None else adaptive), norm)
+        return norm
 
     def skip_this_spike(self, loss, grad_norm):
         """--skip-spikes: whether this step's update is skipped by OLMo-core's skip-step rule (SkipStep), judged on
