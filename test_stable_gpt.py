@@ -3832,7 +3832,8 @@ def test_a_sweep_runs_in_parallel_as_in_turn_and_ctrl_c_stops_every_worker(tmp_p
     for k in parallel:
         assert parallel[k]["final_val_loss"] == pytest.approx(serial[k]["final_val_loss"], rel=1e-3), k
     out = tmp_path / "stop"
-    cmd = [sys.executable, "-m", "tools.sweep", *flags(out, "100000"), *plan, "--seeds", "2", "--jobs", "2"]
+    # 40 seeds: the runs left in the queue outgrow a pipe's buffer, which once held the stopped sweep at its exit
+    cmd = [sys.executable, "-m", "tools.sweep", *flags(out, "100000"), *plan, "--seeds", "40", "--jobs", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     logs = [out / "worker0.log", out / "worker1.log"]
     for _ in range(600):  # both workers training

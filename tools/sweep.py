@@ -229,6 +229,7 @@ def run_in_parallel(tasks, jobs, root):
             print(f"{progress} {text}", flush=True)
         for w in workers:
             w.join()
+    todo.cancel_join_thread()  # runs left in the queue when stopped: exit without flushing them to no reader
     if errors:
         raise TrainError(errors[0])
     if stop.signum is None and finished < len(tasks):
