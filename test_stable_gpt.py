@@ -1248,7 +1248,6 @@ def test_muon_on_a_cpu_without_bf16_matmuls_says_what_it_costs(tmp_path, data_di
         assert capsys.readouterr().out.count("note: this CPU has no bf16 matmul instructions") == noted
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def olmo_core_step_factor(losses, grad_norms, window=128, sigma=6):
     """A transcription of OLMo-core's SkipStepOptimizer.get_step_factor (allenai/OLMo-core,
     olmo_core/optim/skip_step_optimizer.py) on the lists it keeps (the last window + 1 values): 1 to step, 0 to skip."""
@@ -1373,6 +1372,7 @@ def test_zclip_is_the_official_rule_and_clips_the_gradients_to_it(tmp_path, data
     assert state("parts")["mean"] is not None and state("parts") == state("whole")
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_independent_weight_decay_does_not_scale_with_the_peak_lr(optimizer, tmp_path, data_dir):
     """Wortsman et al.'s independent decay (arXiv 2309.14322): with a zero gradient (no Adam/Muon step) one step
     at lr_t multiplies a decayed weight by 1 - (lr_t / lr) wd, whatever the peak lr; PyTorch's own decay is

@@ -152,26 +152,41 @@ def copy_of_the_repository(where):
     shutil.copytree(ROOT / "tools", where / "tools", ignore=shutil.ignore_patterns("__pycache__"))
 
 
-def try_mutant(where, path, code, mutant, tests):
-    """"killed", "SURVIVED" or "not found" (the code is no longer in the file: update the list), and the first
-    failing test."""
+def run_tests(where, tests):
+    """pytest -k tests in the copy: (exit code, the first test that FAILED: an assertion, not an error)."""
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", tests,
+                          "test_stable_gpt.py"], cwd=where, capture_output=True, text=True)
+    failed = next((line.split(" ")[1] for line in run.stdout.splitlines() if line.startswith("FAILED")), None)
+    return run.returncode, failed
+
+
+def try_mutant(where, path, code, mutant, tests, passing):
+    """"killed" (a test of the technique failed), "SURVIVED", "not found" (the code is no longer in the file:
+    update the list), "tests fail without it" (the selection is broken: a kill would prove nothing), or the
+    pytest exit of an error (no test ran to a verdict); and the first failing test. passing: {tests: bool}, each
+    selection's result on the unmutated copy, filled on first use."""
     file = where / path
     source = file.read_text()
     if code not in source:
         return "not found", None
+    if tests not in passing:
+        passing[tests] = run_tests(where, tests)[0] == 0
+    if not passing[tests]:
+        return "tests fail without it", None
     file.write_text(source.replace(code, mutant, 1))
     try:
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k", tests,
-                              "test_stable_gpt.py"], cwd=where, capture_output=True, text=True)
+        code_, failed = run_tests(where, tests)
     finally:
         file.write_text(source)
-    failed = next((line.split(" ")[1] for line in run.stdout.splitlines() if line.startswith("FAILED")), None)
-    return {0: "SURVIVED", 1: "killed"}.get(run.returncode, f"pytest exit {run.returncode}"), failed
+    if code_ == 0:
+        return "SURVIVED", None
+    return ("killed", failed) if code_ == 1 and failed else (f"pytest exit {code_} without a failed test", None)
 
 
 def main(argv=None):
     chosen = {int(a) for a in (sys.argv[1:] if argv is None else argv)}
     killed = tried = 0
+    passing = {}
     with tempfile.TemporaryDirectory() as scratch:
         where = Path(scratch)
         copy_of_the_repository(where)
@@ -179,7 +194,7 @@ def main(argv=None):
             if chosen and k not in chosen:
                 continue
             started = time.time()
-            state, failed = try_mutant(where, path, code, mutant, tests)
+            state, failed = try_mutant(where, path, code, mutant, tests, passing)
             tried, killed = tried + 1, killed + (state == "killed")
             print(f"{k:2d} {what}: {state} ({failed or '-'}; -k {tests!r}; {time.time() - started:.0f} s)", flush=True)
     print(f"killed {killed} of {tried}")
