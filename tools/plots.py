@@ -221,7 +221,8 @@ def plot_arms(arms, path, dpi=90):
                                   if "attn_logit_max" in r], True),
               (lambda log, diag: [(r["iter"], r["logit_lse_mean"]) for r in diag if "logit_lse_mean" in r], False))
     for i, (label, folders) in enumerate(arms.items()):
-        series = [[dict(points(*read_run(f))) for f in folders] for points, _ in panels]
+        seeds = [read_run(f) for f in folders]  # each run's logs read once, for all three panels
+        series = [[dict(points(*run)) for run in seeds] for points, _ in panels]
         for ax, per_seed, (_, in_log10) in zip(axes, series, panels):
             steps = sorted(set.intersection(*(set(s) for s in per_seed)))
             mean = [sum(s[t] for s in per_seed) / len(per_seed) for t in steps]

@@ -854,7 +854,7 @@ class Run:
         """Clip the global gradient norm at --grad-clip (0: off), and with --zclip also at ZClip's threshold for this
         step (a host sync: the threshold depends on the norm); returns the norm before clipping. The gradients are
         already all-reduced, so every rank sees the same norm and clips alike."""
-        params, max_norm = [p for p in self.model.parameters()], self.cfg.grad_clip or math.inf
+        params, max_norm = list(self.model.parameters()), self.cfg.grad_clip or math.inf
         if self.zclip is None:
             return torch.nn.utils.clip_grad_norm_(params, max_norm)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])

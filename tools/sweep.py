@@ -143,12 +143,19 @@ def compare(argv):
         size_args = {size: size_flags(size, shape.n_embd // shape.n_head) for size in sizes}
     else:
         size_args = {None: []}
+    data_of_config = {}  # (data, tokenizer, block size) -> the first configuration that reads it
     for config in configs:  # every configuration (at every size and learning rate) checked before any trains
         if lrs and any(w == "--lr" or w.startswith("--lr=") for w in common + config_flags(config)):
             raise TrainError(f"--lrs sets the peak learning rate of every run; drop --lr from {config!r} or the "
                              "common flags")
         for size, lr in ((size, lr) for size in size_args for lr in grid):
-            check_compare_config(parser, common + size_args[size] + lr_flag(lr), config)
+            cfg = check_compare_config(parser, common + size_args[size] + lr_flag(lr), config)
+            data_of_config.setdefault((cfg.data, cfg.tokenizer, cfg.block_size), config)
+    for (data, tokenizer, block_size), config in data_of_config.items():  # each data source checked once
+        try:  # (a configuration may give its own --data): a bad one fails now, not after the others train
+            prepare_data.load_prepared(data, tokenizer, block_size)
+        except DataError as e:
+            raise TrainError(f"--compare configuration {config!r}: {e}") from None
     slugs = [config_slug(config) for config in configs]
     if len(set(slugs)) < len(slugs):
         twins = sorted({c for c, slug in zip(configs, slugs) if slugs.count(slug) > 1})
@@ -204,28 +211,30 @@ def run_in_parallel(tasks, jobs, root):
     root.mkdir(parents=True, exist_ok=True)
     workers = [ctx.Process(target=parallel_worker, args=(todo, done, threads, root / f"worker{k}.log"), daemon=True)
                for k in range(min(jobs, len(tasks)))]
-    errors, finished = [], 0
+    errors, finished, asked_to_stop = [], 0, False
+
+    def ask_workers_to_stop():  # once: a second signal to a worker would stop its run at once, unsaved
+        nonlocal asked_to_stop
+        if not asked_to_stop:
+            asked_to_stop = True
+            for w in workers:
+                if w.is_alive():
+                    os.kill(w.pid, signal.SIGINT)
+
     with StopRequest() as stop:
         for w in workers:
             w.start()
-        forwarded = False
-        while finished < len(tasks) and any(w.is_alive() for w in workers) or not done.empty():
-            if stop.signum is not None and not forwarded:  # once: a second signal to a worker stops it at once
-                forwarded = True
-                for w in workers:
-                    if w.is_alive():
-                        os.kill(w.pid, signal.SIGINT)
+        while (finished < len(tasks) and any(w.is_alive() for w in workers)) or not done.empty():
+            if stop.signum is not None:
+                ask_workers_to_stop()
             try:
                 kind, progress, text = done.get(timeout=0.5)
             except queue.Empty:
                 continue
             finished += kind != "start"
-            if kind == "error":
+            if kind == "error":  # no new runs: the workers finish the ones they have
                 errors.append(text)
-                for w in workers:  # no new runs: the workers finish the ones they have
-                    if w.is_alive():
-                        os.kill(w.pid, signal.SIGINT)
-                forwarded = True
+                ask_workers_to_stop()
             print(f"{progress} {text}", flush=True)
         for w in workers:
             w.join()
@@ -291,7 +300,8 @@ def default_root(configs, lrs):
 
 
 def check_compare_config(parser, common, config):
-    """A configuration of --compare that would fail is refused before any run starts, with its reason."""
+    """A configuration of --compare that would fail is refused before any run starts, with its reason; else its
+    resolved settings."""
     try:
         args, unknown = parser.parse_known_args(common + config_flags(config))
     except SystemExit:  # argparse has printed why (e.g. an invalid choice)
@@ -299,12 +309,8 @@ def check_compare_config(parser, common, config):
     if unknown:
         raise TrainError(f"--compare configuration {config!r}: unknown flag(s) {' '.join(unknown)}")
     try:
-        cfg = resolve(settings_given(args))  # GPTConfig's rules included; the vocabulary comes later, from the data
+        return resolve(settings_given(args))  # GPTConfig's rules included; the vocabulary comes later, from the data
     except TrainError as e:
-        raise TrainError(f"--compare configuration {config!r}: {e}") from None
-    try:  # its data too (a configuration may give its own --data): a bad one fails now, not after the others train
-        prepare_data.load_prepared(cfg.data, cfg.tokenizer, cfg.block_size)
-    except DataError as e:
         raise TrainError(f"--compare configuration {config!r}: {e}") from None
 
 
