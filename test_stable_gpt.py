@@ -2841,7 +2841,8 @@ def test_ctrl_c_while_the_training_script_starts_or_prepare_data_runs_is_one_lin
     starting = subprocess.run([sys.executable, "-c", code], cwd=script, capture_output=True, text=True, timeout=120)
     assert starting.returncode == 130, starting.stderr
     assert starting.stderr.strip() == "interrupted while starting; nothing was written", starting.stderr
-    code = ("import os, signal, sys, prepare_data; "
+    # (Python's own Ctrl-C handler, as in a terminal: a suite run in the background inherits SIGINT ignored)
+    code = ("import os, signal, sys, prepare_data; signal.signal(signal.SIGINT, signal.default_int_handler); "
             "prepare_data.prepare = lambda *a: os.kill(os.getpid(), signal.SIGINT) or __import__('time').sleep(5); "
             f"sys.argv = ['prepare_data.py', '--input', {str(text_file)!r}, '--out-dir', {str(tmp_path / 'p')!r}]; "
             "prepare_data.main()")
