@@ -27,6 +27,9 @@ The fixes practitioners already use, to weigh the papers against:
   z_loss          PaLM's auxiliary loss z_loss * mean(log^2 Z), arXiv 2204.02311  -> GPT.forward, z_loss_term()
   logit_softcap   C * tanh(logits / C) (Gemma 2, arXiv 2408.00118)                -> GPT.softcap
   Muon            GPT.configure_optimizers(optimizer="muon"): torch.optim.Muon + AdamW -> MuonWithAdamW
+  attn_sink       a learned sink logit per head (gpt-oss, arXiv 2508.10925)   -> CausalSelfAttention.attend_with_sink
+  hyper_connections  "hc": Hyper-Connections (arXiv 2409.19606); "mhc": manifold-constrained (arXiv 2512.24880)
+                                                     -> sinkhorn, HyperConnection, Block._residual, GPT.forward
 
 Where a technique must touch several places (SDD wraps linears inside two modules), each place names the
 paper at the point of use; CODE_MAP (after GPTConfig) lists every definition that reads each flag, kept true by
@@ -58,6 +61,7 @@ GPT2_SIZES = {"gpt2": dict(n_layer=12, n_head=12, n_embd=768),
               "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),
               "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600)}
 NORM_POSITIONS = ("pre", "post", "mix", "deepnorm", "peri", "reorder")
+HYPER_CONNECTIONS = ("off", "hc", "mhc")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -94,6 +98,10 @@ class GPTConfig:
     attn_gate: bool = False  # gated attention: the attention output times sigmoid(x W_gate), elementwise
     z_loss: float = 0.0  # coefficient of PaLM's z-loss in the training loss (0: off; Wortsman et al. use 1e-4)
     logit_softcap: float = 0.0  # cap the output logits at +-logit_softcap with a tanh (0: off; Gemma 2 uses 30)
+    attn_sink: bool = False  # a learned sink logit per head in the attention softmax (gpt-oss)
+    hyper_connections: str = "off"  # "off" | "hc" (Hyper-Connections) | "mhc" (manifold-constrained, DeepSeek)
+    hc_streams: int = 4  # hyper-connections: n, the number of residual streams (both papers' n = 4)
+    hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations projecting H_res (the paper's t_max = 20)
 
     def __post_init__(self):
         check_config(self)  # the rules are at the end of this file
@@ -122,8 +130,10 @@ class GPTConfig:
 
     def techniques(self) -> str:
         """One line that says what is on, e.g. 'pre-layernorm + sdd + lns'."""
-        on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr", "qk_norm", "qk_norm_full", "attn_gate")
-              if getattr(self, name)]
+        on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr", "qk_norm", "qk_norm_full", "attn_gate",
+                                "attn_sink") if getattr(self, name)]
+        if self.hyper_connections != "off":
+            on.append(f"{self.hyper_connections}({self.hc_streams})")
         on += [f"{name}({getattr(self, name):g})" for name in ("z_loss", "logit_softcap", "qk_clip")
                if getattr(self, name)]
         place = f"mix({self.mix_fraction:g})" if self.norm_position == "mix" else self.norm_position
@@ -158,6 +168,10 @@ CODE_MAP = {
     "attn_gate": ("CausalSelfAttention.__init__",),
     "z_loss": ("GPT.forward",),
     "logit_softcap": ("GPT.softcap",),
+    "attn_sink": ("CausalSelfAttention.__init__",),
+    "hyper_connections": ("Block.__init__", "GPT.forward"),
+    "hc_streams": ("Block.__init__", "GPT.forward"),
+    "hc_sinkhorn_iters": ("Block.__init__",),
 }
 NANOGPT_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")  # the model itself
 
@@ -305,6 +319,78 @@ def make_linear(config, in_features, out_features, n_gates=1, in_block=True):
     return nn.Linear(in_features, out_features, bias=config.bias if in_block else False)
 
 
+def sinkhorn(logits, iters):
+    """Sinkhorn-Knopp: a doubly stochastic matrix (entries > 0, every row and column summing to 1) from the
+    logits (..., n, n), as mHC projects H_res onto the Birkhoff polytope (arXiv 2512.24880, Sec. 4.2, Eq. 9). As
+    x-transformers' sinkhorn() does (the issue's reference code): in fp32, start from a softmax over each column
+    (the paper starts from exp(logits); this adds one column normalization), then iters times normalize the
+    rows, then the columns. The columns then sum to 1 exactly, the rows to within the iterations' error."""
+    m = logits.float().softmax(dim=-2)
+    for _ in range(iters):
+        m = m / m.sum(dim=-1, keepdim=True)  # rows
+        m = m / m.sum(dim=-2, keepdim=True)  # columns
+    return m.to(logits.dtype)
+
+
+class HyperConnection(nn.Module):
+    """The maps of one hyper-connection: n residual streams x (B, T, n, C) in place of one, and per sublayer f
+
+        x_next = H_res^T x + H_post (x) f(H_pre x)      (x_next_k = sum_s H_res[s, k] x_s + H_post[k] f)
+
+    forward(x) returns (f's input H_pre x (B, T, C), H_res (B, T, n, n), H_post (B, T, n)); update() applies them.
+    Each map is a static part plus a dynamic one read from the per-stream LayerNorm of x (Hyper-Connections, arXiv
+    2409.19606, Sec. 2.2 and Appendix J Algorithm 2, dynamic; init Sec. 2.3: H_pre one-hot on stream
+    layer_index mod n, H_res the identity, H_post ones, the dynamic weights 0 with scales 0.01).
+    constrained (mHC, arXiv 2512.24880, Sec. 4.2): H_pre = sigmoid(.), H_post = 2 sigmoid(.), and H_res made
+    doubly stochastic by sinkhorn(), so that no product of H_res over depth can grow or shrink the signal.
+    As x-transformers' HyperConnection (num_residual_streams, hyper_conn_sinkhorn_iters): the mHC paper computes
+    the dynamic part from the RMSNorm of all n streams flattened (nC wide); the code uses HC's per-stream norm,
+    and, before H_post's sigmoid, adds 2 sigmoid(dynamic) x scale to the static part. Unconstrained (HC): the
+    dynamic parts pass through tanh (Algorithm 2) and nothing bounds the maps."""
+
+    def __init__(self, n_embd, n_streams, layer_index, constrained, sinkhorn_iters):
+        super().__init__()
+        n = n_streams
+        self.constrained, self.sinkhorn_iters = constrained, sinkhorn_iters
+        self.norm = LayerNorm(n_embd, bias=False)
+        h_pre = torch.zeros(n, 1)
+        h_pre[layer_index % n] = 1.0  # each sublayer reads its own stream at init
+        self.static_alpha = nn.Parameter(torch.cat([h_pre, torch.eye(n)], dim=1))  # (n, 1 + n): [H_pre | H_res]
+        self.dynamic_alpha = nn.Parameter(torch.zeros(n_embd, 1 + n))
+        self.dynamic_alpha_scale = nn.Parameter(torch.tensor(0.01))
+        self.static_beta = nn.Parameter(torch.ones(n))  # H_post
+        self.dynamic_beta = nn.Parameter(torch.zeros(n_embd))
+        self.dynamic_beta_scale = nn.Parameter(torch.tensor(0.01))
+
+    def forward(self, x):  # x: (B, T, n, C)
+        with torch.autocast(x.device.type, enabled=False):  # fp32 under autocast: see update()
+            return self._maps(x.float())
+
+    def _maps(self, x):
+        normed = self.norm(x)
+        dynamic_alpha, dynamic_beta = normed @ self.dynamic_alpha, normed @ self.dynamic_beta  # (B,T,n,1+n), (B,T,n)
+        if self.constrained:  # mHC
+            alpha = dynamic_alpha * self.dynamic_alpha_scale + self.static_alpha
+            h_pre, h_res = torch.sigmoid(alpha[..., 0]), sinkhorn(alpha[..., 1:], self.sinkhorn_iters)
+            beta = 2 * torch.sigmoid(dynamic_beta) * self.dynamic_beta_scale + self.static_beta
+            h_post = 2 * torch.sigmoid(beta)
+        else:  # HC
+            alpha = torch.tanh(dynamic_alpha) * self.dynamic_alpha_scale + self.static_alpha
+            h_pre, h_res = alpha[..., 0], alpha[..., 1:]
+            h_post = torch.tanh(dynamic_beta) * self.dynamic_beta_scale + self.static_beta
+        branch_input = torch.einsum("bts,btsc->btc", h_pre, x)  # H_pre x: (B, T, C)
+        return branch_input, h_res, h_post
+
+    @staticmethod
+    def update(x, h_res, h_post, branch_output):
+        """x_next = H_res^T x + H_post (x) f: (B, T, n, C). In fp32 under autocast, as a plain residual add is: a
+        bf16 einsum would round the residual streams to bf16 at every sublayer (and the maps' gradients, sums
+        with cancellation, lose ~10%)."""
+        with torch.autocast(x.device.type, enabled=False):
+            mixed = torch.einsum("btsk,btsc->btkc", h_res, x.float())
+            return mixed + h_post.unsqueeze(-1) * branch_output.float().unsqueeze(2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The Transformer
 
@@ -350,6 +436,10 @@ class CausalSelfAttention(nn.Module):
         # forwards, kept here (not saved: it starts afresh each step) for qk_clip_after_step
         if config.qk_clip > 0:
             self.register_buffer("max_logit", torch.full((config.n_head,), -math.inf), persistent=False)
+        # Learned attention sink (gpt-oss, arXiv 2508.10925, Sec. 2.1; x-transformers' head_learned_sink): one
+        # logit s_h per head joins every query's softmax with a value of 0, so a head can put its mass nowhere
+        # instead of on the first token. Init 0, as x-transformers (HF's gpt-oss draws N(0, 0.02)).
+        self.sink = nn.Parameter(torch.zeros(config.n_head)) if config.attn_sink else None
 
     def forward(self, x):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
@@ -365,11 +455,31 @@ class CausalSelfAttention(nn.Module):
         if hasattr(self, "max_logit") and self.training:
             self.record_max_logit(q, k)
         # causal self-attention, fused (flash) kernels where available: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
+        dropout_p = self.dropout if self.training else 0.0
+        if self.sink is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:
+            y = self.attend_with_sink(q, k, v, dropout_p)
         y = self.context_norm(y.transpose(1, 2).contiguous().view(B, T, C))  # all head outputs side by side
         if self.c_gate is not None:
             y = y * torch.sigmoid(self.c_gate(x))  # (B, T, C), the gate from the attention's input
         return self.resid_dropout(self.out_norm(self.c_proj(y)))
+
+    def attend_with_sink(self, q, k, v, dropout_p):
+        """Causal attention whose softmax has one more logit per head, the sink s_h, with a value of 0 (gpt-oss):
+        p_ij = exp(l_ij) / (exp(s_h) + sum_{j' <= i} exp(l_ij')), y_i = sum_j p_ij v_j. Run in SDPA's fused kernel
+        as one extra key: the sink key goes first; one zero query row goes first too, so that is_causal (aligned
+        top-left) lets real query i see the sink and keys 0..i; one more feature column carries s_h: q' = [q, 1],
+        k' = [k, 0] and [0, s_h sqrt(hs)] for the sink, v' = [v, 0] and 0 for the sink (q', k', v' one width, which
+        the flash kernel needs). The price: head size hs + 1 (flash pads it to a multiple of 8: +12.5% attention
+        FLOPs at hs 64) and a copy of q, k, v. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs)."""
+        B, nh, T, hs = q.shape
+        sink_key = F.pad((self.sink.to(k.dtype) * math.sqrt(hs)).view(1, nh, 1, 1), (hs, 0)).expand(B, nh, 1, hs + 1)
+        q = F.pad(F.pad(q, (0, 1), value=1.0), (0, 0, 1, 0))  # (B, nh, 1 + T, hs + 1)
+        k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # (B, nh, 1 + T, hs + 1)
+        v = F.pad(v, (0, 1, 1, 0))  # (B, nh, 1 + T, hs + 1)
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(hs))
+        return y[:, :, 1:, :hs]
 
     QK_CLIP_ROWS = 128  # query rows per block of QK-Clip's statistic: (B, nh, 128, T) logits alive at once
 
@@ -442,18 +552,31 @@ class Block(nn.Module):
         # OLMo 2's reordered norm (arXiv 2501.00656, Sec. 3; OLMo-core ReorderedNormTransformerBlock):
         # x = x + norm(f(x)), the norm on each sublayer's output only (ln_1 and ln_2 keep their names)
         self.reorder = config.norm_position == "reorder"
+        # Hyper-connections (arXiv 2409.19606; mHC, arXiv 2512.24880): each sublayer's residual add becomes the
+        # mixing of n streams by its HyperConnection's maps (sublayer 2l and 2l + 1 of the stack: their layer_index)
+        hc = config.hyper_connections
+        self.hc_1, self.hc_2 = (HyperConnection(config.n_embd, config.hc_streams, 2 * layer_idx + i, hc == "mhc",
+                                                config.hc_sinkhorn_iters) if hc != "off" else None for i in (0, 1))
 
-    def forward(self, x):  # x: (B, T, C)
+    def forward(self, x):  # x: (B, T, C), or (B, T, n, C) with n hyper-connection streams
         if self.post_norm:  # Post-LN (Vaswani et al. 2017): x = norm(x + sublayer(x))
             x = self.ln_1(self._times(x, self.deepnorm_alpha) + self.attn(x))
             x = self.ln_2(self._times(x, self.deepnorm_alpha) + self.mlp(x))
         elif self.reorder:  # OLMo 2: x = x + norm(sublayer(x))
-            x = x + self.ln_1(self.attn(x))
-            x = x + self.ln_2(self.mlp(x))
+            x = self._residual(self.hc_1, x, lambda h: self.ln_1(self.attn(h)))
+            x = self._residual(self.hc_2, x, lambda h: self.ln_2(self.mlp(h)))
         else:  # Pre-LN (GPT-2): x = x + sublayer(norm(x)); Peri-LN: x = x + norm_out(sublayer(norm(x)))
-            x = x + self._branch(self.ln_1, self.attn, self.attn_out_norm, x)
-            x = x + self._branch(self.ln_2, self.mlp, self.mlp_out_norm, x)
+            x = self._residual(self.hc_1, x, lambda h: self._branch(self.ln_1, self.attn, self.attn_out_norm, h))
+            x = self._residual(self.hc_2, x, lambda h: self._branch(self.ln_2, self.mlp, self.mlp_out_norm, h))
         return x
+
+    @staticmethod
+    def _residual(hc, x, branch):
+        """x + branch(x); with a hyper-connection hc, its update of the n streams instead."""
+        if hc is None:
+            return x + branch(x)
+        branch_input, h_res, h_post = hc(x)
+        return hc.update(x, h_res, h_post, branch(branch_input))
 
     def _branch(self, norm_in, sublayer, norm_out, x):
         """One Pre-LN (or Peri-LN) residual branch, with LNS's constant where it applies."""
@@ -599,11 +722,15 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # token embeddings (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # position embeddings (t, n_embd)
         x = self.transformer.emb_norm(self.transformer.emb_scale(self.transformer.drop(tok_emb + pos_emb)))
+        if self.config.hyper_connections != "off":  # n copies of the stream (arXiv 2409.19606, Sec. 2.1)
+            x = x.unsqueeze(2).expand(-1, -1, self.config.hc_streams, -1)  # (b, t, n, n_embd)
         for block in self.transformer.h:
             if self.grad_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
+        if self.config.hyper_connections != "off":
+            x = x.sum(dim=2)  # the streams' sum goes on (the HC paper; x-transformers): (b, t, n_embd)
         x = self.transformer.ln_f(x)
         if targets is None:  # inference-time mini-optimization: only forward the lm_head on the very last position
             logits = self.softcap(self.lm_head(x[:, [-1], :]))  # note: using list [-1] to preserve the time dim
@@ -651,6 +778,8 @@ class GPT(nn.Module):
         matrix, as nanoGPT's, orthogonalized whole (Megatron's Muon and modded-nanogpt split q, k, v)."""
         embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
         gates = {id(m.gate) for m in self.modules() if isinstance(m, WESAR_MODULES)}
+        # hyper-connections' maps are not decayed either: decay would pull H_res's static part off the identity
+        gates |= {id(p) for m in self.modules() if isinstance(m, HyperConnection) for p in m.parameters()}
         olmo_groups = (self.config.sdd and sdd_official_decay) or olmo_decay
         muon = {id(m.weight) for _, _, m in _block_linears(self)} if optimizer == "muon" else set()
 
@@ -955,7 +1084,8 @@ def activation_stats(model, idx, targets=None):
     attn_logit_max: attention_logit_max() of block l (q and k after any q/k norm).
     With targets (the forward then computes every position's logits), also, over all positions:
     logit_lse_mean, logit_lse_std: of log Z of the output logits (output-logit divergence, Wortsman et al.,
-      arXiv 2309.14322, Sec. 3.1.2: what z-loss controls)."""
+      arXiv 2309.14322, Sec. 3.1.2: what z-loss controls).
+    With hyper-connections, hc_gain_forward and hc_gain_backward: hc_gains() of the stack's H_res."""
     stats = {k: [] for k in ("variance", "rms", "angular_distance", "max_abs", "kurtosis", "mlp_in_max_abs",
                              "mlp_in_kurtosis", "attn_logit_max")}
     queries = []
@@ -984,6 +1114,9 @@ def activation_stats(model, idx, targets=None):
                                                       b.mlp.register_forward_pre_hook(before_mlp),
                                                       b.attn.q_norm.register_forward_hook(after_q_norm(b.attn)),
                                                       b.attn.k_norm.register_forward_hook(after_k_norm(b.attn)))]
+    h_res = []  # each sublayer's H_res, in order
+    hooks += [hc.register_forward_hook(lambda module, args, out: h_res.append(out[1]))
+              for b in model.transformer.h for hc in (b.hc_1, b.hc_2) if hc is not None]
     was_training = model.training
     model.eval()
     try:
@@ -995,7 +1128,25 @@ def activation_stats(model, idx, targets=None):
     if targets is not None:
         lse = log_z(logits)
         stats.update(logit_lse_mean=lse.mean().item(), logit_lse_std=lse.std().item())
+    if h_res:
+        stats.update(hc_gains(h_res))
     return stats
+
+
+def hc_gains(h_res):
+    """mHC's "Amax gain magnitude" (arXiv 2512.24880, Sec. 3.1, Figs. 3 and 7) of the stack's residual path: for the
+    composite map from the embeddings to the end of block l (the product of H_res^T over its sublayers, two per
+    block), its largest absolute row sum (hc_gain_forward: how much it can amplify the signal) and column sum
+    (hc_gain_backward: the gradient), each the max over tokens. Exactly 1 (columns) and ~1 (rows) for mHC's
+    doubly stochastic maps at any depth; HC's unconstrained maps compound. h_res: [(B, T, n, n)] per sublayer."""
+    composite, forward, backward = None, [], []
+    for i, h in enumerate(h_res):
+        step = h.float().transpose(-1, -2)  # x_next = H_res^T x: (B, T, n, n)
+        composite = step if composite is None else step @ composite
+        if i % 2 == 1:  # the end of a block
+            forward.append(composite.abs().sum(-1).amax().item())
+            backward.append(composite.abs().sum(-2).amax().item())
+    return dict(hc_gain_forward=forward, hc_gain_backward=backward)
 
 
 @torch.no_grad()
@@ -1072,7 +1223,8 @@ def check_config(config):
     def refuse(msg):
         raise ValueError(f"GPTConfig: {msg}")
 
-    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tvr_interval"):
+    for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tvr_interval", "hc_streams",
+                 "hc_sinkhorn_iters"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
             refuse(f"{name} must be a positive integer, got {getattr(config, name)!r}")
     if config.n_embd % config.n_head != 0:
@@ -1082,6 +1234,8 @@ def check_config(config):
         refuse(f"unknown norm {config.norm!r}; valid: {', '.join(NORMS)}")
     if config.norm_position not in NORM_POSITIONS:
         refuse(f"unknown norm_position {config.norm_position!r}; valid: {', '.join(NORM_POSITIONS)}")
+    if config.hyper_connections not in HYPER_CONNECTIONS:
+        refuse(f"unknown hyper_connections {config.hyper_connections!r}; valid: {', '.join(HYPER_CONNECTIONS)}")
     if not 0.0 <= config.dropout < 1.0:
         refuse(f"dropout must be in [0, 1), got {config.dropout}")
     if not 0.0 <= config.mix_fraction <= 1.0:
@@ -1116,6 +1270,10 @@ def check_config(config):
     if config.norm == "dyt" and config.qk_norm:
         refuse("qk_norm with norm 'dyt': DyT does not normalize (tanh(alpha q) keeps q's scale below the bend), so "
                "it would not bound the logits as QK-norm does; use --norm layernorm or rmsnorm with qk_norm")
+    if config.hyper_connections != "off" and config.norm_position in ("post", "mix", "deepnorm"):
+        refuse(f"hyper_connections with norm_position {config.norm_position!r}: hyper-connections widen the residual "
+               "stream that a Pre-LN block adds to (and mHC keeps its identity path); a Post-LN block normalizes "
+               "the stream after every add, so there is no such path. Use 'pre', 'peri' or 'reorder'")
     if config.lir and config.norm_position == "deepnorm":
         refuse("lir and deepnorm both define the block init (sigma/sqrt(l) vs DeepNet's xavier gain); pick one")
     if config.scaled_init:

@@ -1136,6 +1136,199 @@ def test_gated_attention_multiplies_the_attention_output_by_sigmoid_of_x_w():
         torch.testing.assert_close(attn(x), proj(y * torch.sigmoid(x @ gate.weight.T)))
 
 
+def gpt_oss_attention_reference(q, k, v, sinks):
+    """A transcription of gpt-oss's attention with sinks (HF transformers' gpt_oss eager_attention_forward, causal,
+    no window): the sink logit appended to each query's row of logits, a softmax, the sink's column dropped.
+    q, k, v: (B, nh, T, hs); sinks: (nh,)."""
+    T = q.size(2)
+    logits = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))
+    logits = logits.masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), -math.inf)
+    combined = torch.cat([logits, sinks.view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)], dim=-1)
+    probs = torch.softmax(combined - combined.amax(dim=-1, keepdim=True), dim=-1)
+    return probs[..., :-1] @ v, probs[..., -1]
+
+
+def test_attention_sink_is_gpt_oss_softmax_with_one_more_logit():
+    """attend_with_sink (SDPA with one extra key) gives gpt-oss's output and gradients (q, k, v and the sinks);
+    the sink takes sigmoid(s_h - log Z_i) of query i's mass; a very negative sink gives plain attention."""
+    torch.manual_seed(0)
+    attn = stable_gpt.CausalSelfAttention(tiny(attn_sink=True))
+    with torch.no_grad():
+        attn.sink.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    q, k, v = (torch.randn(2, 4, 6, 8, requires_grad=True) for _ in range(3))
+    y = attn.attend_with_sink(q, k, v, 0.0)
+    ref, sink_mass = gpt_oss_attention_reference(q, k, v, attn.sink)
+    torch.testing.assert_close(y, ref)
+    weights = torch.randn_like(y)  # a loss that weighs every output differently
+    got = torch.autograd.grad((y * weights).sum(), (q, k, v, attn.sink))
+    want = torch.autograd.grad((ref * weights).sum(), (q, k, v, attn.sink))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    assert got[3].abs().min() > 0  # every head's sink learns
+    assert stable_gpt.CausalSelfAttention(tiny(attn_sink=True)).sink.abs().max() == 0  # from 0 (x-transformers)
+    lse = torch.logsumexp((q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(
+        ~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf), dim=-1)
+    torch.testing.assert_close(sink_mass, torch.sigmoid(attn.sink.view(1, 4, 1) - lse))
+    with torch.no_grad():
+        attn.sink.fill_(-1e4)
+        torch.testing.assert_close(attn.attend_with_sink(q, k, v, 0.0),
+                                   F.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+def test_attention_sink_runs_in_the_model_and_the_default_has_no_sink():
+    """The model's forward goes through the sink (a sink of -1e4 gives the sinkless model's logits on the same
+    weights; 2.0 changes them), and the default attention has no sink parameter."""
+    torch.manual_seed(0)
+    model = GPT(tiny(attn_sink=True)).eval()
+    plain = GPT(tiny()).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith(".sink")})
+    idx = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.sink.fill_(-1e4)
+        torch.testing.assert_close(model(idx)[0], plain(idx)[0])
+        for block in model.transformer.h:
+            block.attn.sink.fill_(2.0)
+        assert (model(idx)[0] - plain(idx)[0]).abs().max() > 1e-3
+    assert not any(name.endswith("sink") for name, _ in plain.named_parameters())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hyper-connections: HC and mHC
+
+
+def x_transformers_sinkhorn(t, iters):
+    """x-transformers' sinkhorn(), transcribed: a softmax over dim -2, then iters x (L1-normalize dim -1, dim -2)."""
+    t = t.float().softmax(dim=-2)
+    for _ in range(iters):
+        t = F.normalize(t, p=1, dim=-1)
+        t = F.normalize(t, p=1, dim=-2)
+    return t
+
+
+def test_sinkhorn_projects_onto_doubly_stochastic_matrices():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, 4) * 2
+    m = stable_gpt.sinkhorn(logits, 20)
+    torch.testing.assert_close(m, x_transformers_sinkhorn(logits, 20))
+    assert (m > 0).all()
+    torch.testing.assert_close(m.sum(-2), torch.ones(5, 4))  # columns exactly
+    # rows to within the iterations' error, which shrinks as they go on (finite Sinkhorn is not exact: mHC-lite,
+    # arXiv 2601.05732): 20 iterations leave ~1e-2 on these logits of std 2, 200 leave < 1e-5
+    row_error = lambda iters: (stable_gpt.sinkhorn(logits, iters).sum(-1) - 1).abs().max().item()
+    assert row_error(20) < 2e-2 and row_error(200) < 1e-5 < row_error(5)
+    # the identity case: logits that favour the diagonal by far project to the identity
+    torch.testing.assert_close(stable_gpt.sinkhorn(20 * torch.eye(4), 20), torch.eye(4), atol=1e-6, rtol=0)
+    # a doubly stochastic input stays (softmax(log M) over columns = M when M's columns sum to 1)
+    ds = torch.tensor([[0.5, 0.3, 0.2], [0.2, 0.5, 0.3], [0.3, 0.2, 0.5]])
+    torch.testing.assert_close(stable_gpt.sinkhorn(ds.log(), 3), ds)
+    # equivariant: permuting the streams permutes the result
+    perm = torch.tensor([2, 0, 3, 1])
+    torch.testing.assert_close(stable_gpt.sinkhorn(logits[:, perm][:, :, perm], 20), m[:, perm][:, :, perm])
+
+
+def hyper_connection_reference(hc, x, branch):
+    """One sublayer's update, transcribed from x-transformers' HyperConnection (prepare and forward; mHC) and from
+    Hyper-Connections' Algorithm 2 (arXiv 2409.19606, dynamic, tanh; HC), with the module's parameters.
+    x: (B, T, n, C); branch: the sublayer f."""
+    normed = F.layer_norm(x, x.shape[-1:], hc.norm.weight)
+    n = x.size(2)
+    if hc.constrained:
+        alpha = normed @ hc.dynamic_alpha * hc.dynamic_alpha_scale + hc.static_alpha
+        alpha_input, alpha_residual = alpha[..., :1].sigmoid(), alpha[..., 1:]
+        alpha_residual = x_transformers_sinkhorn(alpha_residual, hc.sinkhorn_iters)
+        alpha = torch.cat((alpha_input, alpha_residual), dim=-1)
+        beta = (normed @ hc.dynamic_beta).sigmoid() * 2 * hc.dynamic_beta_scale + hc.static_beta
+        beta = beta.sigmoid() * 2
+    else:
+        alpha = torch.tanh(normed @ hc.dynamic_alpha) * hc.dynamic_alpha_scale + hc.static_alpha
+        beta = torch.tanh(normed @ hc.dynamic_beta) * hc.dynamic_beta_scale + hc.static_beta
+    mix = torch.einsum("btst,btsd->bttd".replace("btst", "bsu").replace("btsd", "bsd").replace("bttd", "bud"),
+                       alpha.reshape(-1, n, n + 1), x.reshape(-1, n, x.size(-1))).view(*x.shape[:2], n + 1, -1)
+    branch_input, residuals = mix[..., 0, :], mix[..., 1:, :]
+    return torch.einsum("btd,bts->btsd", branch(branch_input), beta) + residuals
+
+
+@pytest.mark.parametrize("kind", ["mhc", "hc"])
+def test_hyper_connection_is_the_reference_update(kind):
+    """Perturbed maps (dynamic parts on), a nonlinear sublayer: HyperConnection's forward + update equals the
+    transcription, in value and in every parameter's gradient."""
+    torch.manual_seed(0)
+    hc = perturbed(stable_gpt.HyperConnection(16, 4, layer_index=5, constrained=kind == "mhc", sinkhorn_iters=7),
+                   scale=0.5)
+    with torch.no_grad():
+        hc.dynamic_alpha.normal_(0, 0.5)
+        hc.dynamic_beta.normal_(0, 0.5)
+        hc.dynamic_alpha_scale.fill_(0.3)
+        hc.dynamic_beta_scale.fill_(0.3)
+    x = torch.randn(2, 3, 4, 16)
+    branch = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.GELU())
+    branch_input, h_res, h_post = hc(x)
+    got = hc.update(x, h_res, h_post, branch(branch_input))
+    want = hyper_connection_reference(hc, x, branch)
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got.square().sum(), list(hc.parameters()))
+    g_want = torch.autograd.grad(want.square().sum(), list(hc.parameters()))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+    assert g_got[0].abs().max() > 0  # the per-stream norm's gain learns
+
+
+def test_hyper_connections_init_per_the_paper_and_hc_starts_as_the_residual_network():
+    """HC's init (arXiv 2409.19606, Sec. 2.3): H_pre one-hot on stream (2l + i) mod n, H_res the identity,
+    H_post ones, so a model with HC starts as the residual network on the same weights (the streams stay copies
+    and ln_f removes their sum's factor n). mHC's sigmoid and Sinkhorn move its start off that point."""
+    torch.manual_seed(0)
+    plain = GPT(tiny(n_layer=3)).eval()
+    hc_model = GPT(tiny(n_layer=3, hyper_connections="hc")).eval()
+    hc_model.load_state_dict(plain.state_dict(), strict=False)
+    assert [int(b.hc_1.static_alpha[:, 0].argmax()) for b in hc_model.transformer.h] == [0, 2, 0]
+    assert [int(b.hc_2.static_alpha[:, 0].argmax()) for b in hc_model.transformer.h] == [1, 3, 1]
+    hc = hc_model.transformer.h[0].hc_1
+    assert torch.equal(hc.static_alpha[:, 1:], torch.eye(4)) and torch.equal(hc.static_beta, torch.ones(4))
+    for model in (plain, hc_model):  # ln_f's eps would tell the stream from its n copies' sum by ~1% at init
+        model.transformer.ln_f.eps = 0.0
+    idx = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hc_model(idx)[0], plain(idx)[0])
+        mhc_model = GPT(tiny(n_layer=3, hyper_connections="mhc")).eval()
+        mhc_model.load_state_dict(plain.state_dict(), strict=False)
+        assert (mhc_model(idx)[0] - plain(idx)[0]).abs().max() > 1e-2
+
+
+def test_hc_gains_on_known_maps_and_mhc_keeps_them_at_one_where_hc_compounds():
+    """hc_gains composes H_res^T over the sublayers, two per block: H_res^T = [[2, 1], [0, 1]] gives [[4, 3], [0, 1]]
+    after block 1 and [[16, 15], [0, 1]] after block 2 (largest row sums 7, 31; column sums 4, 16). In an
+    8-block model with the maps perturbed alike, mHC's composite gain stays 1 at every depth while HC's grows."""
+    h = torch.tensor([[2.0, 0.0], [1.0, 1.0]]).expand(1, 1, 2, 2)  # H_res^T = [[2, 1], [0, 1]]
+    gains = stable_gpt.hc_gains([h, h, h, h])
+    assert gains["hc_gain_forward"] == [7.0, 31.0] and gains["hc_gain_backward"] == [4.0, 16.0]
+    idx = torch.randint(0, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    result = {}
+    for kind in ("hc", "mhc"):
+        torch.manual_seed(0)
+        model = perturbed(GPT(tiny(n_layer=8, hyper_connections=kind)), scale=0.3)
+        result[kind] = stable_gpt.activation_stats(model, idx, idx)
+    for key in ("hc_gain_forward", "hc_gain_backward"):
+        assert len(result["mhc"][key]) == 8 and max(abs(g - 1) for g in result["mhc"][key]) < 1e-3
+        assert result["hc"][key][-1] > 2 * result["hc"][key][0] > 2  # compounds with depth
+
+
+def test_hyper_connections_are_refused_on_a_normalized_stream_and_not_decayed():
+    for position in ("post", "mix", "deepnorm"):
+        with pytest.raises(ValueError, match="no such path"):
+            tiny(hyper_connections="mhc", norm_position=position)
+    with pytest.raises(ValueError, match="unknown hyper_connections"):
+        tiny(hyper_connections="mHC")
+    with pytest.raises(ValueError, match="hc_streams must be a positive integer"):
+        tiny(hyper_connections="mhc", hc_streams=0)
+    model = GPT(tiny(hyper_connections="mhc"))
+    decayed = {id(p) for p in model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups[0]["params"]}
+    hc_params = [p for m in model.modules() if isinstance(m, stable_gpt.HyperConnection) for p in m.parameters()]
+    assert hc_params and not any(id(p) in decayed for p in hc_params)
+    assert id(model.transformer.h[0].attn.c_attn.weight) in decayed
+
+
 # ----------------------------------------------------------------------------------------------------
 # The output logits: z-loss, soft-capping
 
@@ -1658,7 +1851,8 @@ def test_sample_from_checkpoint(tmp_path, data_dir, capsys):
 
 FLAG_SETS = [dict(sdd=True), dict(lns=True), dict(wesar=True), dict(lir=True), dict(tvr=True),
              dict(norm_position="post", sdd=True), dict(norm_position="mix"), dict(norm_position="deepnorm"),
-             dict(norm="rmsnorm"), ALL_FLAGS, dict(ALL_FLAGS, norm="rmsnorm", norm_position="mix")]
+             dict(norm="rmsnorm"), ALL_FLAGS, dict(ALL_FLAGS, norm="rmsnorm", norm_position="mix"),
+             dict(attn_sink=True, hyper_connections="mhc"), dict(hyper_connections="hc", norm_position="peri")]
 
 
 @pytest.mark.parametrize("kw", FLAG_SETS, ids=lambda kw: "+".join(f"{k}={v}" for k, v in kw.items()))
@@ -1682,9 +1876,9 @@ def test_every_flag_keeps_causality_and_round_trips_checkpoints(kw):
 FLAG_EFFECT = {"bias": "function", "norm": "function", "norm_position": "function", "sdd": "function",
                "lns": "function", "wesar": "function", "lir": "init", "scaled_init": "init", "tvr": "step",
                "qk_norm": "function", "z_loss": "step", "logit_softcap": "function", "qk_norm_full": "function",
-               "qk_clip": "step", "attn_gate": "function"}
+               "qk_clip": "step", "attn_gate": "function", "attn_sink": "function", "hyper_connections": "function"}
 MATRIX_OFF = {"norm": "layernorm", "norm_position": "pre", "scaled_init": False, "z_loss": 0.0,
-              "logit_softcap": 0.0, "qk_clip": 0.0}  # else False
+              "logit_softcap": 0.0, "qk_clip": 0.0, "hyper_connections": "off"}  # else False
 # The float fields that switch a technique on (0: off), with the value the matrix tries; every other float
 # field is a setting of a technique (a std, a fraction) and listed in SETTINGS, so that a new float field must
 # be classified too.
@@ -1695,7 +1889,8 @@ SETTINGS = {"dropout", "mix_fraction", "init_std", "wesar_sigma", "tvr_target", 
 def discrete_fields():
     """{field: the values the matrix tries} for every bool, Optional[bool], choice and on/off float field of
     GPTConfig."""
-    choices = {"norm": stable_gpt.NORMS, "norm_position": stable_gpt.NORM_POSITIONS}
+    choices = {"norm": stable_gpt.NORMS, "norm_position": stable_gpt.NORM_POSITIONS,
+               "hyper_connections": stable_gpt.HYPER_CONNECTIONS}
     out = {}
     for f in fields(GPTConfig):
         if f.type is bool:
@@ -1713,7 +1908,7 @@ def discrete_fields():
 
 # pruned to run in seconds: these fields keep one value, except in their own test (the full product is ~25,000)
 MATRIX_FIXED = {"bias": False, "scaled_init": None, "z_loss": 0.0, "logit_softcap": 0.0, "qk_clip": 0.0,
-                "qk_norm_full": False, "attn_gate": False}
+                "qk_norm_full": False, "attn_gate": False, "attn_sink": False, "hyper_connections": "off"}
 
 
 def accepted_configs(vary=()):
@@ -1947,7 +2142,8 @@ def test_training_with_each_flag_lowers_the_loss(tmp_path, data_dir, flags, caps
 
 NEW_FLAG_ARGS = [["--optimizer", "muon"], ["--optimizer", "muon", "--qk-clip", "2"], ["--attn-gate"], ["--olmo2"],
                  ["--norm", "dyt", "--lr", "1e-2"], ["--norm-position", "reorder"], ["--optimizer", "muon", "--sdd", "--lns"],
-                 ["--optimizer", "muon", "--wesar", "--tvr"]]
+                 ["--optimizer", "muon", "--wesar", "--tvr"], ["--attn-sink"], ["--hyper-connections", "mhc"],
+                 ["--hyper-connections", "hc", "--optimizer", "muon"]]
 
 
 @pytest.mark.parametrize("flags", NEW_FLAG_ARGS, ids=" ".join)
@@ -1959,6 +2155,13 @@ def test_training_with_each_new_flag_lowers_the_loss(tmp_path, data_dir, flags):
     vocab = json.loads((data_dir / "meta.json").read_text())["vocab_size"]
     assert summary["final_val_loss"] < 0.75 * math.log(vocab), summary["final_val_loss"]
     assert len(read_jsonl(out / "diag.jsonl")) == 2  # the diagnostics read every new module too
+    if "--hyper-connections" in flags:  # the residual path's gain per block, and its panel on depth.png
+        last = read_jsonl(out / "diag.jsonl")[-1]
+        assert len(last["hc_gain_forward"]) == len(last["variance"])
+        if "mhc" in flags:  # H_res^T's rows sum to 1 exactly (Sinkhorn ends on H_res's columns), so the product's
+            assert max(last["hc_gain_forward"]) < 1 + 1e-5 and max(last["hc_gain_backward"]) < 1.1
+        from tools import plots
+        assert out / "depth.png" in plots.plot_run(out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2267,7 +2470,9 @@ EVERY_FLAG = [{}, dict(sdd=True), dict(lns=True), dict(wesar=True), dict(norm="r
               dict(norm_position="deepnorm"), ALL_FLAGS, dict(qk_norm=True), dict(norm_position="peri"),
               dict(z_loss=1e-4), dict(logit_softcap=30.0), ALL_PRACTITIONER_FIXES, dict(attn_gate=True),
               dict(qk_clip=1.0), dict(norm="dyt"), dict(norm_position="reorder"),
-              {k: v for k, v in train_shakespeare.OLMO2.items() if k != "olmo_decay"}]
+              {k: v for k, v in train_shakespeare.OLMO2.items() if k != "olmo_decay"}, dict(attn_sink=True),
+              dict(hyper_connections="mhc"), dict(hyper_connections="hc", norm_position="peri"),
+              dict(hyper_connections="mhc", norm_position="reorder", attn_sink=True, qk_norm=True)]
 
 
 def flag_ids(kw):

@@ -33,7 +33,8 @@ import torch.distributed as dist
 
 import prepare_data
 from prepare_data import Codec, DataError
-from stable_gpt import GPT, GPT2_SIZES, NORM_POSITIONS, NORMS, GPTConfig, qk_clip_after_step, tvr_after_step
+from stable_gpt import (GPT, GPT2_SIZES, HYPER_CONNECTIONS, NORM_POSITIONS, NORMS, GPTConfig, qk_clip_after_step,
+                        tvr_after_step)
 from tools.cli import (AT_LEAST_0, FINITE_AT_LEAST_0, FINITE_POSITIVE, POSITIVE, OneLineParser, add_flags,
                        check_ranges, default_out_dir, gpt2_architecture, model_setting, saved_settings, setting)
 from tools.monitors import DiagnosticsRecorder
@@ -126,6 +127,12 @@ class Settings:
     qk_norm_full: bool = model_setting("qk_norm_full", "QK-norm over all heads at once (OLMo 2)", out_dir=True)
     qk_clip: float = model_setting("qk_clip", "QK-Clip's tau (arXiv 2507.20534; 0: off)", out_dir=True)
     attn_gate: bool = model_setting("attn_gate", "gated attention (arXiv 2505.06708)", out_dir=True)
+    attn_sink: bool = model_setting("attn_sink", "a learned sink logit per head in the softmax (gpt-oss)", out_dir=True)
+    hyper_connections: str = model_setting("hyper_connections", "n residual streams mixed per sublayer: hc "
+                                           "(arXiv 2409.19606) or mhc, H_res doubly stochastic (arXiv 2512.24880)",
+                                           choices=HYPER_CONNECTIONS, out_dir=True)
+    hc_streams: int = model_setting("hc_streams", "hyper-connections' number of streams n")
+    hc_sinkhorn_iters: int = model_setting("hc_sinkhorn_iters", "mhc's Sinkhorn-Knopp iterations")
     olmo2: bool = setting(False, "OLMo 2's recipe (OLMO2 below; flags given win)", out_dir=True)
     z_loss: float = model_setting("z_loss", "COEF * mean(log^2 Z) added to the loss (arXiv 2204.02311)", out_dir=True)
     logit_softcap: float = model_setting("logit_softcap", "C * tanh(logits / C) (Gemma 2; 0: off)", out_dir=True)

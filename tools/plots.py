@@ -133,13 +133,15 @@ def plot_snapshots_by_block(snaps, colors, panels, path, width):
 
 
 def plot_depth(snaps, colors, path):
-    return plot_snapshots_by_block(snaps, colors, [
-        ("Residual-stream variance after block", "variance (per feature)", "log", [("variance", "o-", "")]),
-        ("Angular distance, block input to output", "arccos(cos sim) / pi", "linear",
-         [("angular_distance", "o-", "")]),
-        ("Layer importance: loss increase if removed", "delta loss (nats)", "linear",
-         [("layer_importance", "o-", "")]),
-    ], path, width=15)
+    panels = [("Residual-stream variance after block", "variance (per feature)", "log", [("variance", "o-", "")]),
+              ("Angular distance, block input to output", "arccos(cos sim) / pi", "linear",
+               [("angular_distance", "o-", "")]),
+              ("Layer importance: loss increase if removed", "delta loss (nats)", "linear",
+               [("layer_importance", "o-", "")])]
+    if "hc_gain_forward" in snaps[-1]:  # hyper-connections: mHC's Amax gain of the residual path (hc_gains)
+        panels.append(("Hyper-connection gain, embeddings to block", "max abs row / column sum", "log",
+                       [("hc_gain_forward", "o-", "forward, "), ("hc_gain_backward", "x--", "backward, ")]))
+    return plot_snapshots_by_block(snaps, colors, panels, path, width=5 * len(panels))
 
 
 def plot_updates(last, path):
