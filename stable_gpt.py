@@ -30,6 +30,8 @@ The fixes practitioners already use, to weigh the papers against:
   attn_sink       a learned sink logit per head (gpt-oss, arXiv 2508.10925)   -> CausalSelfAttention.attend_with_sink
   hyper_connections  "hc": Hyper-Connections (arXiv 2409.19606); "mhc": manifold-constrained (arXiv 2512.24880)
                                                      -> sinkhorn, HyperConnection, Block._residual, GPT.forward
+  mup             muP (arXiv 2203.03466), as EleutherAI's nanoGPT-mup      -> GPT._init_stds, GPT.configure_optimizers
+                  (lr_scale), CausalSelfAttention (attn_scale), GPT.forward (output multiplier)
 
 Where a technique must touch several places (SDD wraps linears inside two modules), each place names the
 paper at the point of use; CODE_MAP (after GPTConfig) lists every definition that reads each flag, kept true by
@@ -102,6 +104,8 @@ class GPTConfig:
     hyper_connections: str = "off"  # "off" | "hc" (Hyper-Connections) | "mhc" (manifold-constrained, DeepSeek)
     hc_streams: int = 4  # hyper-connections: n, the number of residual streams (both papers' n = 4)
     hc_sinkhorn_iters: int = 20  # mhc: Sinkhorn-Knopp iterations projecting H_res (the paper's t_max = 20)
+    mup: bool = False  # muP: width-scaled init, learning rates, attention scale and output multiplier
+    mup_base_width: int = 128  # muP's base width: at n_embd == mup_base_width muP's init and LRs are the standard ones
 
     def __post_init__(self):
         check_config(self)  # the rules are at the end of this file
@@ -128,10 +132,14 @@ class GPTConfig:
         gain of SDD's residual-output norms (official code)."""
         return x / math.sqrt(2 * self.n_layer)
 
+    def mup_width_mult(self) -> float:
+        """muP's width multiplier m = n_embd / mup_base_width (1 without muP)."""
+        return self.n_embd / self.mup_base_width if self.mup else 1.0
+
     def techniques(self) -> str:
         """One line that says what is on, e.g. 'pre-layernorm + sdd + lns'."""
         on = [name for name in ("sdd", "lns", "wesar", "lir", "tvr", "qk_norm", "qk_norm_full", "attn_gate",
-                                "attn_sink") if getattr(self, name)]
+                                "attn_sink", "mup") if getattr(self, name)]
         if self.hyper_connections != "off":
             on.append(f"{self.hyper_connections}({self.hc_streams})")
         on += [f"{name}({getattr(self, name):g})" for name in ("z_loss", "logit_softcap", "qk_clip")
@@ -172,6 +180,8 @@ CODE_MAP = {
     "hyper_connections": ("Block.__init__", "GPT.forward"),
     "hc_streams": ("Block.__init__", "GPT.forward"),
     "hc_sinkhorn_iters": ("Block.__init__",),
+    "mup": ("CausalSelfAttention.__init__", "GPT.forward", "GPT._init_stds", "GPT.configure_optimizers"),
+    "mup_base_width": (),  # read through GPTConfig.mup_width_mult
 }
 NANOGPT_FIELDS = ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "dropout", "bias")  # the model itself
 
@@ -440,6 +450,9 @@ class CausalSelfAttention(nn.Module):
         # logit s_h per head joins every query's softmax with a value of 0, so a head can put its mass nowhere
         # instead of on the first token. Init 0, as x-transformers (HF's gpt-oss draws N(0, 0.02)).
         self.sink = nn.Parameter(torch.zeros(config.n_head)) if config.attn_sink else None
+        # muP's attention logits q.k / hs instead of / sqrt(hs) (arXiv 2203.03466, Sec. 4 / Appendix J.1; EleutherAI's
+        # nanoGPT-mup): q and k grow correlated as they train, so their dot product grows like hs, not sqrt(hs)
+        self.attn_scale = 1 / head_size if config.mup else 1 / math.sqrt(head_size)
 
     def forward(self, x):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
@@ -456,8 +469,9 @@ class CausalSelfAttention(nn.Module):
             self.record_max_logit(q, k)
         # causal self-attention, fused (flash) kernels where available: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
         dropout_p = self.dropout if self.training else 0.0
-        if self.sink is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if self.sink is None:  # the default scale (1/sqrt(hs)) passed as None: nanoGPT's exact call
+            scale = None if self.attn_scale == 1 / math.sqrt(hs) else self.attn_scale
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
         else:
             y = self.attend_with_sink(q, k, v, dropout_p)
         y = self.context_norm(y.transpose(1, 2).contiguous().view(B, T, C))  # all head outputs side by side
@@ -470,28 +484,28 @@ class CausalSelfAttention(nn.Module):
         p_ij = exp(l_ij) / (exp(s_h) + sum_{j' <= i} exp(l_ij')), y_i = sum_j p_ij v_j. Run in SDPA's fused kernel
         as one extra key: the sink key goes first; one zero query row goes first too, so that is_causal (aligned
         top-left) lets real query i see the sink and keys 0..i; one more feature column carries s_h: q' = [q, 1],
-        k' = [k, 0] and [0, s_h sqrt(hs)] for the sink, v' = [v, 0] and 0 for the sink (q', k', v' one width, which
+        k' = [k, 0] and [0, s_h / scale] for the sink, v' = [v, 0] and 0 for the sink (q', k', v' one width, which
         the flash kernel needs). The price: head size hs + 1 (flash pads it to a multiple of 8: +12.5% attention
         FLOPs at hs 64) and a copy of q, k, v. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs)."""
         B, nh, T, hs = q.shape
-        sink_key = F.pad((self.sink.to(k.dtype) * math.sqrt(hs)).view(1, nh, 1, 1), (hs, 0)).expand(B, nh, 1, hs + 1)
+        sink_key = F.pad((self.sink.to(k.dtype) / self.attn_scale).view(1, nh, 1, 1), (hs, 0)).expand(B, nh, 1, hs + 1)
         q = F.pad(F.pad(q, (0, 1), value=1.0), (0, 0, 1, 0))  # (B, nh, 1 + T, hs + 1)
         k = torch.cat([sink_key, F.pad(k, (0, 1))], dim=2)  # (B, nh, 1 + T, hs + 1)
         v = F.pad(v, (0, 1, 1, 0))  # (B, nh, 1 + T, hs + 1)
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=1 / math.sqrt(hs))
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.attn_scale)
         return y[:, :, 1:, :hs]
 
     QK_CLIP_ROWS = 128  # query rows per block of QK-Clip's statistic: (B, nh, 128, T) logits alive at once
 
     @torch.no_grad()
     def record_max_logit(self, q, k):
-        """QK-Clip's statistic: each head's largest pre-softmax logit q_i . k_j / sqrt(hs) over the causal pairs
+        """QK-Clip's statistic: each head's largest pre-softmax logit q_i . k_j x attn_scale (1/sqrt(hs); muP: 1/hs) over the causal pairs
         j <= i of this forward, the running max over the step's micro-batches. Flash attention never forms
         the logits, so this is one more q @ k^T (the cost QK-Clip pays; nothing when it is off), taken in blocks
         of QK_CLIP_ROWS query rows against the keys they may see, in the compute dtype (bf16 under autocast),
         the max in fp32: never the whole (B, nh, T, T) matrix, nor an fp32 copy of it (at gpt2-124m's micro-batch
         that would be 1.6 GB per layer)."""
-        T, scale = q.size(2), 1 / math.sqrt(q.size(-1))
+        T, scale = q.size(2), self.attn_scale
         head_max = torch.full_like(self.max_logit, -math.inf)  # (nh,)
         for start in range(0, T, self.QK_CLIP_ROWS):
             stop = min(start + self.QK_CLIP_ROWS, T)
@@ -668,6 +682,9 @@ class GPT(nn.Module):
     def _init_stds(self, path, kinds, module, layer):
         """The init std of each row block ("kind") of the block matrix at path in block layer (1-based)."""
         c = self.config
+        # muP (arXiv 2203.03466, Table 3, hidden weights: variance 1/fan_in; EleutherAI's nanoGPT-mup): the std of
+        # every hidden matrix over sqrt(width multiplier), so that it is the usual std at the base width
+        mup = 1 / math.sqrt(c.mup_width_mult()) if c.mup else 1.0
         if c.norm_position == "deepnorm":
             # DeepNet (arXiv 2203.00555, Fig. 2 pseudo-code): xavier_normal, gain beta = (8N)^(-1/4) on v,
             # the attention output and the FFN; gain 1 on q and k. (The LNS repo's 'deeppost' uses
@@ -675,15 +692,16 @@ class GPT(nn.Module):
             beta = (8 * c.n_layer) ** -0.25
             fan_out, fan_in = module.weight.shape
             xavier = math.sqrt(2.0 / (fan_in + fan_out // len(kinds)))
+            # (xavier's std already falls as 1/sqrt(width): muP's hidden-weight rule, so muP adds nothing here)
             return [xavier if kind in ("q", "k", "gate") else beta * xavier for kind in kinds]  # gate: off v's path
         if c.lir:
             # LIR (arXiv 2503.17500, Sec. 3.1): every matrix of block l drawn from N(0, (sigma/sqrt(l))^2),
             # l 1-based, plain (not truncated) normal; no extra shrink of the residual projections.
-            return [c.init_std / math.sqrt(layer)] * len(kinds)
+            return [c.init_std * mup / math.sqrt(layer)] * len(kinds)
         if path.endswith("c_proj") and c.depth_scaled_init():
             # GPT-2 paper: scale the residual projections by 1/sqrt(N), N = 2 * n_layer residual branches
-            return [c.scale_for_depth(c.init_std)]
-        return [c.init_std] * len(kinds)
+            return [c.scale_for_depth(c.init_std) * mup]
+        return [c.init_std * mup] * len(kinds)
 
     def _init_matrix(self, module, stds):
         if isinstance(module, WESAR_MODULES):
@@ -732,6 +750,10 @@ class GPT(nn.Module):
         if self.config.hyper_connections != "off":
             x = x.sum(dim=2)  # the streams' sum goes on (the HC paper; x-transformers): (b, t, n_embd)
         x = self.transformer.ln_f(x)
+        if self.config.mup:
+            # muP's output multiplier 1/m (arXiv 2203.03466, Table 3, output weights; EleutherAI's nanoGPT-mup scales x,
+            # as here): the head is the tied wte, whose init and learning rate stay the embedding's
+            x = x * (1 / self.config.mup_width_mult())
         if targets is None:  # inference-time mini-optimization: only forward the lm_head on the very last position
             logits = self.softcap(self.lm_head(x[:, [-1], :]))  # note: using list [-1] to preserve the time dim
             return (logits, None, None) if with_z_loss else (logits, None)
@@ -782,6 +804,14 @@ class GPT(nn.Module):
         gates |= {id(p) for m in self.modules() if isinstance(m, HyperConnection) for p in m.parameters()}
         olmo_groups = (self.config.sdd and sdd_official_decay) or olmo_decay
         muon = {id(m.weight) for _, _, m in _block_linears(self)} if optimizer == "muon" else set()
+        if self.config.mup and optimizer == "muon":
+            raise ValueError("muP with Muon: muP's per-layer learning rates are Adam's (arXiv 2203.03466, Table 3); "
+                             "Muon's update already scales with each matrix's shape (match_rms_adamw). Use one of them")
+        # muP (arXiv 2203.03466, Table 3, Adam, hidden weights: learning rate / m; EleutherAI's nanoGPT-mup): every
+        # block matrix in its own group with lr_scale 1/m, which the training loop multiplies into its learning rate;
+        # embeddings, the tied head, gains and biases keep the base rate. Decay is lr x weight_decay as ever, so the
+        # hidden matrices' decay per step falls by 1/m too (also with --independent-wd)
+        hidden = {id(m.weight) for _, _, m in _block_linears(self)} if self.config.mup else set()
 
         def decayed(p):
             if id(p) in gates:
@@ -790,8 +820,12 @@ class GPT(nn.Module):
 
         params = [p for p in self.parameters() if p.requires_grad]  # a tied tensor comes once
         rest = [p for p in params if id(p) not in muon]
-        groups = [{"params": [p for p in rest if decayed(p)], "weight_decay": weight_decay},
+        groups = [{"params": [p for p in rest if decayed(p) and id(p) not in hidden], "weight_decay": weight_decay},
                   {"params": [p for p in rest if not decayed(p)], "weight_decay": 0.0}]
+        if hidden:
+            scale = 1 / self.config.mup_width_mult()
+            groups.append({"params": [p for p in rest if id(p) in hidden], "weight_decay": weight_decay,
+                           "lr": learning_rate * scale, "lr_scale": scale})
         # the fused AdamW kernel is much faster on CUDA
         use_fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if use_fused else {}))
@@ -1063,13 +1097,15 @@ def kurtosis(x):
     return (d.pow(4).mean() / d.pow(2).mean().pow(2)).item()
 
 
-def attention_logit_max(q, k):
-    """The largest attention logit q_i . k_j / sqrt(head size) over heads and causal pairs j <= i, signed, as
+def attention_logit_max(q, k, scale=None):
+    """The largest attention logit q_i . k_j x scale (default 1/sqrt(head size); muP's 1/hs) over heads and causal
+    pairs j <= i, signed, as
     Wortsman et al. plot it (arXiv 2309.14322, Sec. 3.1.1; Dehghani et al. 2023, arXiv 2302.05442): the logits
     whose growth makes the softmax one-hot and training diverge, and what QK-Clip bounds. q, k: (B, T, n_head,
     head_size), as they enter attention."""
     T, hs = q.shape[1], q.shape[-1]
-    logits = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) / math.sqrt(hs)  # (B, nh, T, T)
+    scale = 1 / math.sqrt(hs) if scale is None else scale
+    logits = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * scale  # (B, nh, T, T)
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     return logits.masked_fill(~causal, -math.inf).max().item()
 
@@ -1108,7 +1144,8 @@ def activation_stats(model, idx, targets=None):
 
     def after_k_norm(attn):
         return lambda module, args, k: stats["attn_logit_max"].append(attention_logit_max(queries.pop(),
-                                                                                          heads(k, attn)))
+                                                                                          heads(k, attn),
+                                                                                          attn.attn_scale))
 
     hooks = [h for b in model.transformer.h for h in (b.register_forward_hook(after_block),
                                                       b.mlp.register_forward_pre_hook(before_mlp),
@@ -1224,7 +1261,7 @@ def check_config(config):
         raise ValueError(f"GPTConfig: {msg}")
 
     for name in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd", "tvr_interval", "hc_streams",
-                 "hc_sinkhorn_iters"):
+                 "hc_sinkhorn_iters", "mup_base_width"):
         if not isinstance(getattr(config, name), int) or getattr(config, name) <= 0:
             refuse(f"{name} must be a positive integer, got {getattr(config, name)!r}")
     if config.n_embd % config.n_head != 0:

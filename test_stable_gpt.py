@@ -1330,6 +1330,73 @@ def test_hyper_connections_are_refused_on_a_normalized_stream_and_not_decayed():
 
 
 # ----------------------------------------------------------------------------------------------------
+# muP
+
+
+@pytest.mark.parametrize("width", [32, 128])
+def test_mup_init_learning_rates_and_multipliers_at_two_widths(width):
+    """muP as EleutherAI's nanoGPT-mup at m = width / 64 (0.5 and 2): every hidden matrix drawn with std
+    0.02/sqrt(m) (c_proj 0.02/sqrt(2Lm)) and in a group of lr_scale 1/m; embeddings (the tied head) at 0.02 and
+    the base rate; the logits lm_head(ln_f(x)) / m; attention logits q.k / hs."""
+    m = width / 64
+    torch.manual_seed(0)
+    model = GPT(tiny(n_embd=width, n_layer=2, mup=True, mup_base_width=64))
+    stds = stable_gpt.weight_stds(model)
+    for name, std in stds.items():
+        want = 0.02 / math.sqrt(m) / (math.sqrt(4) if name.endswith(("attn_out", "mlp_out", "proj")) else 1)
+        assert abs(std / want - 1) < 0.06, (name, std, want)
+    assert abs(model.transformer.wpe.weight.std().item() / 0.02 - 1) < 0.06
+    groups = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu").param_groups
+    hidden = [g for g in groups if "lr_scale" in g]
+    assert len(hidden) == 1 and hidden[0]["lr_scale"] == 1 / m and hidden[0]["lr"] == 1e-3 / m
+    assert {id(p) for p in hidden[0]["params"]} == {id(mod.weight) for _, _, mod in stable_gpt._block_linears(model)}
+    assert all(g["lr"] == 1e-3 for g in groups if "lr_scale" not in g)
+    # the forward: the head sees ln_f's output / m; the attention uses 1/hs
+    seen = []
+    model.transformer.ln_f.register_forward_hook(lambda mod, args, out: seen.append(out))
+    idx = torch.randint(0, 40, (2, 16))
+    with torch.no_grad():
+        logits = model(idx, idx)[0]
+        torch.testing.assert_close(logits, seen[0] / m @ model.lm_head.weight.T)
+        attn = model.transformer.h[0].attn
+        x = torch.randn(2, 16, width)
+        q, k, v = (t.view(2, 16, 4, width // 4).transpose(1, 2) for t in attn.c_attn(x).split(width, dim=2))
+        scores = (q @ k.transpose(-2, -1) / (width // 4)).masked_fill(~torch.ones(16, 16).tril().bool(), -math.inf)
+        y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 16, width)
+        torch.testing.assert_close(attn(x), attn.c_proj(y))
+
+
+def test_mup_at_its_base_width_draws_the_standard_weights_and_the_loop_scales_each_groups_lr():
+    """At n_embd == mup_base_width muP draws the weights the standard model draws (same seed); its first AdamW step
+    through the training loop's set_learning_rate moves a hidden matrix by lr/m per entry (Adam's first step is
+    lr x sign(g)) and the embeddings by lr."""
+    torch.manual_seed(0)
+    standard = GPT(tiny(n_embd=32))
+    torch.manual_seed(0)
+    at_base = GPT(tiny(n_embd=32, mup=True, mup_base_width=32))
+    assert all(torch.equal(a, b) for a, b in zip(standard.state_dict().values(), at_base.state_dict().values()))
+    torch.manual_seed(0)
+    model = GPT(tiny(n_embd=32, mup=True, mup_base_width=128))  # m = 1/4: hidden lr x 4
+    opt = model.configure_optimizers(0.0, 1.0, (0.9, 0.95), "cpu")
+    train_shakespeare.set_learning_rate(opt, 1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    idx = torch.randint(0, 40, (4, 16))
+    model(idx, idx)[1].backward()
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().max().item() for n, p in model.named_parameters()}
+    assert abs(moved["transformer.h.0.mlp.c_fc.weight"] / 4e-3 - 1) < 1e-3
+    assert abs(moved["transformer.wpe.weight"] / 1e-3 - 1) < 1e-3
+
+
+def test_mup_with_muon_is_refused(tmp_path, data_dir, capsys):
+    with pytest.raises(ValueError, match="muP with Muon"):
+        GPT(tiny(mup=True)).configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", optimizer="muon")
+    assert train_shakespeare.main(train_args(data_dir, tmp_path / "run", "--mup", "--optimizer", "muon")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--mup with --optimizer muon" in err[0] and not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
 # The output logits: z-loss, soft-capping
 
 
@@ -1876,7 +1943,8 @@ def test_every_flag_keeps_causality_and_round_trips_checkpoints(kw):
 FLAG_EFFECT = {"bias": "function", "norm": "function", "norm_position": "function", "sdd": "function",
                "lns": "function", "wesar": "function", "lir": "init", "scaled_init": "init", "tvr": "step",
                "qk_norm": "function", "z_loss": "step", "logit_softcap": "function", "qk_norm_full": "function",
-               "qk_clip": "step", "attn_gate": "function", "attn_sink": "function", "hyper_connections": "function"}
+               "qk_clip": "step", "attn_gate": "function", "attn_sink": "function", "hyper_connections": "function",
+               "mup": "function"}
 MATRIX_OFF = {"norm": "layernorm", "norm_position": "pre", "scaled_init": False, "z_loss": 0.0,
               "logit_softcap": 0.0, "qk_clip": 0.0, "hyper_connections": "off"}  # else False
 # The float fields that switch a technique on (0: off), with the value the matrix tries; every other float
@@ -1908,7 +1976,7 @@ def discrete_fields():
 
 # pruned to run in seconds: these fields keep one value, except in their own test (the full product is ~25,000)
 MATRIX_FIXED = {"bias": False, "scaled_init": None, "z_loss": 0.0, "logit_softcap": 0.0, "qk_clip": 0.0,
-                "qk_norm_full": False, "attn_gate": False, "attn_sink": False, "hyper_connections": "off"}
+                "qk_norm_full": False, "attn_gate": False, "attn_sink": False, "hyper_connections": "off", "mup": False}
 
 
 def accepted_configs(vary=()):
@@ -2143,7 +2211,7 @@ def test_training_with_each_flag_lowers_the_loss(tmp_path, data_dir, flags, caps
 NEW_FLAG_ARGS = [["--optimizer", "muon"], ["--optimizer", "muon", "--qk-clip", "2"], ["--attn-gate"], ["--olmo2"],
                  ["--norm", "dyt", "--lr", "1e-2"], ["--norm-position", "reorder"], ["--optimizer", "muon", "--sdd", "--lns"],
                  ["--optimizer", "muon", "--wesar", "--tvr"], ["--attn-sink"], ["--hyper-connections", "mhc"],
-                 ["--hyper-connections", "hc", "--optimizer", "muon"]]
+                 ["--hyper-connections", "hc", "--optimizer", "muon"], ["--mup", "--mup-base-width", "16"]]
 
 
 @pytest.mark.parametrize("flags", NEW_FLAG_ARGS, ids=" ".join)
@@ -2472,7 +2540,8 @@ EVERY_FLAG = [{}, dict(sdd=True), dict(lns=True), dict(wesar=True), dict(norm="r
               dict(qk_clip=1.0), dict(norm="dyt"), dict(norm_position="reorder"),
               {k: v for k, v in train_shakespeare.OLMO2.items() if k != "olmo_decay"}, dict(attn_sink=True),
               dict(hyper_connections="mhc"), dict(hyper_connections="hc", norm_position="peri"),
-              dict(hyper_connections="mhc", norm_position="reorder", attn_sink=True, qk_norm=True)]
+              dict(hyper_connections="mhc", norm_position="reorder", attn_sink=True, qk_norm=True), dict(mup=True),
+              dict(mup=True, attn_sink=True, qk_clip=1.0)]
 
 
 def flag_ids(kw):

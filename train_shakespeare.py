@@ -133,6 +133,9 @@ class Settings:
                                            choices=HYPER_CONNECTIONS, out_dir=True)
     hc_streams: int = model_setting("hc_streams", "hyper-connections' number of streams n")
     hc_sinkhorn_iters: int = model_setting("hc_sinkhorn_iters", "mhc's Sinkhorn-Knopp iterations")
+    mup: bool = model_setting("mup", "muP (arXiv 2203.03466): hidden init and lr / width multiplier, logits / it, "
+                              "attention / hs", out_dir=True)
+    mup_base_width: int = model_setting("mup_base_width", "muP's base width (where its init and lrs are standard)")
     olmo2: bool = setting(False, "OLMo 2's recipe (OLMO2 below; flags given win)", out_dir=True)
     z_loss: float = model_setting("z_loss", "COEF * mean(log^2 Z) added to the loss (arXiv 2204.02311)", out_dir=True)
     logit_softcap: float = model_setting("logit_softcap", "C * tanh(logits / C) (Gemma 2; 0: off)", out_dir=True)
@@ -233,6 +236,9 @@ def resolve(given, base=None):
     if cfg.min_lr > cfg.lr:
         raise TrainError(f"--min-lr ({cfg.min_lr}) must not exceed --lr ({cfg.lr})")
     model_config(cfg, vocab_size=1)  # GPTConfig's own rules, before any data is read
+    if cfg.mup and cfg.optimizer == "muon":
+        raise TrainError("--mup with --optimizer muon: muP's per-layer learning rates are Adam's (arXiv 2203.03466, "
+                         "Table 3) and Muon's update already scales with each matrix's shape; use one of them")
     return cfg
 
 
@@ -285,6 +291,12 @@ def get_lr(it, cfg):
         return cfg.min_lr
     ratio = (it - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
     return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.lr - cfg.min_lr)
+
+
+def set_learning_rate(optimizer, lr):
+    """lr into every parameter group, times the group's lr_scale (muP's hidden matrices: 1/m, configure_optimizers)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @torch.no_grad()
@@ -372,8 +384,7 @@ def training_loop(run, model, diag, evaluate, autocast, stop):
             if any_rank(stop.signum is not None, proc):
                 return run.write_checkpoint_and_stop(data_state)
         lr = get_lr(run.iter_num, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(optimizer, lr)
         if evaluating:
             run.record_eval_and_write_checkpoint(evaluate(), data_state)
         if run.iter_num >= cfg.max_iters:
