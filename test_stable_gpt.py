@@ -3370,6 +3370,16 @@ def test_gpu_check_dry_run_runs_both_parts_and_writes_their_verdicts(tmp_path, t
     for name in gpu_check.CONFIGS:  # each configuration through the real loop, at the preset's accumulation
         summary = json.loads((tmp_path / "run" / "speed" / name / "summary.json").read_text())
         assert summary["iters"] == gpu_check.STEPS and summary["config"]["grad_accum"] == 2
+    # the third part, only when asked: every stabilizer through the loop, each against the baseline
+    assert not (tmp_path / "run" / "stabilizers").exists()
+    assert gpu_check.main(argv + ["--part", "stabilizers"]) == 0
+    stabilizers = json.loads((tmp_path / "run" / "gpu_check_stabilizers.json").read_text())
+    assert set(stabilizers["configs"]) == set(gpu_check.STABILIZERS)
+    assert all(c["graph_breaks"] == 0 and c["tokens_per_s"] > 0 for c in stabilizers["configs"].values())
+    assert len(stabilizers["checks"]) == len(gpu_check.STABILIZERS)  # one ratio each but the baseline, + breaks
+    assert json.loads((tmp_path / "run" / "stabilizers" / "mhc" / "summary.json").read_text())["config"][
+        "hyper_connections"] == "mhc"
+    capsys.readouterr()
     # runs already in --out-dir: refused at once (no check run), replaced only with --overwrite
     before = snapshot(tmp_path / "run")
     assert gpu_check.main(argv + ["--part", "shakespeare"]) == 2

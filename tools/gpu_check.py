@@ -8,6 +8,7 @@ them as JSON into --out-dir:
                                                    # the folder a GPU machine needs carried to it
     python -m tools.gpu_check --part speed         # on the GPU: gpt2-124m through the training loop
     python -m tools.gpu_check --part shakespeare   # on the GPU: the shakespeare-char preset to its best val
+    python -m tools.gpu_check --part stabilizers   # on the GPU, when time allows: the 2025-26 flags' throughput
     python -m tools.gpu_check --dry-run            # both parts' code paths at toy sizes on CPU (CI runs it)
 
 speed: gpt2-124m (--preset gpt2-124m: its micro-batch, block 1024, gradient accumulation to 2^19 tokens per
@@ -17,6 +18,8 @@ MFU (the median of the logged step times after the warm-up), peak memory, graphs
 no logging) for the loop's overhead, and one profiled step that names the attention kernel.
 shakespeare: `--preset shakespeare-char` as it is (nanoGPT's GPU config: val 1.4697 in ~3 minutes on an A100),
 its best val loss and the whole command's time.
+stabilizers (a third call, only when asked): the same loop in each of STABILIZERS (muP, the attention sink, ZClip,
+skip-step, mHC), each one's tokens/s against the baseline's, peak memory and graph breaks.
 """
 
 import argparse
@@ -41,6 +44,14 @@ from tools.runs import (TrainError, check_fresh_start, compile_or_eager, gpu_pea
 DATA = Path("data/gpu_check")  # what --prepare writes and a GPU machine needs carried (ignored by git: data/)
 CONFIGS = {"baseline": [], "sdd+lns": ["--sdd", "--lns"], "muon": ["--optimizer", "muon"],
            "qk-clip": ["--optimizer", "muon", "--qk-clip", "100"]}
+# the 2025-26 stabilizers (issue 32), --part stabilizers: each against the baseline in the same part, with the
+# relative throughput expected of it (expectations from what each adds, not measurements): muP adds no work; the
+# sink widens the head by one column (flash pads 64 to 72: +12.5% of the attention's FLOPs); ZClip and skip-step
+# sync the host once per step; mHC's unfused fp32 stream mixing moves 4 streams per sublayer (the paper's fused
+# kernels cost 6.7%; this reference's einsums, far more)
+STABILIZERS = {"baseline": ([], None), "mup": (["--mup"], 0.95), "attn-sink": (["--attn-sink"], 0.85),
+               "zclip": (["--zclip"], 0.9), "skip-spikes": (["--skip-spikes"], 0.9),
+               "mhc": (["--hyper-connections", "mhc"], 0.5)}
 STEPS, LOG_EVERY, WARMUP = 20, 4, 8  # speed: steps per configuration, logged every 4, the first 8 not timed
 # What "full speed" means on an H100/H200 (issue 33, from the project's own FLOP count, 855 MFLOP/token): llm.c's
 # 468K tokens/s per H100 is ~40% MFU; a compiled PyTorch path should give ~420-520K, below ~350K something is wrong.
@@ -65,13 +76,13 @@ def prepare_device_data(data_dir, text=None):
 
 def check_device_data(data_dir, parts):
     """Before any compile: the prepared folders each part needs, and the BPE files, in one line if missing."""
-    for name in [{"speed": "gpt2", "shakespeare": "char"}[part] for part in parts]:
+    for name in [{"speed": "gpt2", "shakespeare": "char", "stabilizers": "gpt2"}[part] for part in parts]:
         try:
             prepare_data.load_prepared(data_dir / name)
         except prepare_data.DataError as e:
             raise TrainError(f"{e}: run `python -m tools.gpu_check --prepare` where the data is, and carry "
                              f"{data_dir} to this machine") from None
-    if "speed" in parts:
+    if "speed" in parts or "stabilizers" in parts:
         if (data_dir / "tiktoken_cache").is_dir():
             os.environ["TIKTOKEN_CACHE_DIR"] = str(data_dir / "tiktoken_cache")
         prepare_data.Codec(prepare_data.load_meta(data_dir / "gpt2"))  # the BPE files, or one line (offline)
@@ -87,12 +98,12 @@ def steady_step_ms(run_dir):
     return statistics.median(r["ms"] for r in log if r["iter"] > WARMUP)
 
 
-def part_speed(args, device):
-    """gpt2-124m through the training loop in each configuration, then the isolated step and the profiler."""
+def loop_runs(args, device, part, configs):
+    """{name: figures} of gpt2-124m through the training loop in each configuration ({name: flags})."""
     results, peak = {}, gpu_peak_flops(device)
     compile_or_eager(None, device, say=lambda m: None)  # its probe's graph, once, before the counting starts
-    for name, flags in CONFIGS.items():
-        run_dir = Path(args.out_dir) / "speed" / name
+    for name, flags in configs.items():
+        run_dir = Path(args.out_dir) / part / name
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         if device.type == "cuda":
@@ -114,6 +125,17 @@ def part_speed(args, device):
                              if device.type == "cuda" else None,
                              graphs=counters["stats"]["unique_graphs"],
                              graph_breaks=sum(counters["graph_break"].values()))
+    for name, r in results.items():
+        print(f"   {name:<11} {r['tokens_per_s']:12,.0f} tok/s  {r['step_ms']:8.1f} ms/step"
+              + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f"  peak {r['peak_memory_gib']:.1f} GiB"
+                                                                 if r["peak_memory_gib"] is not None else "")
+              + f"  graphs {r['graphs']}, breaks {r['graph_breaks']}")
+    return results
+
+
+def part_speed(args, device):
+    """gpt2-124m through the training loop in each configuration, then the isolated step and the profiler."""
+    results = loop_runs(args, device, "speed", CONFIGS)
     isolated = isolated_step(args, device)
     graphs = graphs_of_every_flag_set(device)
     base, dry = results["baseline"], args.dry_run
@@ -138,14 +160,23 @@ def part_speed(args, device):
                              any(k in (isolated["attention_kernel"] or "").lower() for k in ("flash", "cudnn",
                                                                                             "efficient", "fmha"))),
     }
-    for name, r in results.items():
-        print(f"   {name:<9} {r['tokens_per_s']:12,.0f} tok/s  {r['step_ms']:8.1f} ms/step"
-              + (f"  MFU {r['mfu']:.1%}" if r["mfu"] else "") + (f"  peak {r['peak_memory_gib']:.1f} GiB"
-                                                                 if r["peak_memory_gib"] is not None else "")
-              + f"  graphs {r['graphs']}, breaks {r['graph_breaks']}")
     print(f"   isolated baseline step: {isolated['tokens_per_s']:,.0f} tok/s; attention: {isolated['attention_kernel']}")
     return dict(configs=results, isolated=isolated, graphs_by_flag_set=graphs, checks={k: dict(value=v, want=want, verdict=verdict(ok, dry))
                                                             for k, (v, want, ok) in checks.items()})
+
+
+def part_stabilizers(args, device):
+    """The 2025-26 stabilizers at gpt2-124m through the training loop: each one's throughput against the baseline's
+    (STABILIZERS' expectations), its peak memory, graphs and graph breaks."""
+    results = loop_runs(args, device, "stabilizers", {k: flags for k, (flags, _) in STABILIZERS.items()})
+    base = results["baseline"]["tokens_per_s"]
+    checks = {f"{name} / baseline tokens/s": (results[name]["tokens_per_s"] / base, f">= {want}",
+                                              results[name]["tokens_per_s"] / base >= want)
+              for name, (_, want) in STABILIZERS.items() if want is not None}
+    checks["graph breaks (every config)"] = (max(r["graph_breaks"] for r in results.values()), "0",
+                                             all(r["graph_breaks"] == 0 for r in results.values()))
+    return dict(configs=results, checks={k: dict(value=v, want=want, verdict=verdict(ok, args.dry_run))
+                                         for k, (v, want, ok) in checks.items()})
 
 
 def model_mfu(summary, step_s, peak):
@@ -186,7 +217,9 @@ FLAG_SETS = {"baseline": {}, "sdd": dict(sdd=True), "lns": dict(lns=True), "wesa
              "reorder": dict(norm_position="reorder"), "qk_norm": dict(qk_norm=True),
              "olmo2": dict(norm_position="reorder", qk_norm=True, qk_norm_full=True, norm="rmsnorm", z_loss=1e-5),
              "qk_clip": dict(qk_clip=30.0), "attn_gate": dict(attn_gate=True), "z_loss": dict(z_loss=1e-4),
-             "softcap": dict(logit_softcap=30.0), "rmsnorm": dict(norm="rmsnorm"), "dyt": dict(norm="dyt")}
+             "softcap": dict(logit_softcap=30.0), "rmsnorm": dict(norm="rmsnorm"), "dyt": dict(norm="dyt"),
+             "attn_sink": dict(attn_sink=True), "hc": dict(hyper_connections="hc"),
+             "mhc": dict(hyper_connections="mhc"), "mup": dict(mup=True)}
 
 
 def graphs_of_every_flag_set(device):
@@ -223,7 +256,9 @@ def part_shakespeare(args, device):
 
 def main(argv=None):
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("speed", "shakespeare"), help="one part (default: both, ~10 minutes)")
+    p.add_argument("--part", choices=("speed", "shakespeare", "stabilizers"),
+                   help="one part (default: speed and shakespeare, ~10 minutes; stabilizers: the 2025-26 flags' "
+                        "throughput, ~5 minutes, only when asked)")
     p.add_argument("--prepare", action="store_true", help="write the data a GPU machine needs into --data-dir")
     p.add_argument("--text", help="with --prepare: the text to tokenize (default: tiny Shakespeare)")
     p.add_argument("--dry-run", action="store_true", help="toy sizes on CPU: the code paths, no figures")
@@ -240,11 +275,11 @@ def main(argv=None):
         # before any check spends the GPU's minutes: a folder of its own, runs already there, the data, the device
         out_dir = Path(args.out_dir)
         if out_dir.is_dir() and (foreign := sorted(p.name for p in out_dir.iterdir() if p.name not in (
-                "speed", "shakespeare") and not p.name.startswith("gpu_check_"))):
+                "speed", "shakespeare", "stabilizers") and not p.name.startswith("gpu_check_"))):
             raise TrainError(f"--out-dir {out_dir} holds other files ({', '.join(foreign[:3])}"
                              f"{', ...' if len(foreign) > 3 else ''}); give the GPU check a folder of its own")
         for part in parts:
-            for name in (CONFIGS if part == "speed" else ["."]):
+            for name in {"speed": CONFIGS, "stabilizers": STABILIZERS}.get(part, ["."]):
                 check_fresh_start(str(Path(args.out_dir) / part / name), args.overwrite)
         check_device_data(args.data_dir, parts)
         if not args.dry_run and not torch.cuda.is_available():
@@ -254,7 +289,8 @@ def main(argv=None):
         failed = False
         for part in parts:
             print(f"--- gpu_check: {part} ---")
-            result = (part_speed if part == "speed" else part_shakespeare)(args, device)
+            result = {"speed": part_speed, "shakespeare": part_shakespeare, "stabilizers": part_stabilizers}[part](
+                args, device)
             result.update(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)",
                           torch=torch.__version__, thresholds=THRESHOLDS)
             for name, c in result["checks"].items():
