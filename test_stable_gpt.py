@@ -2726,6 +2726,18 @@ def test_bench_times_every_config_and_an_outside_nanogpt_model(capsys):
     for name, row in rows.items():
         assert float(row[1]) > 0 and int(row[2].replace(",", "")) > 0 and float(row[3]) > 0
     assert rows["baseline"][3] == "1.00"
+    # the 2025-26 flags: the model ones, and the update rules the Runner applies as the training loop does
+    bench.main(["--flags", "baseline", "mhc", "zclip", "skip-spikes", "--rounds", "1", "--steps", "1", "--no-memory",
+                "--no-compile"])
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert list(rows) == ["baseline", "mhc", "zclip", "skip-spikes"]
+    assert bench.build_model(bench.SHAPES["cpu-preset"], "zclip").config == GPTConfig(
+        bias=False, **{k: v for k, v in bench.SHAPES["cpu-preset"].items() if k != "batch_size"})  # no model flag
+    zclip = bench.Runner(GPT(tiny()), 2, torch.device("cpu"), update="zclip")
+    skip = bench.Runner(GPT(tiny()), 2, torch.device("cpu"), update="skip_spikes")
+    zclip.time(26)
+    skip.time(3)
+    assert zclip.zclip.mean is not None and len(skip.skip_step.losses) == 3  # each saw every step's norm
     bench.main(["--measure-peak", "sdd", "--no-compile"])  # what the peak-memory subprocess runs
     assert 50 < float(capsys.readouterr().out.split()[-1]) < 10_000  # MiB
     bench.main(["--flags", "baseline", "--rounds", "1", "--steps", "1", "--no-memory"])  # compiled by default

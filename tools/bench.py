@@ -29,6 +29,7 @@ import torch
 
 from stable_gpt import GPT, GPTConfig, qk_clip_after_step, tvr_after_step
 from tools.cli import OneLineParser
+from tools.monitors import SkipStep, ZClip
 from tools.runs import TrainError, compile_or_eager, keep_freed_memory, pick_device, pick_dtype
 from train_shakespeare import OLMO2
 
@@ -47,7 +48,11 @@ FLAGS = {
     "dyt": dict(norm="dyt"), "reorder": dict(norm_position="reorder"),
     "olmo2": {k: v for k, v in OLMO2.items() if k != "olmo_decay"},  # (the decay groups: not the model's)
     "muon": dict(optimizer="muon"),  # not a GPTConfig field: the optimizer the Runner builds
+    "attn-sink": dict(attn_sink=True), "mhc": dict(hyper_connections="mhc"), "mup": dict(mup=True),
+    # not GPTConfig fields: the update rules the Runner applies as the training loop does (a host sync per step)
+    "zclip": dict(update="zclip"), "skip-spikes": dict(update="skip_spikes"),
 }
+RUNNER_KEYS = ("optimizer", "update")  # FLAGS' keys that are the Runner's, not the model's
 
 
 def load_nanogpt(path):
@@ -69,7 +74,7 @@ def build_model(shape, flag, nanogpt=None):
     if flag == "nanogpt":
         with contextlib.redirect_stdout(io.StringIO()):  # it prints its parameter count
             return nanogpt.GPT(nanogpt.GPTConfig(bias=False, dropout=0.0, **s))
-    config = {k: v for k, v in FLAGS[flag].items() if k != "optimizer"}
+    config = {k: v for k, v in FLAGS[flag].items() if k not in RUNNER_KEYS}
     return GPT(GPTConfig(bias=False, **s, **config))
 
 
@@ -77,8 +82,11 @@ class Runner:
     """One model and optimizer, stepped on a fixed random batch, in the training script's precision: bf16
     autocast and TF32 on CUDA (fp16 where bf16 is missing), fp32 elsewhere; fused AdamW on CUDA."""
 
-    def __init__(self, model, batch_size, device, compile_model=False, optimizer="adamw"):
+    def __init__(self, model, batch_size, device, compile_model=False, optimizer="adamw", update=None):
         torch.manual_seed(0)
+        # --zclip and --skip-spikes as Run.clip_gradients and Run.skip_this_spike apply them (tools/monitors.py)
+        self.zclip = ZClip() if update == "zclip" else None
+        self.skip_step = SkipStep() if update == "skip_spikes" else None
         self.model = model.to(device)
         with contextlib.redirect_stdout(io.StringIO()):  # nanoGPT's configure_optimizers prints
             self.opt = self.model.configure_optimizers(0.1, 1e-3, (0.9, 0.99), device.type,
@@ -96,7 +104,16 @@ class Runner:
         with self.autocast:
             _, loss = self.forward(self.x, self.x)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        params = list(self.model.parameters())
+        if self.zclip is None:
+            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            adaptive = self.zclip.clip_value(float(norm))
+            torch.nn.utils.clip_grads_with_norm_(params, 1.0 if adaptive is None else min(1.0, adaptive), norm)
+        if self.skip_step is not None and self.skip_step.skip(float(loss), float(norm)):
+            self.opt.zero_grad(set_to_none=True)
+            return
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step_num += 1
@@ -180,7 +197,7 @@ def run(args):
 
     def runner(name):
         return Runner(build_model(shape, name, nanogpt), shape["batch_size"], device, args.compile,
-                      FLAGS.get(name, {}).get("optimizer", "adamw"))
+                      FLAGS.get(name, {}).get("optimizer", "adamw"), FLAGS.get(name, {}).get("update"))
 
     if args.measure_peak:
         if device.type == "cuda":
