@@ -362,7 +362,7 @@ class HyperConnection(nn.Module):
         super().__init__()
         n = n_streams
         self.constrained, self.sinkhorn_iters = constrained, sinkhorn_iters
-        self.norm = LayerNorm(n_embd, bias=False)
+        self.norm = nn.LayerNorm(n_embd, bias=False)  # HC's per-stream norm (x-transformers' too)
         h_pre = torch.zeros(n, 1)
         h_pre[layer_index % n] = 1.0  # each sublayer reads its own stream at init
         self.static_alpha = nn.Parameter(torch.cat([h_pre, torch.eye(n)], dim=1))  # (n, 1 + n): [H_pre | H_res]
@@ -499,9 +499,9 @@ class CausalSelfAttention(nn.Module):
 
     @torch.no_grad()
     def record_max_logit(self, q, k):
-        """QK-Clip's statistic: each head's largest pre-softmax logit q_i . k_j x attn_scale (1/sqrt(hs); muP: 1/hs) over the causal pairs
-        j <= i of this forward, the running max over the step's micro-batches. Flash attention never forms
-        the logits, so this is one more q @ k^T (the cost QK-Clip pays; nothing when it is off), taken in blocks
+        """QK-Clip's statistic: each head's largest pre-softmax logit q_i . k_j x attn_scale (1/sqrt(hs); muP: 1/hs)
+        over the causal pairs j <= i of this forward, the running max over the step's micro-batches. Flash attention
+        never forms the logits, so this is one more q @ k^T (the cost QK-Clip pays; nothing when it is off), in blocks
         of QK_CLIP_ROWS query rows against the keys they may see, in the compute dtype (bf16 under autocast),
         the max in fp32: never the whole (B, nh, T, T) matrix, nor an fp32 copy of it (at gpt2-124m's micro-batch
         that would be 1.6 GB per layer)."""
@@ -1099,10 +1099,9 @@ def kurtosis(x):
 
 def attention_logit_max(q, k, scale=None):
     """The largest attention logit q_i . k_j x scale (default 1/sqrt(head size); muP's 1/hs) over heads and causal
-    pairs j <= i, signed, as
-    Wortsman et al. plot it (arXiv 2309.14322, Sec. 3.1.1; Dehghani et al. 2023, arXiv 2302.05442): the logits
-    whose growth makes the softmax one-hot and training diverge, and what QK-Clip bounds. q, k: (B, T, n_head,
-    head_size), as they enter attention."""
+    pairs j <= i, signed, as Wortsman et al. plot it (arXiv 2309.14322, Sec. 3.1.1; Dehghani et al. 2023, arXiv
+    2302.05442): the logits whose growth makes the softmax one-hot and training diverge, and what QK-Clip bounds.
+    q, k: (B, T, n_head, head_size), as they enter attention."""
     T, hs = q.shape[1], q.shape[-1]
     scale = 1 / math.sqrt(hs) if scale is None else scale
     logits = torch.einsum("bihd,bjhd->bhij", q.float(), k.float()) * scale  # (B, nh, T, T)
@@ -1174,8 +1173,9 @@ def hc_gains(h_res):
     """mHC's "Amax gain magnitude" (arXiv 2512.24880, Sec. 3.1, Figs. 3 and 7) of the stack's residual path: for the
     composite map from the embeddings to the end of block l (the product of H_res^T over its sublayers, two per
     block), its largest absolute row sum (hc_gain_forward: how much it can amplify the signal) and column sum
-    (hc_gain_backward: the gradient), each the max over tokens. Exactly 1 (columns) and ~1 (rows) for mHC's
-    doubly stochastic maps at any depth; HC's unconstrained maps compound. h_res: [(B, T, n, n)] per sublayer."""
+    (hc_gain_backward: the gradient), each the max over tokens. Under mHC, at any depth, the forward gain is exactly 1
+    (H_res's columns sum to 1, so every product's rows do) and the backward gain ~1 (its rows, to Sinkhorn's error);
+    HC's unconstrained maps compound. h_res: [(B, T, n, n)] per sublayer."""
     composite, forward, backward = None, [], []
     for i, h in enumerate(h_res):
         step = h.float().transpose(-1, -2)  # x_next = H_res^T x: (B, T, n, n)
