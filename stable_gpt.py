@@ -331,8 +331,8 @@ def make_linear(config, in_features, out_features, n_gates=1, in_block=True):
 
 def sinkhorn(logits, iters):
     """Sinkhorn-Knopp: a doubly stochastic matrix (entries > 0, every row and column summing to 1) from the
-    logits (..., n, n), as mHC projects H_res onto the Birkhoff polytope (arXiv 2512.24880, Sec. 4.2, Eq. 9). As
-    x-transformers' sinkhorn() does (the issue's reference code): in fp32, start from a softmax over each column
+    logits (..., n, n), as mHC projects H_res onto the Birkhoff polytope (arXiv 2512.24880). As x-transformers'
+    sinkhorn() does (this project's reference code for mHC): in fp32, start from a softmax over each column
     (the paper starts from exp(logits); this adds one column normalization), then iters times normalize the
     rows, then the columns. The columns then sum to 1 exactly, the rows to within the iterations' error."""
     m = logits.float().softmax(dim=-2)
@@ -349,10 +349,10 @@ class HyperConnection(nn.Module):
 
     forward(x) returns (f's input H_pre x (B, T, C), H_res (B, T, n, n), H_post (B, T, n)); update() applies them.
     Each map is a static part plus a dynamic one read from the per-stream LayerNorm of x (Hyper-Connections, arXiv
-    2409.19606, Sec. 2.2 and Appendix J Algorithm 2, dynamic; init Sec. 2.3: H_pre one-hot on stream
-    layer_index mod n, H_res the identity, H_post ones, the dynamic weights 0 with scales 0.01).
-    constrained (mHC, arXiv 2512.24880, Sec. 4.2): H_pre = sigmoid(.), H_post = 2 sigmoid(.), and H_res made
-    doubly stochastic by sinkhorn(), so that no product of H_res over depth can grow or shrink the signal.
+    2409.19606, Appendix J, Algorithm 2, dynamic; its init: H_pre one-hot on stream layer_index mod n, H_res the
+    identity, H_post ones, the dynamic weights 0 with scales 0.01). constrained (mHC, arXiv 2512.24880):
+    H_pre = sigmoid(.), H_post = 2 sigmoid(.), and H_res made doubly stochastic by sinkhorn(), so that no product
+    of H_res over depth can amplify the signal.
     As x-transformers' HyperConnection (num_residual_streams, hyper_conn_sinkhorn_iters): the mHC paper computes
     the dynamic part from the RMSNorm of all n streams flattened (nC wide); the code uses HC's per-stream norm,
     and, before H_post's sigmoid, adds 2 sigmoid(dynamic) x scale to the static part. Unconstrained (HC): the
@@ -446,11 +446,11 @@ class CausalSelfAttention(nn.Module):
         # forwards, kept here (not saved: it starts afresh each step) for qk_clip_after_step
         if config.qk_clip > 0:
             self.register_buffer("max_logit", torch.full((config.n_head,), -math.inf), persistent=False)
-        # Learned attention sink (gpt-oss, arXiv 2508.10925, Sec. 2.1; x-transformers' head_learned_sink): one
-        # logit s_h per head joins every query's softmax with a value of 0, so a head can put its mass nowhere
+        # Learned attention sink (gpt-oss, arXiv 2508.10925, its architecture; x-transformers' head_learned_sink):
+        # one logit s_h per head joins every query's softmax with a value of 0, so a head can put its mass nowhere
         # instead of on the first token. Init 0, as x-transformers (HF's gpt-oss draws N(0, 0.02)).
         self.sink = nn.Parameter(torch.zeros(config.n_head)) if config.attn_sink else None
-        # muP's attention logits q.k / hs instead of / sqrt(hs) (arXiv 2203.03466, Sec. 4 / Appendix J.1; EleutherAI's
+        # muP's attention logits q.k / hs instead of / sqrt(hs) (arXiv 2203.03466, its attention scaling; EleutherAI's
         # nanoGPT-mup): q and k grow correlated as they train, so their dot product grows like hs, not sqrt(hs)
         self.attn_scale = 1 / head_size if config.mup else 1 / math.sqrt(head_size)
 
@@ -740,7 +740,7 @@ class GPT(nn.Module):
         tok_emb = self.transformer.wte(idx)  # token embeddings (b, t, n_embd)
         pos_emb = self.transformer.wpe(pos)  # position embeddings (t, n_embd)
         x = self.transformer.emb_norm(self.transformer.emb_scale(self.transformer.drop(tok_emb + pos_emb)))
-        if self.config.hyper_connections != "off":  # n copies of the stream (arXiv 2409.19606, Sec. 2.1)
+        if self.config.hyper_connections != "off":  # n copies of the stream (arXiv 2409.19606)
             x = x.unsqueeze(2).expand(-1, -1, self.config.hc_streams, -1)  # (b, t, n, n_embd)
         for block in self.transformer.h:
             if self.grad_checkpointing and self.training:
@@ -1170,7 +1170,7 @@ def activation_stats(model, idx, targets=None):
 
 
 def hc_gains(h_res):
-    """mHC's "Amax gain magnitude" (arXiv 2512.24880, Sec. 3.1, Figs. 3 and 7) of the stack's residual path: for the
+    """mHC's "Amax gain magnitude" (arXiv 2512.24880, its measure of HC's instability) of the residual path: for the
     composite map from the embeddings to the end of block l (the product of H_res^T over its sublayers, two per
     block), its largest absolute row sum (hc_gain_forward: how much it can amplify the signal) and column sum
     (hc_gain_backward: the gradient), each the max over tokens. Under mHC, at any depth, the forward gain is exactly 1
