@@ -4133,9 +4133,9 @@ def test_a_sweep_runs_in_parallel_as_in_turn_and_ctrl_c_stops_every_worker(tmp_p
     cmd = [sys.executable, "-m", "tools.sweep", *flags(out, "100000"), *plan, "--seeds", "40", "--jobs", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     logs = [out / "worker0.log", out / "worker1.log"]
-    for _ in range(600):  # both workers training
-        if all(p.is_file() and "iter " in p.read_text() for p in logs):
-            break
+    deadline = time.monotonic() + 600  # both workers training (a loaded machine compiles slowly: no tight bound)
+    while not all(p.is_file() and "iter " in p.read_text() for p in logs):
+        assert time.monotonic() < deadline and proc.poll() is None, "the workers never both started training"
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     printed, _ = proc.communicate(timeout=120)
