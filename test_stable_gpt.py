@@ -2493,10 +2493,12 @@ def test_summary_reports_the_olmo_spike_score(tmp_path, data_dir):
 def test_ddp_two_cpu_processes(tmp_path, data_dir):
     """torchrun with 2 processes on CPU (gloo): the replicas stay identical (TVR, QK-Clip, whose ranks agree on each
     head's max logit in one all-reduce, --skip-spikes, which judges the loss averaged over ranks, and ZClip
-    included) and the loss falls."""
+    included, and the model-side stabilizers of 2025-26: mHC's maps, the sink, muP's per-group rates) and the loss
+    falls."""
     out = tmp_path / "ddp"
     flags = ["--eval-interval", "30", "--grad-accum", "2", "--tvr", "--tvr-interval", "10", "--tvr-target", "0.02",
-             "--qk-clip", "2", "--skip-spikes", "--zclip", "--diag-interval", "10", "--dropout", "0.1"]
+             "--qk-clip", "2", "--skip-spikes", "--zclip", "--diag-interval", "10", "--dropout", "0.1",
+             "--hyper-connections", "mhc", "--attn-sink", "--mup", "--mup-base-width", "64"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "train_shakespeare.py", *train_args(data_dir, out, "--max-iters", "30", *flags)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
