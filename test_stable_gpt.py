@@ -2349,7 +2349,8 @@ def test_plots_read_at_a_glance(tmp_path, data_dir, monkeypatch):
     failed = dict(counted_loss=4.0, failure_mode="collapsed")
     configs = {f"config{i}": dict(runs={1e-3: [run], 1e-2: [run, failed]}, mean_loss={1e-3: 2.0, 1e-2: 3.0},
                                   mean_loss_ci95={1e-3: [1.9, 2.1], 1e-2: None}, lr_sensitivity=0.05,
-                                  lr_sensitivity_ci95=[0.01, 0.09], unstable=0.05, unstable_ci95=None)
+                                  lr_sensitivity_ci95=[0.01, 0.09], unstable=0.05, unstable_ci95=None,
+                                  best_lr=1e-3 * (1 + i), best_lr_at_edge=i % 2 == 0)
                for i in range(13)}
     results = dict(sizes={"2x32": dict(params=1e5, configs=configs), "4x32": dict(params=2e5, configs=configs)},
                    lrs=[1e-3, 1e-2])
@@ -2361,10 +2362,16 @@ def test_plots_read_at_a_glance(tmp_path, data_dir, monkeypatch):
         assert len(ax.containers) == 5 and len({plt_colour(bars) for bars in ax.containers}) == 5
         marks = [line for line in ax.get_lines() if line.get_marker() == plots.MODE_MARKERS["collapsed"]]
         assert len(marks) == 5 and all(list(m.get_ydata()) == [4.0] for m in marks)
-    for ax in figures["lr_sensitivity.png"].axes:  # the sensitivity and its unstable part
+    sensitivity, unstable, best_lr, legend = figures["lr_sensitivity.png"].axes
+    for ax in (sensitivity, unstable):  # the sensitivity and its unstable part
         lines = ax.containers
         assert len(lines) == 13 and list(lines[0].lines[0].get_xdata()) == [1e5, 2e5]
         assert len({plt_colour(bars) for bars in lines}) == 13  # every configuration its own colour
+    curves = [line for line in best_lr.get_lines() if len(line.get_xdata()) == 2]  # each one's best lr by size
+    assert len(curves) == 13 and [list(c.get_ydata()) for c in curves[:2]] == [[1e-3, 1e-3], [2e-3, 2e-3]]
+    points = [line for line in best_lr.get_lines() if len(line.get_xdata()) == 1]
+    assert sum(p.get_markerfacecolor() == "none" for p in points) == 2 * 7  # hollow: at an end of the grid
+    assert len(legend.get_legend().get_texts()) == 13 and not legend.axison
 
 
 def plt_colour(bars):

@@ -364,11 +364,23 @@ def plot_stability_map(results, out_dir, dpi=90):
 def plot_lr_sensitivity(results, out_dir, dpi=90):
     """lr_sensitivity.png: each configuration's LR sensitivity (with its 95% interval over seeds) against the
     model's parameter count, log axis, one line per configuration: Wortsman et al.'s Fig. 1, right panel (arXiv
-    2309.14322); beside it its part above the best learning rate (instability), the part that scale brings out."""
+    2309.14322); beside it its part above the best learning rate (instability), the part that scale brings out;
+    last, the best learning rate of the mean curve against size (hollow: at an end of the grid, so not measured),
+    what muP claims to hold still as the model widens."""
     sizes = list(results["sizes"].values())
     names = config_names(results)
     colors = config_colors(names)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), sharey=True)
+    fig, (*axes, legend) = plt.subplots(1, 4, figsize=(21, 5.5), gridspec_kw=dict(width_ratios=(1, 1, 1, 0.45)))
+    axes[1].sharey(axes[0])
+    for i, config in enumerate(names):
+        points = [(s["params"], s["configs"][config]) for s in sizes if s["params"] and config in s["configs"]]
+        axes[2].plot([p for p, _ in points], [c["best_lr"] for _, c in points], color=colors[config],
+                     linestyle=("-", "--", ":")[i % 3], lw=1)
+        for p, c in points:
+            axes[2].plot(p, c["best_lr"], "osD^v"[i % 5], ms=6, color=colors[config],
+                         mfc="none" if c["best_lr_at_edge"] else colors[config])
+    axes[2].set(xscale="log", yscale="log", xlabel="parameters (nanoGPT's count)", ylabel="peak learning rate",
+                title="best learning rate against model size")
     for ax, key, title in zip(axes, ("lr_sensitivity", "unstable"),
                               ("LR sensitivity against model size", "its part above the best learning rate")):
         for i, config in enumerate(names):
@@ -381,7 +393,8 @@ def plot_lr_sensitivity(results, out_dir, dpi=90):
                         linestyle=("-", "--", ":")[i % 3], marker="osD^v"[i % 5], ms=5, capsize=3, label=config)
         ax.set(xscale="log", xlabel="parameters (nanoGPT's count)", title=f"{title} (95% interval over seeds)")
     axes[0].set_ylabel("nats")
-    axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    legend.axis("off")  # a panel of its own for the legend, which tight_layout then keeps clear of the others
+    legend.legend(*axes[1].get_legend_handles_labels(), fontsize=8, loc="center left")
     return [save(fig, Path(out_dir) / "lr_sensitivity.png", dpi, integer_x=False)]
 
 
