@@ -1243,8 +1243,9 @@ def hyper_connection_reference(hc, x, branch):
     else:
         alpha = torch.tanh(normed @ hc.dynamic_alpha) * hc.dynamic_alpha_scale + hc.static_alpha
         beta = torch.tanh(normed @ hc.dynamic_beta) * hc.dynamic_beta_scale + hc.static_beta
-    mix = torch.einsum("btst,btsd->bttd".replace("btst", "bsu").replace("btsd", "bsd").replace("bttd", "bud"),
-                       alpha.reshape(-1, n, n + 1), x.reshape(-1, n, x.size(-1))).view(*x.shape[:2], n + 1, -1)
+    # x-transformers' einsum('... s t, ... s d -> ... t d', alpha, residuals), tokens flattened
+    mix = torch.einsum("bst,bsd->btd", alpha.reshape(-1, n, n + 1), x.reshape(-1, n, x.size(-1)))
+    mix = mix.view(*x.shape[:2], n + 1, -1)
     branch_input, residuals = mix[..., 0, :], mix[..., 1:, :]
     return torch.einsum("btd,bts->btsd", branch(branch_input), beta) + residuals
 
