@@ -111,7 +111,7 @@ class Runner:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             adaptive = self.zclip.clip_value(float(norm))
             torch.nn.utils.clip_grads_with_norm_(params, 1.0 if adaptive is None else min(1.0, adaptive), norm)
-        if self.skip_step is not None and self.skip_step.skip(float(loss), float(norm)):
+        if self.skip_step is not None and self.skip_step.skip(float(loss.detach()), float(norm)):
             self.opt.zero_grad(set_to_none=True)
             return
         self.opt.step()
