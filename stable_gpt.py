@@ -799,9 +799,10 @@ class GPT(nn.Module):
         AdamW's learning rate and weight decay, so one --lr grid means the same for both. c_attn is one (3C, C)
         matrix, as nanoGPT's, orthogonalized whole (Megatron's Muon and modded-nanogpt split q, k, v)."""
         embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
-        gates = {id(m.gate) for m in self.modules() if isinstance(m, WESAR_MODULES)}
-        # hyper-connections' maps are not decayed either: decay would pull H_res's static part off the identity
-        gates |= {id(p) for m in self.modules() if isinstance(m, HyperConnection) for p in m.parameters()}
+        # never decayed: WeSaR's gates, and hyper-connections' maps (decay would pull H_res's static part off
+        # the identity)
+        never_decayed = {id(m.gate) for m in self.modules() if isinstance(m, WESAR_MODULES)}
+        never_decayed |= {id(p) for m in self.modules() if isinstance(m, HyperConnection) for p in m.parameters()}
         olmo_groups = (self.config.sdd and sdd_official_decay) or olmo_decay
         muon = {id(m.weight) for _, _, m in _block_linears(self)} if optimizer == "muon" else set()
         if self.config.mup and optimizer == "muon":
@@ -814,7 +815,7 @@ class GPT(nn.Module):
         hidden = {id(m.weight) for _, _, m in _block_linears(self)} if self.config.mup else set()
 
         def decayed(p):
-            if id(p) in gates:
+            if id(p) in never_decayed:
                 return False
             return id(p) not in embeddings if olmo_groups else p.dim() >= 2
 
