@@ -30,7 +30,7 @@ import torch
 from stable_gpt import GPT, GPTConfig, qk_clip_after_step, tvr_after_step
 from tools.cli import OneLineParser
 from tools.monitors import SkipStep, ZClip
-from tools.runs import TrainError, compile_or_eager, keep_freed_memory, pick_device, pick_dtype
+from tools.runs import TrainError, clip_gradients, compile_or_eager, keep_freed_memory, pick_device, pick_dtype
 from train_shakespeare import OLMO2
 
 SHAPES = {  # vocab 65: tiny Shakespeare's characters; 50304: GPT-2's BPE padded to a multiple of 64
@@ -104,13 +104,7 @@ class Runner:
         with self.autocast:
             _, loss = self.forward(self.x, self.x)
         loss.backward()
-        params = list(self.model.parameters())
-        if self.zclip is None:
-            norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-            adaptive = self.zclip.clip_value(float(norm))
-            torch.nn.utils.clip_grads_with_norm_(params, 1.0 if adaptive is None else min(1.0, adaptive), norm)
+        norm = clip_gradients(self.model.parameters(), 1.0, self.zclip)  # the training loop's clip, --zclip included
         if self.skip_step is not None and self.skip_step.skip(float(loss.detach()), float(norm)):
             self.opt.zero_grad(set_to_none=True)
             return

@@ -694,6 +694,18 @@ def rng_states(data_state, proc):
 MAX_SKIPS_IN_A_ROW = 10  # --skip-nonfinite: more non-finite steps in a row than this is a divergence
 
 
+def clip_gradients(params, max_norm, zclip=None):
+    """Clip the global gradient norm of params at max_norm, and with a ZClip (tools/monitors.py) also at its
+    threshold for this step (a host sync: the threshold depends on the norm); returns the norm before clipping."""
+    params = list(params)
+    if zclip is None:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    adaptive = zclip.clip_value(float(norm))
+    torch.nn.utils.clip_grads_with_norm_(params, min(max_norm, math.inf if adaptive is None else adaptive), norm)
+    return norm
+
+
 class Run:
     """One training run's state and everything it writes. Every rank keeps the state (the step counter, the
     best val loss, the spike rules); rank 0 alone prints and writes the run folder: the lock, log.jsonl,
@@ -851,16 +863,10 @@ class Run:
         return skip
 
     def clip_gradients(self):
-        """Clip the global gradient norm at --grad-clip (0: off), and with --zclip also at ZClip's threshold for this
-        step (a host sync: the threshold depends on the norm); returns the norm before clipping. The gradients are
-        already all-reduced, so every rank sees the same norm and clips alike."""
-        params, max_norm = list(self.model.parameters()), self.cfg.grad_clip or math.inf
-        if self.zclip is None:
-            return torch.nn.utils.clip_grad_norm_(params, max_norm)
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-        adaptive = self.zclip.clip_value(float(norm))
-        torch.nn.utils.clip_grads_with_norm_(params, min(max_norm, math.inf if adaptive is None else adaptive), norm)
-        return norm
+        """Clip the global gradient norm at --grad-clip (0: off), and with --zclip also at ZClip's threshold
+        (clip_gradients below); returns the norm before clipping. The gradients are already all-reduced, so every
+        rank sees the same norm and clips alike."""
+        return clip_gradients(self.model.parameters(), self.cfg.grad_clip or math.inf, self.zclip)
 
     def skip_this_spike(self, loss, grad_norm):
         """--skip-spikes: whether this step's update is skipped by OLMo-core's skip-step rule (SkipStep), judged on
