@@ -159,15 +159,16 @@ class ProtocolError(ValueError):
 
 def merge_rows(saved, new):
     """The rows of a saved runs.csv with this sweep's rows: a run (size, config, lr, seed) this sweep has replaces
-    the saved one, and comes in this sweep's order, the saved rest after; sweeps into one folder add up (e.g. the largest size run later with fewer configurations), but
-    only runs of one protocol (steps, tokens, warmup, decay, text): else ProtocolError, saying what differs."""
-    ours = {r["protocol"] for r in new}
-    if others := {r["protocol"] for r in saved} - ours:
+    the saved one, and comes in this sweep's order, the saved rest after; sweeps into one folder add up (e.g. the
+    largest size run later with fewer configurations), but only runs of one protocol (steps, tokens, warmup, decay,
+    text): else ProtocolError, saying what differs."""
+    protocols = {r["protocol"] for r in new}
+    if others := {r["protocol"] for r in saved} - protocols:
         raise ProtocolError(f"its runs.csv holds runs of another protocol ({'; '.join(sorted(others))}) than this "
-                            f"sweep's ({'; '.join(sorted(ours))})")
+                            f"sweep's ({'; '.join(sorted(protocols))})")
     key = lambda r: (r["size"], r["config"], float(r["lr"]), int(r["seed"]))
-    ours = {key(r) for r in new}
-    return list(new) + [r for r in saved if key(r) not in ours]  # this sweep's order first (the tables follow it)
+    replaced = {key(r) for r in new}
+    return list(new) + [r for r in saved if key(r) not in replaced]  # this sweep's order first (the tables follow it)
 
 
 # ----------------------------------------------------------------------------------------------------
