@@ -453,6 +453,7 @@ class CausalSelfAttention(nn.Module):
         # muP's attention logits q.k / hs instead of / sqrt(hs) (arXiv 2203.03466, its attention scaling; EleutherAI's
         # nanoGPT-mup): q and k grow correlated as they train, so their dot product grows like hs, not sqrt(hs)
         self.attn_scale = 1 / head_size if config.mup else 1 / math.sqrt(head_size)
+        self.sdpa_scale = self.attn_scale if config.mup else None  # None: SDPA's own 1/sqrt(hs), nanoGPT's exact call
 
     def forward(self, x):
         B, T, C = x.size()  # batch size, sequence length, embedding dimensionality (n_embd)
@@ -469,9 +470,8 @@ class CausalSelfAttention(nn.Module):
             self.record_max_logit(q, k)
         # causal self-attention, fused (flash) kernels where available: (B, nh, T, hs) x (B, nh, hs, T) -> (B, nh, T, T)
         dropout_p = self.dropout if self.training else 0.0
-        if self.sink is None:  # the default scale (1/sqrt(hs)) passed as None: nanoGPT's exact call
-            scale = None if self.attn_scale == 1 / math.sqrt(hs) else self.attn_scale
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale)
+        if self.sink is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.sdpa_scale)
         else:
             y = self.attend_with_sink(q, k, v, dropout_p)
         y = self.context_norm(y.transpose(1, 2).contiguous().view(B, T, C))  # all head outputs side by side
