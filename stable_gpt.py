@@ -132,6 +132,13 @@ class GPTConfig:
         gain of SDD's residual-output norms (official code)."""
         return x / math.sqrt(2 * self.n_layer)
 
+    def check_optimizer(self, optimizer: str):
+        """Raise ValueError for an optimizer these techniques cannot use (configure_optimizers and the script's
+        settings both ask here, so the rule and its message live once)."""
+        if self.mup and optimizer == "muon":
+            raise ValueError("muP with Muon: muP's per-layer learning rates are Adam's (arXiv 2203.03466, Table 3); "
+                             "Muon's update already scales with each matrix's shape (match_rms_adamw). Use one of them")
+
     def mup_width_mult(self) -> float:
         """muP's width multiplier m = n_embd / mup_base_width (1 without muP)."""
         return self.n_embd / self.mup_base_width if self.mup else 1.0
@@ -805,9 +812,7 @@ class GPT(nn.Module):
         never_decayed |= {id(p) for m in self.modules() if isinstance(m, HyperConnection) for p in m.parameters()}
         olmo_groups = (self.config.sdd and sdd_official_decay) or olmo_decay
         muon = {id(m.weight) for _, _, m in _block_linears(self)} if optimizer == "muon" else set()
-        if self.config.mup and optimizer == "muon":
-            raise ValueError("muP with Muon: muP's per-layer learning rates are Adam's (arXiv 2203.03466, Table 3); "
-                             "Muon's update already scales with each matrix's shape (match_rms_adamw). Use one of them")
+        self.config.check_optimizer(optimizer)
         # muP (arXiv 2203.03466, Table 3, Adam, hidden weights: learning rate / m; EleutherAI's nanoGPT-mup): every
         # block matrix in its own group with lr_scale 1/m, which the training loop multiplies into its learning rate;
         # embeddings, the tied head, gains and biases keep the base rate. Decay is lr x weight_decay as ever, so the

@@ -1394,7 +1394,7 @@ def test_mup_with_muon_is_refused(tmp_path, data_dir, capsys):
         GPT(tiny(mup=True)).configure_optimizers(0.1, 1e-3, (0.9, 0.95), "cpu", optimizer="muon")
     assert train_shakespeare.main(train_args(data_dir, tmp_path / "run", "--mup", "--optimizer", "muon")) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--mup with --optimizer muon" in err[0] and not (tmp_path / "run").exists()
+    assert len(err) == 1 and "muP with Muon" in err[0] and not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------------------------------

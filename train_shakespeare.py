@@ -235,10 +235,7 @@ def resolve(given, base=None):
     check_ranges(cfg)
     if cfg.min_lr > cfg.lr:
         raise TrainError(f"--min-lr ({cfg.min_lr}) must not exceed --lr ({cfg.lr})")
-    model_config(cfg, vocab_size=1)  # GPTConfig's own rules, before any data is read
-    if cfg.mup and cfg.optimizer == "muon":
-        raise TrainError("--mup with --optimizer muon: muP's per-layer learning rates are Adam's (arXiv 2203.03466, "
-                         "Table 3) and Muon's update already scales with each matrix's shape; use one of them")
+    model_config(cfg, vocab_size=1)  # GPTConfig's own rules (and the optimizers it takes), before any data is read
     return cfg
 
 
@@ -253,7 +250,9 @@ def resume_settings(given, ckpt):
 
 def model_config(cfg, vocab_size):
     try:
-        return GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=vocab_size)
+        config = GPTConfig(**{k: getattr(cfg, k) for k in MODEL_KEYS}, vocab_size=vocab_size)
+        config.check_optimizer(cfg.optimizer)
+        return config
     except ValueError as e:
         raise TrainError(str(e)) from None
 
