@@ -4155,6 +4155,32 @@ def test_a_sweep_runs_in_parallel_as_in_turn_and_ctrl_c_stops_every_worker(tmp_p
     assert len(list(out.glob("*/*/seed*/ckpt.pt"))) == 2
 
 
+def test_a_sweep_worker_waits_for_runs_still_on_their_way(tmp_path, data_dir):
+    """A worker ends at its end mark, not at a queue read empty: a resumed sweep's queue opens with hundreds of
+    finished runs that the workers skip faster than the queue's pipe delivers the rest, and a worker that took
+    "empty" for "done" left a 2-job sweep running on one. Here the queue is empty for a second, then a run comes."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    todo, done = ctx.Queue(), ctx.Queue()
+    log = tmp_path / "worker0.log"
+    worker = ctx.Process(target=sweep.parallel_worker, args=(todo, done, 1, log), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 300
+    while not log.is_file():  # the worker opens its log just before it reads the queue
+        assert time.monotonic() < deadline and worker.is_alive(), "the worker never started"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    assert worker.is_alive(), "the worker ended on an empty queue with runs still to come"
+    args = without_lr(train_args(data_dir, tmp_path / "unused", "--max-iters", "4", "--eval-interval", "2",
+                                 "--diag-interval", "0")) + ["--lr", "1e-3"]
+    todo.put((args, "baseline", 1337, tmp_path / "run", "[1/1]"))
+    todo.put(None)
+    assert [done.get(timeout=300)[0] for _ in range(2)] == ["start", "end"]
+    worker.join(timeout=60)
+    assert worker.exitcode == 0 and json.loads((tmp_path / "run" / "summary.json").read_text())["iters"] == 4
+
+
 def test_the_gpu_map_dry_run_runs_its_whole_protocol_on_cpu(tmp_path, gpt2_data_dir, capsys):
     """tools.gpu_map --dry-run: every configuration, size and learning rate of the GPU protocol at toy sizes, two
     workers, BPE; the map's CSV and tables come out as on a GPU. Without --dry-run and CUDA: exit 2, one line."""

@@ -207,10 +207,13 @@ def run_in_parallel(tasks, jobs, root):
     todo, done = ctx.Queue(), ctx.Queue()
     for task in tasks:
         todo.put(task)
+    n_workers = min(jobs, len(tasks))
+    for _ in range(n_workers):  # one end mark per worker: a queue read empty may only be one whose runs are still
+        todo.put(None)  # on their way through its pipe (get_nowait's Empty once ended a worker at a resume's start)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     root.mkdir(parents=True, exist_ok=True)
     workers = [ctx.Process(target=parallel_worker, args=(todo, done, threads, root / f"worker{k}.log"), daemon=True)
-               for k in range(min(jobs, len(tasks)))]
+               for k in range(n_workers)]
     errors, finished, asked_to_stop = [], 0, False
 
     def ask_workers_to_stop():  # once: a second signal to a worker would stop its run at once, unsaved
@@ -248,11 +251,10 @@ def run_in_parallel(tasks, jobs, root):
 
 
 def parallel_worker(todo, done, threads, log_path):
-    """One worker of run_in_parallel: runs from the queue until it is empty or a signal came (from the parent only:
+    """One worker of run_in_parallel: runs from the queue until its end mark or a signal came (from the parent only:
     its own session keeps a terminal's Ctrl-C, which the parent forwards once, from reaching it twice)."""
     import contextlib
     import os
-    import queue
 
     os.setsid()
     torch.set_num_threads(threads)
@@ -260,10 +262,9 @@ def parallel_worker(todo, done, threads, log_path):
     with open(log_path, "a", buffering=1) as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log), \
             StopRequest() as stop:
         while stop.signum is None:
-            try:
-                args, config, seed, run_dir, progress = todo.get_nowait()
-            except queue.Empty:
+            if (task := todo.get()) is None:  # the end mark: no runs left
                 return
+            args, config, seed, run_dir, progress = task
             announce = lambda line: (print(line), done.put(("start", progress, f"{config} seed {seed} -> {run_dir}")))
             try:
                 trained = run_one(parser, args, config, seed, run_dir, stop, progress, announce)
