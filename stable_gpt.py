@@ -805,6 +805,7 @@ class GPT(nn.Module):
         2502.16982, Sec. 2: update scaled by 0.2 sqrt(max(A, B)), the RMS of an AdamW update) lets Muon take
         AdamW's learning rate and weight decay, so one --lr grid means the same for both. c_attn is one (3C, C)
         matrix, as nanoGPT's, orthogonalized whole (Megatron's Muon and modded-nanogpt split q, k, v)."""
+        self.config.check_optimizer(optimizer)
         embeddings = {id(self.transformer.wte.weight), id(self.transformer.wpe.weight)}
         # never decayed: WeSaR's gates, and hyper-connections' maps (decay would pull H_res's static part off
         # the identity)
@@ -812,7 +813,6 @@ class GPT(nn.Module):
         never_decayed |= {id(p) for m in self.modules() if isinstance(m, HyperConnection) for p in m.parameters()}
         olmo_groups = (self.config.sdd and sdd_official_decay) or olmo_decay
         muon = {id(m.weight) for _, _, m in _block_linears(self)} if optimizer == "muon" else set()
-        self.config.check_optimizer(optimizer)
         # muP (arXiv 2203.03466, Table 3, Adam, hidden weights: learning rate / m; EleutherAI's nanoGPT-mup): every
         # block matrix in its own group with lr_scale 1/m, which the training loop multiplies into its learning rate;
         # embeddings, the tied head, gains and biases keep the base rate. Decay is lr x weight_decay as ever, so the

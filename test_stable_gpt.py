@@ -4172,8 +4172,7 @@ def test_a_sweep_worker_waits_for_runs_still_on_their_way(tmp_path, data_dir):
         time.sleep(0.05)
     time.sleep(1.0)
     assert worker.is_alive(), "the worker ended on an empty queue with runs still to come"
-    args = without_lr(train_args(data_dir, tmp_path / "unused", "--max-iters", "4", "--eval-interval", "2",
-                                 "--diag-interval", "0")) + ["--lr", "1e-3"]
+    args = train_args(data_dir, tmp_path / "run", "--max-iters", "4", "--eval-interval", "2", "--diag-interval", "0")
     todo.put((args, "baseline", 1337, tmp_path / "run", "[1/1]"))
     todo.put(None)
     assert [done.get(timeout=300)[0] for _ in range(2)] == ["start", "end"]
