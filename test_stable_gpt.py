@@ -4041,8 +4041,8 @@ def test_runs_of_a_second_sweep_join_the_first_ones_csv(tmp_path):
     again = fake_row(tmp_path / "c", size="4x64", config="--sdd", final=2.2, diverged=False)
     larger = fake_row(tmp_path / "d", size="4x128", config="baseline", final=1.9, diverged=False)
     merged = stability.merge_rows(first, [again, larger])
-    assert [(r["size"], r["config"], r["final_val_loss"]) for r in merged] == [
-        ("4x64", "--sdd", 2.2), ("4x128", "baseline", 1.9), ("4x64", "baseline", 2.0)]
+    assert [(r["size"], r["config"], r["final_val_loss"]) for r in merged] == [  # the rerun in its place, new after
+        ("4x64", "baseline", 2.0), ("4x64", "--sdd", 2.2), ("4x128", "baseline", 1.9)]
     longer = dict(larger, protocol=larger["protocol"].replace("10 x 64", "20 x 64"))  # another number of steps
     with pytest.raises(stability.ProtocolError, match="another protocol"):
         stability.merge_rows(first, [longer])

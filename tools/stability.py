@@ -159,16 +159,18 @@ class ProtocolError(ValueError):
 
 def merge_rows(saved, new):
     """The rows of a saved runs.csv with this sweep's rows: a run (size, config, lr, seed) this sweep has replaces
-    the saved one, and comes in this sweep's order, the saved rest after; sweeps into one folder add up (e.g. the
-    largest size run later with fewer configurations), but only runs of one protocol (steps, tokens, warmup, decay,
-    text): else ProtocolError, saying what differs."""
+    the saved one in its place, and the runs the saved rows lack come after them, so a map that grows keeps its
+    order (the tables and panels follow it: configurations in the order they joined the map); sweeps into one folder
+    add up (e.g. the largest size run later with fewer configurations), but only runs of one protocol (steps,
+    tokens, warmup, decay, text): else ProtocolError, saying what differs."""
     protocols = {r["protocol"] for r in new}
     if others := {r["protocol"] for r in saved} - protocols:
         raise ProtocolError(f"its runs.csv holds runs of another protocol ({'; '.join(sorted(others))}) than this "
                             f"sweep's ({'; '.join(sorted(protocols))})")
     key = lambda r: (r["size"], r["config"], float(r["lr"]), int(r["seed"]))
-    replaced = {key(r) for r in new}
-    return list(new) + [r for r in saved if key(r) not in replaced]  # this sweep's order first (the tables follow it)
+    latest = {key(r): r for r in new}
+    saved_keys = {key(r) for r in saved}
+    return [latest.get(key(r), r) for r in saved] + [r for r in new if key(r) not in saved_keys]
 
 
 # ----------------------------------------------------------------------------------------------------
