@@ -2300,6 +2300,20 @@ def test_spike_detector_on_a_synthetic_curve():
     assert monitors.SpikeDetector(1.2, 50).update(100.0) is None  # no verdict on an empty window
 
 
+def test_a_log_panel_shows_at_least_4x_so_a_flat_gain_reads_flat(tmp_path, monkeypatch):
+    """mHC's gain is 1 to float rounding (1 +- 1e-7): matplotlib would stretch that over the whole panel, so a log
+    panel spans at least 4x; a range wider than that is left as drawn."""
+    figures = {}
+    monkeypatch.setattr(plots, "save", lambda fig, p, *a, **k: figures.setdefault(Path(p).name, fig) and Path(p))
+    snaps = [dict(iter=i, flat=[1.0000001, 1.0000002, 1.0000002, 1.0000003], steep=[1.0, 3.0, 9.0, 27.0])
+             for i in (50, 100)]
+    panels = [(key, key, "log", [(key, "o-", "")]) for key in ("flat", "steep")]
+    plots.plot_snapshots_by_block(snaps, ["C0", "C1"], panels, tmp_path / "gain.png", width=8)
+    (flat_low, flat_high), (steep_low, steep_high) = (ax.get_ylim() for ax in figures["gain.png"].axes)
+    assert flat_high / flat_low == pytest.approx(4) and flat_low < 1 < flat_high
+    assert steep_low < 1 and 27 < steep_high < 40  # matplotlib's own margins
+
+
 def test_diagnostics_and_plots_from_training(tmp_path, data_dir):
     out = tmp_path / "run"
     assert train_shakespeare.main(train_args(data_dir, out, "--diag-interval", "20", "--plot")) == 0
