@@ -3907,6 +3907,11 @@ def test_a_run_counts_at_its_loss_at_init_where_it_diverged_and_gets_its_failure
                              dict(attn_logit_max=[2.0, 40.0], logit_lse_mean=ln65 + 2)])
     assert runaway["failure_mode"] == "attention logits" and runaway["attn_logit_max"] == 150.0
     assert runaway["log_z"] == pytest.approx(ln65 + 2) and runaway["log_z_drift"] == pytest.approx(2.0)
+    assert runaway["hc_gain_max"] is None  # no hyper-connections: no gain recorded
+    compounding = fake_row(tmp_path / "hc", final=2.5, diverged=False,  # HC's gain: the largest of any record, block
+                           diag=[dict(hc_gain_forward=[1.5, 30.0], hc_gain_backward=[2.0, 90.0]),
+                                 dict(hc_gain_forward=[1.2, 7.0], hc_gain_backward=[1.0, 8.0])])
+    assert compounding["hc_gain_max"] == 30.0 and compounding["failure_mode"] == "trains"
     drift = fake_row(tmp_path / "g", final=2.5, diverged=False,
                      diag=[dict(attn_logit_max=[99.0], logit_lse_mean=ln65 - 10.5), dict(attn_logit_max=[9.0],
                                                                                         logit_lse_mean=ln65)])

@@ -40,9 +40,9 @@ import numpy as np
 
 FIELDS = ("size", "params", "config", "model", "lr", "seed", "steps", "tokens", "init_val_loss", "best_val_loss",
           "final_val_loss", "counted_loss", "diverged", "failure_mode", "attn_logit_max", "log_z", "log_z_drift",
-          "unigram_loss", "protocol")
+          "unigram_loss", "protocol", "hc_gain_max")
 NUMBERS = {"params", "lr", "seed", "steps", "tokens", "init_val_loss", "best_val_loss", "final_val_loss",
-           "counted_loss", "attn_logit_max", "log_z", "log_z_drift", "unigram_loss"}
+           "counted_loss", "attn_logit_max", "log_z", "log_z_drift", "unigram_loss", "hc_gain_max"}
 
 # The failure modes, in the order they are tested: the first that applies is the run's.
 #   diverged          a non-finite loss (the run stopped there)
@@ -83,7 +83,9 @@ def unigram_loss(data_dir, vocab_size):
 
 def run_row(run_dir, size, config, lr, unigram, params):
     """runs.csv's row of one finished run: its settings, losses (counted_loss: Wortsman's capped loss), the
-    largest attention logit and the log Z of its diagnostics (diag.jsonl; None without them) and its failure mode."""
+    largest attention logit and the log Z of its diagnostics (diag.jsonl; None without them), its failure mode and,
+    with hyper-connections, the largest forward gain of the residual path recorded (any block: mHC's Amax gain, arXiv
+    2512.24880, Sec. 3; 1 under mHC, compounding under HC)."""
     import json
 
     from tools.runs import parse_or_none
@@ -99,6 +101,7 @@ def run_row(run_dir, size, config, lr, unigram, params):
     logits = [x for r in diag for x in r.get("attn_logit_max", []) if x is not None and math.isfinite(x)]
     log_z = [r["logit_lse_mean"] for r in diag if math.isfinite(r.get("logit_lse_mean", math.nan))]
     log_z_init = math.log(summary["model_args"]["vocab_size"])  # all logits equal: log Z = ln V
+    gains = [x for r in diag for x in r.get("hc_gain_forward", []) if x is not None and math.isfinite(x)]
     attn_max = max(logits) if logits else None
     drift = max(abs(z - log_z_init) for z in log_z) if log_z else None
     return dict(size=size, params=params, config=config, model=summary["techniques"], lr=lr, protocol=protocol(summary),
@@ -107,7 +110,8 @@ def run_row(run_dir, size, config, lr, unigram, params):
                 best_val_loss=summary["best_val_loss"], final_val_loss=final,
                 counted_loss=init if diverged else min(final, init), diverged=diverged,
                 failure_mode=failure_mode(diverged, final, unigram, attn_max, drift), attn_logit_max=attn_max,
-                log_z=log_z[-1] if log_z else None, log_z_drift=drift, unigram_loss=unigram)
+                log_z=log_z[-1] if log_z else None, log_z_drift=drift, unigram_loss=unigram,
+                hc_gain_max=max(gains) if gains else None)
 
 
 def protocol(summary):
