@@ -2365,7 +2365,7 @@ def test_plots_read_at_a_glance(tmp_path, data_dir, monkeypatch):
     configs = {f"config{i}": dict(runs={1e-3: [run], 1e-2: [run, failed]}, mean_loss={1e-3: 2.0, 1e-2: 3.0},
                                   mean_loss_ci95={1e-3: [1.9, 2.1], 1e-2: None}, lr_sensitivity=0.05,
                                   lr_sensitivity_ci95=[0.01, 0.09], unstable=0.05, unstable_ci95=None,
-                                  best_lr=1e-3 * (1 + i), best_lr_at_edge=i % 2 == 0)
+                                  best_lr=1e-3 * (1 + i), best_lr_at_edge=i % 2 == 0, best_loss=2.0)
                for i in range(13)}
     results = dict(sizes={"2x32": dict(params=1e5, configs=configs), "4x32": dict(params=2e5, configs=configs)},
                    lrs=[1e-3, 1e-2])
@@ -2387,6 +2387,17 @@ def test_plots_read_at_a_glance(tmp_path, data_dir, monkeypatch):
     points = [line for line in best_lr.get_lines() if len(line.get_xdata()) == 1]
     assert sum(p.get_markerfacecolor() == "none" for p in points) == 2 * 7  # hollow: at an end of the grid
     assert len(legend.get_legend().get_texts()) == 13 and not legend.axison
+    plots.plot_lr_transfer(results, tmp_path)  # a panel per configuration, a curve per size, its best lr starred
+    transfer = [ax for ax in figures["lr_transfer.png"].axes if ax.axison]
+    assert [ax.get_title() for ax in transfer] == list(configs)
+    for ax in transfer:
+        assert [list(bars.lines[0].get_xdata()) for bars in ax.containers] == [[1e-3, 1e-2]] * 2
+        assert len({plt_colour(bars) for bars in ax.containers}) == 2
+        c = configs[ax.get_title()]
+        stars = [m for m in ax.get_lines() if m.get_marker() == "*"]
+        assert [(list(m.get_xdata()), list(m.get_ydata())) for m in stars] == [([c["best_lr"]], [2.0])] * 2
+        assert all((str(m.get_markerfacecolor()) == "none") == c["best_lr_at_edge"] for m in stars)
+    assert plots.plot_lr_transfer(dict(results, sizes={"2x32": results["sizes"]["2x32"]}), tmp_path) == []
 
 
 def plt_colour(bars):
@@ -4091,6 +4102,7 @@ def test_sizes_set_each_runs_shape_and_are_checked(tmp_path, data_dir, capsys):
     saved = json.loads((out / "2x64" / "baseline" / "lr0.01" / "seed1338" / "summary.json").read_text())["config"]
     assert (saved["n_layer"], saved["n_embd"], saved["n_head"]) == (2, 64, 2)
     assert set(large["configs"]["baseline"]["mean_loss_ci95"]) == {1e-3, 1e-2}
+    assert (out / "lr_transfer.png").read_bytes()[:4] == b"\x89PNG"  # two sizes: the transfer plot too
     # a size added later with other settings is not tabled beside them: one line, its runs kept
     other = [w if w != "4" else "6" for w in argv[:argv.index("--sizes")]] + ["--sizes", "3x32", "--seeds", "1"]
     capsys.readouterr()

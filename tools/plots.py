@@ -364,6 +364,46 @@ def plot_stability_map(results, out_dir, dpi=90):
     return [save(fig, Path(out_dir) / "stability_map.png", dpi, integer_x=False)]
 
 
+def plot_lr_transfer(results, out_dir, dpi=90):
+    """lr_transfer.png: a panel per configuration run at two sizes or more, its mean curve at each size (one colour
+    per size, dark to light as the model grows) with 95% intervals, each curve's best learning rate starred
+    (hollow: at an end of the grid, so not measured). Wortsman et al.'s Fig. 1 left (arXiv 2309.14322), and muP's
+    transfer plot (Yang et al., arXiv 2203.03466, Fig. 1): under muP the optimum should stay put as the model
+    widens. Returns [] where no configuration has two sizes."""
+    sizes = results["sizes"]
+    names = [n for n in config_names(results) if sum(n in s["configs"] for s in sizes.values()) >= 2]
+    if not names:
+        return []
+    columns = min(4, len(names))
+    rows = math.ceil(len(names) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(4.3 * columns, 3.2 * rows + 1.0), sharey=True, squeeze=False)
+    shades = plt.cm.viridis([0.85 * i / max(1, len(sizes) - 1) for i in range(len(sizes))])
+    for ax, name in zip(axes.flat, names):
+        for shade, (label, size) in zip(shades, sizes.items()):
+            if name not in size["configs"]:
+                continue
+            c = size["configs"][name]
+            lrs = sorted(c["runs"])
+            mean = [c["mean_loss"][lr] for lr in lrs]
+            ax.errorbar(lrs, mean, yerr=interval_bars(mean, [c["mean_loss_ci95"][lr] for lr in lrs]), color=shade,
+                        marker="o", ms=3, capsize=2, label=label)
+            ax.plot(c["best_lr"], c["best_loss"], "*", ms=13, color=shade,
+                    mfc="none" if c["best_lr_at_edge"] else shade)
+        ax.set(xscale="log", title=name)
+        ax.set_xticks(results["lrs"], [f"{lr:g}" for lr in results["lrs"]], fontsize=7)
+        ax.minorticks_off()
+        ax.legend(fontsize=7)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    means = [v for s in sizes.values() for n in names if n in s["configs"] for v in s["configs"][n]["mean_loss"].values()]
+    axes[0, 0].set_ylim(min(means) - 0.15, max(means) + 0.15)  # the curves, not a 3-seed interval's reach
+    for ax in axes[:, 0]:
+        ax.set_ylabel("final val loss (nats/token)")
+    fig.suptitle("Learning-rate transfer across sizes: mean over seeds, 95% interval; * the best learning rate of "
+                 "each size (hollow: at the grid's end)")
+    return [save(fig, Path(out_dir) / "lr_transfer.png", dpi, integer_x=False)]
+
+
 def plot_lr_sensitivity(results, out_dir, dpi=90):
     """lr_sensitivity.png: each configuration's LR sensitivity (with its 95% interval over seeds) against the
     model's parameter count, log axis, one line per configuration: Wortsman et al.'s Fig. 1, right panel (arXiv

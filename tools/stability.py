@@ -421,8 +421,8 @@ def verdict_cell(test):
 
 
 def write_map(rows, out_dir):
-    """tables.md, stability_map.png and lr_sensitivity.png in out_dir from runs.csv's rows; returns the paths
-    (the figures only where matplotlib draws them)."""
+    """tables.md, stability_map.png, lr_sensitivity.png and (with two sizes or more) lr_transfer.png in out_dir
+    from runs.csv's rows; returns the paths (the figures only where matplotlib draws them)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = map_results(rows)
@@ -431,7 +431,8 @@ def write_map(rows, out_dir):
     try:
         from tools import plots
 
-        written += plots.plot_stability_map(results, out_dir) + plots.plot_lr_sensitivity(results, out_dir)
+        written += (plots.plot_stability_map(results, out_dir) + plots.plot_lr_sensitivity(results, out_dir)
+                    + plots.plot_lr_transfer(results, out_dir))
     except Exception as e:  # a problem with matplotlib costs the figures, not the tables
         print(f"warning: no plots ({type(e).__name__}: {e}); the tables are written")
     return written
