@@ -5,8 +5,9 @@ and from the rows the map's results, their statistics, verdicts, tables and figu
 
     python -m tools.stability docs/experiments/stability_map_runs.csv --out-dir docs/experiments/stability_map
 
-writes tables.md (the map's tables, the failure modes, the verdicts), stability_map.png and lr_sensitivity.png
-there, from the CSV alone: every table and figure of the map is regenerated from its committed data.
+writes tables.md (the map's tables, the failure modes, the verdicts), stability_map.png, lr_sensitivity.png and
+(two sizes or more) lr_transfer.png there, from the CSV alone: every table and figure of the map is regenerated
+from its committed data.
 
 The statistics, and what each claims (their error rates are checked by simulation in test_stable_gpt.py):
 - A run's counted loss: its final val loss, or its val loss at init where it diverged (non-finite) or ended above

@@ -8,12 +8,12 @@ seeds and budget, one after another in this process; finished runs are skipped, 
     python -m tools.sweep --compare baseline "--sdd" --lrs 1e-3 1e-2 --sizes 4x64 4x128 8x128 --seeds 3 --jobs 2
 
 --compare takes 'baseline' or quoted strings of flags; every other flag is common to all runs. Writes compare.md
-and compare.png into --out-dir (default out/compare/<the configurations>), or with --lrs (Wortsman et al., arXiv 2309.14322)
-runs.csv (one row per run, with its failure mode), tables.md (the map's tables and verdicts, tools/stability.py),
-stability_map.png and lr_sensitivity.png into out/lr_sweep; --min-lr follows each peak at the preset's ratio
-unless given. --sizes LxW[xH] sweeps model sizes: L layers, W wide, H heads (default: W over the head size of the
-other flags' model). --jobs N runs N at a time in worker processes, the CPU threads split between them (on one
-GPU: several small runs fill it). The preset is cpu on every device unless --preset is given.
+and compare.png into --out-dir (default out/compare/<the configurations>), or with --lrs (Wortsman et al., arXiv
+2309.14322) runs.csv (one row per run, with its failure mode), tables.md (the map's tables and verdicts,
+tools/stability.py), stability_map.png, lr_sensitivity.png (and with --sizes lr_transfer.png) into out/lr_sweep;
+--min-lr follows each peak at the preset's ratio unless given. --sizes LxW[xH] sweeps model sizes: L layers, W wide,
+H heads (default: W over the head size of the other flags' model). --jobs N runs N at a time in worker processes,
+the CPU threads split between them (on one GPU: several small runs fill it). The preset is cpu on every device unless --preset is given.
 """
 
 import json
@@ -120,7 +120,7 @@ def config_flags(config):
 def compare(argv):
     """Run every configuration x learning rate x seed (in this process one after another, or --jobs at a time),
     skip the finished ones, then write the table and the plots: compare.md and compare.png, or with --lrs the
-    learning-rate sweep's runs.csv, tables.md, stability_map.png and lr_sensitivity.png."""
+    learning-rate sweep's runs.csv, tables.md and figures."""
     common, configs, n_seeds, lrs, sizes, jobs = split_compare(argv)
     parser = build_parser()
     if not any(w == "--preset" or w.startswith("--preset=") for w in common):
@@ -378,7 +378,7 @@ def parameter_count(model_args):
 
 def write_sweep_results(plan, data, tokenizer, root):
     """runs.csv (this sweep's runs added to those a sweep into the same folder wrote before), and from it
-    tables.md, stability_map.png and lr_sensitivity.png (tools.stability); returns the tables."""
+    tables.md and the figures (tools.stability.write_map); returns the tables."""
     data_dir, meta = prepare_data.load_prepared(data, tokenizer)
     unigram = stability.unigram_loss(data_dir, meta["vocab_size"])
     params, rows = {}, []
