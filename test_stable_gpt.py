@@ -3880,6 +3880,8 @@ def test_sweeps_into_one_folder_add_up_their_sizes(tmp_path, monkeypatch):
     monkeypatch.setattr(plots, "save", lambda fig, p, *a, **k: figures.setdefault(Path(p).name, fig) and Path(p))
     plots.plot_stability_map(results, tmp_path)
     assert [len(ax.containers) for ax in figures["stability_map.png"].axes] == [3, 2, 2]
+    legend = figures["stability_map.png"].axes[-1].get_legend()  # under the largest size, which ran no --sdd
+    assert [t.get_text() for t in legend.get_texts()] == ["baseline", "--sdd", "--lns"]
 
 
 def test_lr_sensitivity_on_a_known_table():

@@ -356,9 +356,14 @@ def plot_stability_map(results, out_dir, dpi=90):
             ax.set_xticks(results["lrs"], [f"{lr:g}" for lr in results["lrs"]], fontsize=7)
             ax.minorticks_off()
         row[0].set_ylabel("final val loss (nats/token)")
-    for ax in axes[-1]:
-        ax.set_xlabel("peak learning rate")
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1, frameon=False)
+    for column in axes.T:  # a column's legend under it: every configuration of its panels, whichever sizes ran it
+        handles = {}
+        for ax in column:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                handles.setdefault(label, handle)
+        column[-1].set_xlabel("peak learning rate")
+        column[-1].legend(handles.values(), handles.keys(), fontsize=8, loc="upper center",
+                          bbox_to_anchor=(0.5, -0.22), ncol=1, frameon=False)
     fig.suptitle("Stability map: final loss against learning rate (mean over seeds, 95% interval)\nruns that failed: "
                  + ", ".join(f"{m} {mode}" for mode, m in MODE_MARKERS.items()))
     return [save(fig, Path(out_dir) / "stability_map.png", dpi, integer_x=False)]
