@@ -7,9 +7,10 @@ The GPU stability map: a Wortsman-style learning-rate x size map (arXiv 2309.143
 
 Writes runs.csv, tables.md, stability_map.png, lr_sensitivity.png and lr_transfer.png into --out-dir (default
 out/gpu_map), as the CPU map does; stopped (Ctrl-C) it resumes where it was. The protocol is PROTOCOL below: 5
-configurations x 3 sizes x 6 learning rates x 3 seeds = 270 runs of 600 steps x 8,192 tokens. The 8 minutes are an estimate from
-FLOPs (the largest size's run is ~1.3e15 FLOPs, ~3 s at a third of an H100's bf16 peak), not yet measured: the
-first GPU session records the real time in docs/scaling_up.md, and --jobs and --steps trade time for coverage.
+configurations x 3 sizes x 6 learning rates x 3 seeds = 270 runs of 600 steps x 8,192 tokens. The 8 minutes are
+an estimate from FLOPs (the largest size's run is ~1.3e15 FLOPs, ~3 s at a third of an H100's bf16 peak), not yet
+measured: the first GPU session records the real time in docs/scaling_up.md, and --jobs and --steps trade time for
+coverage.
 """
 
 import sys

@@ -315,6 +315,23 @@ def config_names(sweep):
     return list(dict.fromkeys(name for size in sweep["sizes"].values() for name in size["configs"]))
 
 
+def plot_mean_curve(ax, c, **style):
+    """One configuration's mean curve at one size (c: a configuration of map_results()), loss against learning rate
+    with its 95% intervals; returns its learning rates."""
+    lrs = sorted(c["runs"])
+    mean = [c["mean_loss"][lr] for lr in lrs]
+    ax.errorbar(lrs, mean, yerr=interval_bars(mean, [c["mean_loss_ci95"][lr] for lr in lrs]), marker="o", capsize=2,
+                **style)
+    return lrs
+
+
+def lr_axis(ax, lrs, title):
+    """A log learning-rate axis ticked at the grid's learning rates, plain numbers."""
+    ax.set(xscale="log", title=title)
+    ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs], fontsize=7)
+    ax.minorticks_off()
+
+
 PANEL_CONFIGS = 4  # configurations per panel of the map, beside the first one (the reference in every panel)
 
 
@@ -342,19 +359,13 @@ def plot_stability_map(results, out_dir, dpi=90):
                 if config not in size["configs"]:  # a size run with fewer configurations
                     continue
                 c = size["configs"][config]
-                lrs = sorted(c["runs"])
-                mean = [c["mean_loss"][lr] for lr in lrs]
                 color = "0.45" if k == 0 else palette[k - 1]
-                ax.errorbar(lrs, mean, yerr=interval_bars(mean, [c["mean_loss_ci95"][lr] for lr in lrs]),
-                            color=color, linestyle="--" if k == 0 else "-", marker="o", ms=3.5, capsize=2,
-                            label=config)
+                lrs = plot_mean_curve(ax, c, color=color, linestyle="--" if k == 0 else "-", ms=3.5, label=config)
                 for mode, marker in MODE_MARKERS.items():
                     failed = [(lr, r["counted_loss"]) for lr in lrs for r in c["runs"][lr] if r["failure_mode"] == mode]
                     if failed:
                         ax.plot(*zip(*failed), marker, ms=6, mew=1.5, color=color, fillstyle="none")
-            ax.set(xscale="log", title=f"{label}{params}")
-            ax.set_xticks(results["lrs"], [f"{lr:g}" for lr in results["lrs"]], fontsize=7)
-            ax.minorticks_off()
+            lr_axis(ax, results["lrs"], f"{label}{params}")
         row[0].set_ylabel("final val loss (nats/token)")
     for column in axes.T:  # a column's legend under it: every configuration of its panels, whichever sizes ran it
         handles = {}
@@ -388,19 +399,15 @@ def plot_lr_transfer(results, out_dir, dpi=90):
             if name not in size["configs"]:
                 continue
             c = size["configs"][name]
-            lrs = sorted(c["runs"])
-            mean = [c["mean_loss"][lr] for lr in lrs]
-            ax.errorbar(lrs, mean, yerr=interval_bars(mean, [c["mean_loss_ci95"][lr] for lr in lrs]), color=shade,
-                        marker="o", ms=3, capsize=2, label=label)
+            plot_mean_curve(ax, c, color=shade, ms=3, label=label)
             ax.plot(c["best_lr"], c["best_loss"], "*", ms=13, color=shade,
                     mfc="none" if c["best_lr_at_edge"] else shade)
-        ax.set(xscale="log", title=name)
-        ax.set_xticks(results["lrs"], [f"{lr:g}" for lr in results["lrs"]], fontsize=7)
-        ax.minorticks_off()
+        lr_axis(ax, results["lrs"], name)
         ax.legend(fontsize=7)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
-    means = [v for s in sizes.values() for n in names if n in s["configs"] for v in s["configs"][n]["mean_loss"].values()]
+    means = [v for s in sizes.values() for n in names if n in s["configs"]
+             for v in s["configs"][n]["mean_loss"].values()]
     axes[0, 0].set_ylim(min(means) - 0.15, max(means) + 0.15)  # the curves, not a 3-seed interval's reach
     for ax in axes[:, 0]:
         ax.set_ylabel("final val loss (nats/token)")

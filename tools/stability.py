@@ -99,10 +99,11 @@ def run_row(run_dir, size, config, lr, unigram, params):
     final = summary["final_val_loss"]
     diverged = bool(summary["diverged"]) or final is None or not math.isfinite(final)
     diag = records("diag.jsonl")
-    logits = [x for r in diag for x in r.get("attn_logit_max", []) if x is not None and math.isfinite(x)]
+    recorded = lambda key: [x for r in diag for x in r.get(key, []) if x is not None and math.isfinite(x)]
+    logits = recorded("attn_logit_max")  # every block of every record
     log_z = [r["logit_lse_mean"] for r in diag if math.isfinite(r.get("logit_lse_mean", math.nan))]
     log_z_init = math.log(summary["model_args"]["vocab_size"])  # all logits equal: log Z = ln V
-    gains = [x for r in diag for x in r.get("hc_gain_forward", []) if x is not None and math.isfinite(x)]
+    gains = recorded("hc_gain_forward")
     attn_max = max(logits) if logits else None
     drift = max(abs(z - log_z_init) for z in log_z) if log_z else None
     return dict(size=size, params=params, config=config, model=summary["techniques"], lr=lr, protocol=protocol(summary),

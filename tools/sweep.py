@@ -13,7 +13,8 @@ and compare.png into --out-dir (default out/compare/<the configurations>), or wi
 tools/stability.py), stability_map.png, lr_sensitivity.png (and with --sizes lr_transfer.png) into out/lr_sweep;
 --min-lr follows each peak at the preset's ratio unless given. --sizes LxW[xH] sweeps model sizes: L layers, W wide,
 H heads (default: W over the head size of the other flags' model). --jobs N runs N at a time in worker processes,
-the CPU threads split between them (on one GPU: several small runs fill it). The preset is cpu on every device unless --preset is given.
+the CPU threads split between them (on one GPU: several small runs fill it). The preset is cpu on every device
+unless --preset is given.
 """
 
 import json
